@@ -1,0 +1,14 @@
+"""attnc — a compiler for attention patterns.
+
+    import attnc
+    p = attnc.load("streaming.attn")          # parse + check
+    p = attnc.compile("pattern c:\\n    mask q >= k\\n")
+    p = attnc.std("sliding_window")
+    out = p(q, k, v, window=2048)
+"""
+from __future__ import annotations
+
+from .api import Pattern, SpecError, compile, load, std, std_names
+
+__all__ = ["Pattern", "SpecError", "compile", "load", "std", "std_names"]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""The public entry points: load a `.attn` file, compile source text, take a stdlib pattern."""
+from __future__ import annotations
+
+import functools
+import os
+
+from .dsl.checker import check_library
+from .dsl.diagnostics import SpecError, debug_enabled
+from .dsl.loader import Library, PatternRef, build_library, read_stdlib, stdlib_names
+from .lowering.lower import lower_pattern
+from .runtime.pattern import Pattern
+
+
+def _user_facing(fn):
+    """No raw lark/sympy/Python traceback reaches a user unless ATTNC_DEBUG=1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, TypeError):
+            raise
+        except Exception as e:  # an internal error: report it as one, keep the chain for debugging
+            if debug_enabled():
+                raise
+            raise SpecError(None, f"internal error in attnc: {type(e).__name__}: {e}",
+                            "this is a bug in attnc; set ATTNC_DEBUG=1 to see the traceback") from None
+    return wrapper
+
+
+def _pick(lib: Library, name: str | None) -> PatternRef:
+    refs = lib.local_patterns()
+    if name is None:
+        if len(refs) == 1:
+            return refs[0]
+        names = ", ".join(r.pattern.name for r in refs)
+        raise SpecError(refs[0].pattern.span if refs else None,
+                        f"{lib.root.source.path} defines {len(refs)} patterns ({names}); choose one with name=...")
+    for r in refs:
+        if r.pattern.name == name:
+            return r
+    from .dsl.diagnostics import closest
+    near = closest(name, [r.pattern.name for r in refs])
+    raise SpecError(None, f"no pattern `{name}` in {lib.root.source.path}",
+                    f"did you mean `{near}`?" if near else
+                    "it defines: " + ", ".join(r.pattern.name for r in refs))
+
+
+@_user_facing
+def compile(source: str, name: str | None = None, path: str = "<string>") -> Pattern:
+    """Parse, check and lower a pattern from source text."""
+    lib = build_library(source, path)
+    check_library(lib)
+    ref = _pick(lib, name)
+    return Pattern(lower_pattern(ref), source)
+
+
+@_user_facing
+def load(path: str | os.PathLike, name: str | None = None) -> Pattern:
+    """Load a pattern from a `.attn` file (`name=` picks one when the file has several)."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return compile(text, name, path)
+
+
+@_user_facing
+def std(name: str) -> Pattern:
+    """A pattern from the standard library, e.g. ``attnc.std("sliding_window")``."""
+    names = stdlib_names()
+    file = name.split(".")[0]
+    if file not in names:
+        from .dsl.diagnostics import closest
+        near = closest(file, names)
+        raise SpecError(None, f"no standard pattern `{name}`",
+                        (f"did you mean `{near}`? " if near else "") + "available: " + ", ".join(names))
+    return compile(read_stdlib(file), name.split(".")[1] if "." in name else file, f"<std>/{file}.attn")
+
+
+def std_names() -> list[str]:
+    """Names of the standard-library pattern files."""
+    return stdlib_names()

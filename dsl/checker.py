@@ -1,0 +1,484 @@
+"""Semantic checks over a `Library`: names, types, arities, imports and `use` cycles.
+
+The checker collects every error it can find; a wrongly typed expression gets the poison type
+`ERR` so that one mistake is reported once. Its result is the per-pattern `Signature` (the
+parameters and tensors a caller must supply).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import singledispatchmethod
+
+import networkx as nx
+
+from . import ast as A
+from . import types as T
+from .diagnostics import Diagnostic, SpecError, closest
+from .loader import Library, PatternRef
+from .source import Span
+
+MAX_INT = 2 ** 63 - 1
+NORMALIZERS = {"softmax": (), "sigmoid": ("bias",)}
+SELECTS = {"topk": 1}
+
+
+@dataclass
+class PatternInfo:
+    """What a pattern exposes to a caller and to patterns that `use` it."""
+
+    ref: PatternRef
+    params: dict[str, A.Param] = field(default_factory=dict)
+    tensors: dict[str, A.TensorDecl] = field(default_factory=dict)
+    lets: dict[str, str] = field(default_factory=dict)  # name -> type
+    has_select: bool = False
+    has_normalize: bool = False
+
+
+@dataclass(frozen=True)
+class _Val:
+    type: str
+    static: bool  # known before the kernel runs: literals, parameters and sizes only
+
+
+class _Scope:
+    def __init__(self, info: PatternInfo):
+        self.info = info
+        self.loop_vars: dict[str, str] = {}
+
+
+class Checker:
+    def __init__(self, lib: Library):
+        self.lib = lib
+        self.diags: list[Diagnostic] = []
+        self.infos: dict[int, PatternInfo] = {}
+        self.in_progress: set[int] = set()
+        self.uses = nx.DiGraph()
+        self.use_sites: dict[tuple[str, str], Span | None] = {}
+
+    def error(self, span, message, hint=None):
+        self.diags.append(Diagnostic(span, message, hint))
+
+    # ------------------------------------------------------------------ patterns
+
+    def run(self) -> dict[str, PatternInfo]:
+        for mod in self.lib.modules.values():
+            for p in mod.ast.patterns:
+                self.pattern_info(PatternRef(mod, p))
+        for cycle in nx.simple_cycles(self.uses):
+            names = [c.split(":", 1)[1] for c in cycle] + [cycle[0].split(":", 1)[1]]
+            span = self.use_sites[(cycle[0], cycle[1 % len(cycle)])]
+            self.error(span, "`use` cycle: " + " -> ".join(names),
+                       "a pattern cannot include itself, directly or through others")
+        if not self.lib.root.ast.patterns and not any(d.span and d.span.source is self.lib.root.source
+                                                      for d in self.diags):
+            from .source import Span as S
+            src = self.lib.root.source
+            self.error(S(src, 1, 1, 1, 2), "no pattern in this file" if src.text.strip() else "empty file",
+                       "define one: `pattern name(param: int = 1):` followed by indented statements")
+        self.diags.sort(key=lambda d: (d.span.source.path, d.span.line, d.span.col) if d.span else ("", 0, 0))
+        if self.diags:
+            raise SpecError(_dedup(self.diags))
+        return {p.name: self.infos[id(p)] for p in self.lib.root.ast.patterns}
+
+    def pattern_info(self, ref: PatternRef) -> PatternInfo:
+        key = id(ref.pattern)
+        if key in self.infos:
+            return self.infos[key]
+        info = PatternInfo(ref)
+        if key in self.in_progress:  # a use cycle; reported once the graph is complete
+            return info
+        self.in_progress.add(key)
+        self._check_pattern(ref, info)
+        self.in_progress.discard(key)
+        self.infos[key] = info
+        return info
+
+    def _check_pattern(self, ref: PatternRef, info: PatternInfo):
+        p = ref.pattern
+        self.uses.add_node(ref.qualname)
+        for prm in p.params:
+            if prm.name in info.params:
+                self.error(prm.span, f"parameter `{prm.name}` is declared twice")
+                continue
+            self._check_new_name(prm.name, prm.span, info, "parameter")
+            if prm.type not in A.SCALAR_TYPES:
+                near = closest(prm.type, A.SCALAR_TYPES)
+                self.error(prm.span, f"unknown parameter type `{prm.type}`",
+                           f"did you mean `{near}`?" if near else "parameter types are int, float and bool")
+            elif prm.default is not None:
+                val = self.expr(prm.default, _Scope(PatternInfo(ref)), allow_names=False)
+                if val.type != T.ERR and not _assignable(val.type, prm.type):
+                    self.error(prm.default.span,
+                               f"default value of `{prm.name}` is {val.type}, but `{prm.name}` is declared {prm.type}",
+                               _default_hint(prm.type))
+            info.params[prm.name] = prm
+        scope = _Scope(info)
+        for stmt in p.body:
+            self.stmt(stmt, scope, ref)
+
+    def _check_new_name(self, name, span, info: PatternInfo, what: str) -> bool:
+        if name in A.INDEX_NAMES or name in A.SIZE_NAMES or name == "score":
+            self.error(span, f"`{name}` is a built-in name and cannot be a {what}")
+            return False
+        if name in T.FUNCTIONS:
+            self.error(span, f"`{name}` is a function name and cannot be a {what}")
+            return False
+        for kind, table in (("parameter", info.params), ("tensor", info.tensors), ("let", info.lets)):
+            if name in table:
+                self.error(span, f"`{name}` is already defined as a {kind}")
+                return False
+        return True
+
+    # ------------------------------------------------------------------ statements
+
+    @singledispatchmethod
+    def stmt(self, s, scope: _Scope, ref: PatternRef):
+        raise TypeError(s)
+
+    @stmt.register
+    def _(self, s: A.TensorDecl, scope, ref):
+        if s.elem not in A.ELEM_TYPES:
+            near = closest(s.elem, A.ELEM_TYPES)
+            self.error(s.span, f"unknown tensor element type `{s.elem}`",
+                       f"did you mean `{near}`?" if near else "element types are int, float and bool")
+        if not s.dims:
+            self.error(s.span, f"tensor `{s.name}` needs at least one dimension")
+        for d in s.dims:
+            v = self.expr(d, scope)
+            if v.type not in (T.INT, T.ERR):
+                self.error(d.span, f"a tensor dimension must be an int, not {v.type}")
+            elif v.type == T.INT and not v.static:
+                self.error(d.span, "a tensor dimension may use only sizes, parameters and literals")
+        if self._check_new_name(s.name, s.span, scope.info, "tensor"):
+            scope.info.tensors[s.name] = s
+
+    @stmt.register
+    def _(self, s: A.Let, scope, ref):
+        v = self.expr(s.value, scope, allow_score=False)
+        if self._check_new_name(s.name, s.span, scope.info, "let"):
+            scope.info.lets[s.name] = v.type
+
+    @stmt.register
+    def _(self, s: A.Mask, scope, ref):
+        v = self.expr(s.cond, scope, allow_score=True)
+        if v.type not in (T.BOOL, T.ERR):
+            self.error(s.cond.span, f"a mask must be a boolean, but this is {v.type}",
+                       "compare it: e.g. `mask q >= k`")
+
+    @stmt.register
+    def _(self, s: A.ScoreStmt, scope, ref):
+        v = self.expr(s.value, scope, allow_score=True)
+        if v.type == T.BOOL:
+            self.error(s.value.span, "a boolean cannot be used as a score",
+                       "to exclude positions, write `mask <condition>` instead")
+
+    @stmt.register
+    def _(self, s: A.Select, scope, ref):
+        if scope.info.has_select:
+            self.error(s.span, "a pattern can have only one `select`")
+        scope.info.has_select = True
+        if s.kind not in SELECTS:
+            near = closest(s.kind, SELECTS)
+            self.error(s.span, f"unknown selection `{s.kind}`", f"did you mean `{near}`?" if near else
+                       "available: " + ", ".join(SELECTS))
+            return
+        if len(s.args) != 1 or s.args[0].name is not None:
+            self.error(s.span, "`select topk` takes one positional argument, the number of keys to keep")
+            return
+        v = self.expr(s.args[0].value, scope)
+        if v.type not in (T.INT, T.ERR):
+            self.error(s.args[0].value.span, f"the count of `topk` must be an int, not {v.type}",
+                       "e.g. `select topk(32)`")
+        elif v.type == T.INT and not v.static:
+            self.error(s.args[0].value.span, "the count of `topk` may use only sizes, parameters and literals")
+
+    @stmt.register
+    def _(self, s: A.Normalize, scope, ref):
+        if scope.info.has_normalize:
+            self.error(s.span, "a pattern can have only one `normalize`")
+        scope.info.has_normalize = True
+        if s.kind not in NORMALIZERS:
+            near = closest(s.kind, NORMALIZERS)
+            self.error(s.span, f"unknown normalizer `{s.kind}`", f"did you mean `{near}`?" if near else
+                       "available: " + ", ".join(NORMALIZERS))
+            return
+        allowed = NORMALIZERS[s.kind]
+        for a in s.args:
+            if a.name is None or a.name not in allowed:
+                self.error(a.span, f"`{s.kind}` takes " + (
+                    "no arguments" if not allowed else "only keyword arguments " + ", ".join(f"`{n}`" for n in allowed)))
+                continue
+            v = self.expr(a.value, scope, allow_score=False)
+            if v.type not in T.NUMERIC + (T.ERR,):
+                self.error(a.value.span, f"`{a.name}` must be a number, not {v.type}")
+
+    @stmt.register
+    def _(self, s: A.Use, scope, ref):
+        target = ref.module.scope.get(s.target)
+        if target is None:
+            near = closest(s.target, ref.module.scope)
+            self.error(s.span, f"unknown pattern `{s.target}`",
+                       f"did you mean `{near}`?" if near else "import it first, e.g. `import std.causal`")
+            return
+        self.uses.add_edge(ref.qualname, target.qualname)
+        self.use_sites.setdefault((ref.qualname, target.qualname), s.span)
+        other = self.pattern_info(target)
+        given = set()
+        positional = list(target.pattern.params)
+        for i, a in enumerate(s.args):
+            if a.name is None:
+                if given and any(g for g in given if g not in [p.name for p in positional[:i]]):
+                    pass
+                if i >= len(positional):
+                    self.error(a.span, f"`{s.target}` takes {len(positional)} parameters, {len(s.args)} given")
+                    continue
+                pname = positional[i].name
+            else:
+                pname = a.name
+            prm = other.params.get(pname)
+            if prm is None:
+                near = closest(pname, other.params)
+                self.error(a.span, f"`{s.target}` has no parameter `{pname}`",
+                           f"did you mean `{near}`?" if near else
+                           "its parameters: " + (", ".join(other.params) or "none"))
+                continue
+            if pname in given:
+                self.error(a.span, f"parameter `{pname}` given twice")
+            given.add(pname)
+            v = self.expr(a.value, scope, allow_score=False)
+            if v.type != T.ERR and not _assignable(v.type, prm.type):
+                self.error(a.value.span, f"`{pname}` of `{s.target}` is {prm.type}, given {v.type}")
+            elif v.type != T.ERR and not v.static and prm.type == T.INT:
+                self.error(a.value.span, f"`{pname}` must be known before the kernel runs: "
+                                         "use only sizes, parameters and literals")
+        for prm in other.params.values():
+            if prm.name not in given and prm.default is None:
+                self.error(s.span, f"`use {s.target}` needs a value for its parameter `{prm.name}`",
+                           f"e.g. `use {s.target}({prm.name}=...)`")
+        for name, decl in other.tensors.items():
+            mine = scope.info.tensors.get(name)
+            if mine is not None:
+                if mine.elem != decl.elem or len(mine.dims) != len(decl.dims):
+                    self.error(s.span, f"tensor `{name}` of `{s.target}` clashes with the tensor `{name}` here")
+                continue
+            if self._check_new_name(name, s.span, scope.info, "tensor"):
+                scope.info.tensors[name] = decl
+        for name, typ in other.lets.items():
+            if self._check_new_name(name, s.span, scope.info, "let"):
+                scope.info.lets[name] = typ
+        if other.has_select:
+            if scope.info.has_select:
+                self.error(s.span, f"`{s.target}` has a `select`, and so does this pattern")
+            scope.info.has_select = True
+        if other.has_normalize:
+            if scope.info.has_normalize:
+                self.error(s.span, f"`{s.target}` has a `normalize`, and so does this pattern")
+            scope.info.has_normalize = True
+
+    # ------------------------------------------------------------------ expressions
+
+    def expr(self, e: A.Expr, scope: _Scope, allow_score: bool = False, allow_names: bool = True) -> _Val:
+        self._allow_score = allow_score
+        self._allow_names = allow_names
+        return self._expr(e, scope)
+
+    @singledispatchmethod
+    def _expr(self, e, scope) -> _Val:
+        raise TypeError(e)
+
+    @_expr.register
+    def _(self, e: A.Num, scope):
+        if isinstance(e.value, int):
+            if abs(e.value) > MAX_INT:
+                self.error(e.span, "integer literal does not fit in 64 bits")
+                return _Val(T.ERR, True)
+            return _Val(T.INT, True)
+        if e.value != e.value or e.value in (float("inf"), float("-inf")):
+            self.error(e.span, "float literal is out of range")
+            return _Val(T.ERR, True)
+        return _Val(T.FLOAT, True)
+
+    @_expr.register
+    def _(self, e: A.Bool, scope):
+        return _Val(T.BOOL, True)
+
+    @_expr.register
+    def _(self, e: A.Name, scope):
+        info = scope.info
+        n = e.id
+        if not self._allow_names:
+            self.error(e.span, "a default value must be a constant")
+            return _Val(T.ERR, True)
+        if n in scope.loop_vars:
+            return _Val(T.INT, False)
+        if n in A.INDEX_NAMES:
+            return _Val(T.INT, False)
+        if n in A.SIZE_NAMES:
+            return _Val(T.INT, True)
+        if n == "score":
+            if not self._allow_score:
+                self.error(e.span, "`score` can be used only in `score` statements and masks")
+                return _Val(T.ERR, False)
+            return _Val(T.FLOAT, False)
+        if n in info.params:
+            return _Val(info.params[n].type, True)
+        if n in info.lets:
+            return _Val(info.lets[n], False)
+        if n in info.tensors:
+            self.error(e.span, f"tensor `{n}` must be indexed",
+                       f"e.g. `{n}[{', '.join(['h'] * len(info.tensors[n].dims))}]`")
+            return _Val(T.ERR, False)
+        if n in T.FUNCTIONS:
+            self.error(e.span, f"`{n}` is a function; call it: `{n}(...)`")
+            return _Val(T.ERR, False)
+        visible = list(A.INDEX_NAMES) + list(A.SIZE_NAMES) + list(info.params) + list(info.lets) + \
+            list(scope.loop_vars) + (["score"] if self._allow_score else [])
+        near = closest(n, visible)
+        self.error(e.span, f"unknown name `{n}`", f"did you mean `{near}`?" if near else None)
+        return _Val(T.ERR, False)
+
+    @_expr.register
+    def _(self, e: A.Call, scope):
+        args = [self._expr(a, scope) for a in e.args]
+        if e.func not in T.FUNCTIONS:
+            near = closest(e.func, T.FUNCTIONS)
+            hint = f"did you mean `{near}`?" if near else "functions: " + ", ".join(sorted(T.FUNCTIONS))
+            if e.func in scope.info.tensors:
+                hint = f"`{e.func}` is a tensor; index it with square brackets: `{e.func}[...]`"
+            self.error(e.span, f"unknown function `{e.func}`", hint)
+            return _Val(T.ERR, False)
+        lo, hi, _ = T.FUNCTIONS[e.func]
+        if len(args) < lo or (hi is not None and len(args) > hi):
+            want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            self.error(e.span, f"`{e.func}` takes {want} argument{'s' if want != '1' else ''}, "
+                               f"{len(args)} given")
+            return _Val(T.ERR, False)
+        t = T.call_result(e.func, [a.type for a in args])
+        if t is None:
+            bad = next(a for a, v in zip(e.args, args) if v.type not in T.NUMERIC)
+            self.error(bad.span, f"`{e.func}` needs numbers, not bool")
+            return _Val(T.ERR, False)
+        return _Val(t, all(a.static for a in args))
+
+    @_expr.register
+    def _(self, e: A.Index, scope):
+        idx = [self._expr(i, scope) for i in e.indices]
+        decl = scope.info.tensors.get(e.tensor)
+        if decl is None:
+            near = closest(e.tensor, scope.info.tensors)
+            self.error(e.span, f"unknown tensor `{e.tensor}`",
+                       f"did you mean `{near}`?" if near else
+                       f"declare it: `tensor {e.tensor}: float[heads]`")
+            return _Val(T.ERR, False)
+        if len(e.indices) != len(decl.dims):
+            self.error(e.span, f"tensor `{e.tensor}` has {len(decl.dims)} dimension"
+                               f"{'s' if len(decl.dims) != 1 else ''} but is indexed with {len(e.indices)}",
+                       f"declared as `{e.tensor}: {decl.elem}[...]` at line {decl.span.line}" if decl.span else None)
+            return _Val(T.ERR, False)
+        for i, v in zip(e.indices, idx):
+            if v.type not in (T.INT, T.ERR):
+                self.error(i.span, f"a tensor index must be an int, not {v.type}",
+                           "use floor() or ceil() to turn a float into an int")
+        return _Val(decl.elem if decl.elem in A.ELEM_TYPES else T.ERR, False)
+
+    @_expr.register
+    def _(self, e: A.Unary, scope):
+        v = self._expr(e.operand, scope)
+        if v.type == T.ERR:
+            return v
+        if e.op == "not":
+            if v.type != T.BOOL:
+                self.error(e.span, f"`not` needs a boolean, not {v.type}")
+                return _Val(T.ERR, v.static)
+            return v
+        if v.type not in T.NUMERIC:
+            self.error(e.span, f"unary `{e.op}` needs a number, not {v.type}")
+            return _Val(T.ERR, v.static)
+        return v
+
+    @_expr.register
+    def _(self, e: A.Binary, scope):
+        l, r = self._expr(e.left, scope), self._expr(e.right, scope)
+        lit = isinstance(e.right, A.Num) and isinstance(e.right.value, int) and e.right.value >= 0
+        t = T.binary_result(e.op, l.type, r.type, lit)
+        if t is None:
+            if e.op in ("and", "or"):
+                self.error(e.span, f"`{e.op}` needs booleans, got {l.type} and {r.type}",
+                           "compare numbers first, e.g. `q - k > 0`")
+            else:
+                self.error(e.span, f"`{e.op}` needs numbers, got {l.type} and {r.type}")
+            return _Val(T.ERR, l.static and r.static)
+        return _Val(t, l.static and r.static)
+
+    @_expr.register
+    def _(self, e: A.Compare, scope):
+        vals = [self._expr(o, scope) for o in e.operands]
+        ok = True
+        for op, a, b in zip(e.ops, vals, vals[1:]):
+            t = T.compare_result(op, a.type, b.type)
+            if t is None:
+                self.error(e.span, f"cannot compare {a.type} with {b.type} using `{op}`")
+                ok = False
+            elif t == T.ERR:
+                ok = False
+        return _Val(T.BOOL if ok else T.ERR, all(v.static for v in vals))
+
+    @_expr.register
+    def _(self, e: A.IfExp, scope):
+        c = self._expr(e.cond, scope)
+        a, b = self._expr(e.body, scope), self._expr(e.orelse, scope)
+        if c.type not in (T.BOOL, T.ERR):
+            self.error(e.cond.span, f"the condition of `if` must be a boolean, not {c.type}")
+        static = a.static and b.static and c.static
+        if T.ERR in (a.type, b.type):
+            return _Val(T.ERR, static)
+        if a.type == b.type == T.BOOL:
+            return _Val(T.BOOL, static)
+        if a.type in T.NUMERIC and b.type in T.NUMERIC:
+            return _Val(T.promote(a.type, b.type), static)
+        self.error(e.span, f"the branches of `if` have different types: {a.type} and {b.type}")
+        return _Val(T.ERR, static)
+
+    @_expr.register
+    def _(self, e: A.SumGen, scope):
+        n = self._expr(e.count, scope)
+        if n.type not in (T.INT, T.ERR):
+            self.error(e.count.span, f"`range` needs an int, not {n.type}")
+        elif n.type == T.INT and not n.static:
+            self.error(e.count.span, "the range of `sum` must be known before the kernel runs: "
+                                     "use only sizes, parameters and literals")
+        if e.var in scope.loop_vars or e.var in A.INDEX_NAMES or e.var in A.SIZE_NAMES or \
+                e.var in scope.info.params or e.var in scope.info.lets or e.var in scope.info.tensors:
+            self.error(e.span, f"loop variable `{e.var}` hides another name; pick a fresh one")
+        outer = dict(scope.loop_vars)
+        scope.loop_vars[e.var] = T.INT
+        body = self._expr(e.body, scope)
+        scope.loop_vars = outer
+        if body.type == T.BOOL:
+            self.error(e.body.span, "`sum` needs numbers, not booleans")
+            return _Val(T.ERR, False)
+        return _Val(body.type, body.static and n.static)
+
+
+def _assignable(value_type: str, declared: str) -> bool:
+    return value_type == declared or (declared == T.FLOAT and value_type == T.INT)
+
+
+def _default_hint(typ: str) -> str:
+    return {"int": "an int default is a whole number, e.g. `= 2`",
+            "float": "e.g. `= 1.5`", "bool": "`= true` or `= false`"}[typ]
+
+
+def _dedup(diags):
+    seen, out = set(), []
+    for d in diags:
+        key = (str(d.span), d.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def check_library(lib: Library) -> dict[str, PatternInfo]:
+    """Check every module of `lib`; return the root's patterns, or raise SpecError with all errors."""
+    return Checker(lib).run()

@@ -1,0 +1,164 @@
+"""Files, imports and name resolution: turns a root `.attn` text into a `Library` of modules.
+
+`import std.NAME` reads `stdlib/NAME.attn` from the installed package; `import "f.attn"` reads a
+file relative to the importing one. Import cycles are errors (found with networkx).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import networkx as nx
+
+from . import ast as A
+from .diagnostics import Diagnostic, SpecError, closest
+from .parser import parse
+from .source import SourceFile
+
+
+@dataclass(eq=False)
+class ModuleInfo:
+    """One parsed file and the pattern names visible in it."""
+
+    key: str
+    source: SourceFile
+    ast: A.Module
+    scope: dict[str, "PatternRef"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class PatternRef:
+    module: ModuleInfo
+    pattern: A.Pattern
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module.key}:{self.pattern.name}"
+
+
+@dataclass(eq=False)
+class Library:
+    """The root module with everything it imports, transitively."""
+
+    root: ModuleInfo
+    modules: dict[str, ModuleInfo]
+
+    def local_patterns(self) -> list[PatternRef]:
+        return [PatternRef(self.root, p) for p in self.root.ast.patterns]
+
+
+def stdlib_names() -> list[str]:
+    files = resources.files("attnc.stdlib")
+    return sorted(f.name[:-5] for f in files.iterdir() if f.name.endswith(".attn"))
+
+
+def read_stdlib(name: str) -> str:
+    return resources.files("attnc.stdlib").joinpath(f"{name}.attn").read_text()
+
+
+def build_library(text: str, path: str = "<string>") -> Library:
+    """Parse `text` and every module it imports; raise one SpecError with all problems found."""
+    diags: list[Diagnostic] = []
+    root_key = os.path.abspath(path) if os.path.exists(path) else path
+    root = ModuleInfo(root_key, SourceFile(path, text), parse(text, path))
+    modules = {root_key: root}
+    graph = nx.DiGraph()
+    graph.add_node(root_key)
+    pending = [root]
+    import_site: dict[tuple[str, str], A.Import] = {}
+    while pending:
+        mod = pending.pop()
+        for imp in mod.ast.imports:
+            target = _locate(mod, imp, diags)
+            if target is None:
+                continue
+            key, display, text_of = target
+            import_site[(mod.key, key)] = imp
+            graph.add_edge(mod.key, key)
+            if key not in modules:
+                try:
+                    sub = ModuleInfo(key, SourceFile(display, text_of), parse(text_of, display))
+                except SpecError as e:
+                    diags.extend(e.diagnostics)
+                    continue
+                modules[key] = sub
+                pending.append(sub)
+    for cycle in _cycles(graph):
+        names = [_short(k) for k, _ in cycle] + [_short(cycle[0][0])]
+        imp = import_site[cycle[0]]
+        diags.append(Diagnostic(imp.span, "import cycle: " + " -> ".join(names)))
+    for mod in modules.values():
+        _fill_scope(mod, modules, diags)
+    if diags:
+        raise SpecError(diags)
+    return Library(root, modules)
+
+
+def _short(key: str) -> str:
+    return key if key.startswith("std.") else os.path.basename(key)
+
+
+def _cycles(graph: nx.DiGraph):
+    seen = set()
+    for cycle in nx.simple_cycles(graph):
+        if frozenset(cycle) in seen:
+            continue
+        seen.add(frozenset(cycle))
+        yield [(cycle[i], cycle[(i + 1) % len(cycle)]) for i in range(len(cycle))]
+
+
+def _locate(mod: ModuleInfo, imp: A.Import, diags):
+    if not imp.is_file:
+        parts = imp.path.split(".")
+        if parts[0] != "std" or len(parts) != 2:
+            diags.append(Diagnostic(imp.span, f"cannot import `{imp.path}`",
+                                    'import a standard pattern file as `import std.NAME`, '
+                                    'or a file of your own as `import "file.attn"`'))
+            return None
+        name = parts[1]
+        names = stdlib_names()
+        if name not in names:
+            near = closest(name, names)
+            hint = (f"did you mean `std.{near}`? " if near else "") + \
+                "the standard library has: " + ", ".join(names)
+            diags.append(Diagnostic(imp.span, f"no standard pattern file `std.{name}`", hint))
+            return None
+        return f"std.{name}", f"<std>/{name}.attn", read_stdlib(name)
+    base = os.path.dirname(mod.source.path) if not mod.key.startswith("std.") else ""
+    full = os.path.abspath(os.path.join(base, imp.path))
+    try:
+        with open(full, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        diags.append(Diagnostic(imp.span, f"cannot read `{imp.path}`: {e.strerror or e}"))
+        return None
+    except UnicodeDecodeError:
+        diags.append(Diagnostic(imp.span, f"`{imp.path}` is not UTF-8 text"))
+        return None
+    return full, os.path.relpath(full) if not os.path.isabs(imp.path) else full, text
+
+
+def _fill_scope(mod: ModuleInfo, modules: dict[str, ModuleInfo], diags):
+    where: dict[str, str] = {}
+    for p in mod.ast.patterns:
+        if p.name in mod.scope:
+            diags.append(Diagnostic(p.span, f"pattern `{p.name}` is defined twice in this file"))
+            continue
+        mod.scope[p.name] = PatternRef(mod, p)
+        where[p.name] = "here"
+    for imp in mod.ast.imports:
+        key = f"std.{imp.path.split('.')[-1]}" if not imp.is_file else \
+            os.path.abspath(os.path.join(os.path.dirname(mod.source.path), imp.path))
+        target = modules.get(key)
+        if target is None:
+            continue
+        for p in target.ast.patterns:
+            name = f"{imp.alias}.{p.name}" if imp.alias else p.name
+            if name in mod.scope and mod.scope[name].module is not target:
+                diags.append(Diagnostic(imp.span, f"`{name}` imported from `{imp.path}` clashes with "
+                                                  f"the pattern `{name}` {where.get(name, 'imported earlier')}",
+                                        f'import it under a prefix: `import {imp.path} as m`'))
+                continue
+            mod.scope[name] = PatternRef(target, p)
+            where[name] = f"from `{imp.path}`"

@@ -1,0 +1,350 @@
+"""Text → AST. Lark does the parsing; this module turns its errors into `SpecError`s."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.indenter import Indenter
+
+from . import ast as A
+from .diagnostics import SpecError
+from .source import SourceFile, Span
+
+
+class _IndentError(Exception):
+    def __init__(self, token: Token, message: str):
+        super().__init__(message)
+        self.token = token
+        self.message = message
+
+
+class AttnIndenter(Indenter):
+    """Python-style INDENT/DEDENT tokens; a dedent to a column never opened is an error."""
+
+    NL_type = "_NL"
+    OPEN_PAREN_types = ["LPAR", "LSQB"]
+    CLOSE_PAREN_types = ["RPAR", "RSQB"]
+    INDENT_type = "_INDENT"
+    DEDENT_type = "_DEDENT"
+    tab_len = 8
+
+    def handle_NL(self, token: Token):
+        if self.paren_level > 0:
+            return
+        yield token
+        indent_str = token.rsplit("\n", 1)[1]
+        indent = indent_str.count(" ") + indent_str.count("\t") * self.tab_len
+        if indent > self.indent_level[-1]:
+            self.indent_level.append(indent)
+            yield Token.new_borrow_pos(self.INDENT_type, indent_str, token)
+        else:
+            open_levels = list(self.indent_level)
+            while indent < self.indent_level[-1]:
+                self.indent_level.pop()
+                yield Token.new_borrow_pos(self.DEDENT_type, indent_str, token)
+            if indent != self.indent_level[-1]:
+                raise _IndentError(token, f"inconsistent indentation: this line is indented by {indent} "
+                                          f"columns, which matches no enclosing block "
+                                          f"(open blocks are at {', '.join(map(str, open_levels))})")
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    grammar = resources.files("attnc.dsl").joinpath("grammar.lark").read_text()
+    return Lark(grammar, parser="lalr", postlex=AttnIndenter(), propagate_positions=True,
+                maybe_placeholders=True)
+
+
+# ----------------------------------------------------------------------------- AST building
+
+class _Build(Transformer):
+    def __init__(self, source: SourceFile):
+        super().__init__()
+        self.src = source
+
+    def _span(self, meta) -> Span | None:
+        if getattr(meta, "empty", True):
+            return None
+        return Span(self.src, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, tok: Token) -> Span:
+        return Span(self.src, tok.line, tok.column, tok.end_line or tok.line,
+                    tok.end_column or tok.column + len(tok))
+
+    # top level
+    @v_args(meta=True)
+    def start(self, meta, items):
+        imports = tuple(i for i in items if isinstance(i, A.Import))
+        patterns = tuple(i for i in items if isinstance(i, A.Pattern))
+        return A.Module(imports, patterns, span=self._span(meta))
+
+    def dotted_name(self, names):
+        return ".".join(str(n) for n in names), names[0]
+
+    @v_args(meta=True)
+    def import_std(self, meta, items):
+        (path, _), alias = items
+        return A.Import(path, str(alias) if alias else None, False, span=self._span(meta))
+
+    @v_args(meta=True)
+    def import_file(self, meta, items):
+        path, alias = items
+        return A.Import(str(path)[1:-1], str(alias) if alias else None, True, span=self._span(meta))
+
+    @v_args(meta=True)
+    def pattern(self, meta, items):
+        name, params, *body = items
+        span = self._tok(name)
+        return A.Pattern(str(name), tuple(params or ()), tuple(body), span=span)
+
+    def params(self, items):
+        return tuple(p for p in items if p is not None)
+
+    @v_args(meta=True)
+    def param(self, meta, items):
+        name, typ, default = items
+        return A.Param(str(name), str(typ), default, span=self._span(meta))
+
+    # statements
+    @v_args(meta=True)
+    def tensor_decl(self, meta, items):
+        name, elem, *dims = items
+        return A.TensorDecl(str(name), str(elem), tuple(d for d in dims if d is not None),
+                            span=self._span(meta))
+
+    @v_args(meta=True)
+    def let_stmt(self, meta, items):
+        name, value = items
+        return A.Let(str(name), value, span=self._span(meta))
+
+    @v_args(meta=True)
+    def mask_stmt(self, meta, items):
+        return A.Mask(items[0], span=self._span(meta))
+
+    @v_args(meta=True)
+    def score_stmt(self, meta, items):
+        op, value = items
+        return A.ScoreStmt(op, value, span=self._span(meta))
+
+    def score_op(self, items):
+        return str(items[0])
+
+    @v_args(meta=True)
+    def select_stmt(self, meta, items):
+        kind, args = items
+        return A.Select(str(kind), tuple(args or ()), span=self._span(meta))
+
+    @v_args(meta=True)
+    def normalize_stmt(self, meta, items):
+        kind, args = items
+        return A.Normalize(str(kind), tuple(args or ()), span=self._span(meta))
+
+    @v_args(meta=True)
+    def use_stmt(self, meta, items):
+        (target, _), args = items
+        return A.Use(target, tuple(args or ()), span=self._span(meta))
+
+    def arglist(self, items):
+        return tuple(a for a in items if a is not None)
+
+    @v_args(meta=True)
+    def kwarg(self, meta, items):
+        name, value = items
+        return A.Arg(str(name), value, span=self._span(meta))
+
+    @v_args(meta=True)
+    def posarg(self, meta, items):
+        return A.Arg(None, items[0], span=self._span(meta))
+
+    # expressions
+    @v_args(meta=True)
+    def ifexp(self, meta, items):
+        body, cond, orelse = items
+        return A.IfExp(body, cond, orelse, span=self._span(meta))
+
+    def _bin(op):
+        @v_args(meta=True)
+        def build(self, meta, items):
+            return A.Binary(op, items[0], items[1], span=self._span(meta))
+        return build
+
+    or_ = _bin("or")
+    and_ = _bin("and")
+    add = _bin("+")
+    sub = _bin("-")
+    mul = _bin("*")
+    div = _bin("/")
+    floordiv = _bin("//")
+    mod = _bin("%")
+    pow = _bin("**")
+
+    def _un(op):
+        @v_args(meta=True)
+        def build(self, meta, items):
+            return A.Unary(op, items[0], span=self._span(meta))
+        return build
+
+    not_ = _un("not")
+    neg = _un("-")
+    pos = _un("+")
+
+    @v_args(meta=True)
+    def compare(self, meta, items):
+        operands = tuple(items[0::2])
+        ops = tuple(str(t) for t in items[1::2])
+        return A.Compare(ops, operands, span=self._span(meta))
+
+    @v_args(meta=True)
+    def number(self, meta, items):
+        text = str(items[0])
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+        return A.Num(value, span=self._span(meta))
+
+    @v_args(meta=True)
+    def true(self, meta, items):
+        return A.Bool(True, span=self._span(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, items):
+        return A.Bool(False, span=self._span(meta))
+
+    @v_args(meta=True)
+    def score_ref(self, meta, items):
+        return A.Name("score", span=self._span(meta))
+
+    @v_args(meta=True)
+    def name(self, meta, items):
+        return A.Name(str(items[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, items):
+        func, *args = items
+        return A.Call(str(func), tuple(a for a in args if a is not None), span=self._span(meta))
+
+    @v_args(meta=True)
+    def index(self, meta, items):
+        tensor, *indices = items
+        return A.Index(str(tensor), tuple(indices), span=self._span(meta))
+
+    @v_args(meta=True)
+    def sum_gen(self, meta, items):
+        body, var, count = items
+        return A.SumGen(body, str(var), count, span=self._span(meta))
+
+
+# ----------------------------------------------------------------------------- errors
+
+_TOKEN_TEXT = {
+    "COLON": "`:`", "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "COMMA": "`,`",
+    "EQUAL": "`=`", "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "COMP_OP": "a comparison",
+    "$END": "end of file", "DOT": "`.`", "PLUS": "`+`", "MINUS": "`-`", "STAR": "`*`",
+    "SLASH": "`/`", "PERCENT": "`%`", "MORETHAN": "`>`", "LESSTHAN": "`<`",
+}
+
+
+def _describe_expected(expected) -> str:
+    names = []
+    for e in sorted(expected):
+        if e.startswith("__ANON"):
+            continue
+        text = _TOKEN_TEXT.get(e)
+        if text is None:
+            text = f"`{e.lower()}`" if e.isupper() and e.isalpha() else e
+        names.append(text)
+    names = sorted(set(names))
+    if not names:
+        return ""
+    if len(names) == 1:
+        return names[0]
+    if len(names) > 6:
+        return ", ".join(names[:6]) + ", …"
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "_NL":
+        return "end of line"
+    if tok.type == "_INDENT":
+        return "an unexpected indent"
+    if tok.type == "_DEDENT":
+        return "end of block"
+    if tok.type == "$END":
+        return "end of file"
+    return f"`{tok}`"
+
+
+def _error_span(src: SourceFile, line: int, col: int, length: int = 1) -> Span:
+    return Span(src, line, col, line, col + max(1, length))
+
+
+def _convert(src: SourceFile, err: Exception) -> SpecError:
+    if isinstance(err, _IndentError):
+        tok = err.token
+        line = tok.end_line or tok.line
+        text = src.line(line)
+        col = len(text) - len(text.lstrip()) + 1
+        return SpecError(_error_span(src, line, col), err.message,
+                         "indent every statement of a pattern by the same amount")
+    if isinstance(err, UnexpectedCharacters):
+        ch = src.text[err.pos_in_stream] if err.pos_in_stream < len(src.text) else "?"
+        return SpecError(_error_span(src, err.line, err.column), f"unexpected character `{ch}`")
+    if isinstance(err, UnexpectedToken):
+        tok = err.token
+        expected = _describe_expected(err.expected)
+        if tok.type == "$END" or tok.line is None:
+            lines = src.text.rstrip("\n").splitlines() or [""]
+            line, col = len(lines), len(lines[-1]) + 1
+        elif tok.type in ("_NL",):
+            line, col = tok.line, tok.column
+        elif tok.type in ("_INDENT", "_DEDENT"):
+            line = tok.end_line or tok.line
+            text = src.line(line)
+            col = len(text) - len(text.lstrip()) + 1
+        else:
+            line, col = tok.line, tok.column
+        length = len(tok) if tok.type not in ("_NL", "_INDENT", "_DEDENT", "$END") else 1
+        if tok.type == "_INDENT":
+            return SpecError(_error_span(src, line, col), "unexpected indent",
+                             "statements of one block must start at the same column")
+        if "NAME" in err.expected and "NUMBER" in err.expected:
+            expected = "an expression"
+        before = [ln.split("#")[0].rstrip() for ln in src.text.splitlines()[:line - 1]]
+        prev = next((ln for ln in reversed(before) if ln), "")
+        if "_INDENT" in err.expected or (line > 1 and prev.endswith(":") and col == 1):
+            return SpecError(_error_span(src, line, col, length),
+                             f"expected an indented block, found {_describe_token(tok)}",
+                             "the statements of a pattern are indented under its header")
+        msg = f"expected {expected}, found {_describe_token(tok)}" if expected else \
+            f"unexpected {_describe_token(tok)}"
+        hint = None
+        if "COLON" in err.expected and tok.type == "_NL":
+            hint = "a pattern header ends with `:`, e.g. `pattern p(w: int = 8):`"
+        elif str(tok) in A.KEYWORDS and "NAME" in err.expected:
+            hint = f"`{tok}` is a keyword and cannot be used as a name"
+        return SpecError(_error_span(src, line, col, length), msg, hint)
+    if isinstance(err, UnexpectedEOF):
+        lines = src.text.rstrip("\n").splitlines() or [""]
+        return SpecError(_error_span(src, len(lines), len(lines[-1]) + 1), "unexpected end of file")
+    if isinstance(err, UnexpectedInput):
+        return SpecError(_error_span(src, getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1),
+                         "syntax error")
+    return SpecError(None, f"{src.path}: could not parse: {err}")
+
+
+def parse(text: str, path: str = "<string>") -> A.Module:
+    """Parse `.attn` text into a `Module`; syntax errors raise `SpecError`."""
+    src = SourceFile(path, text)
+    body = text if text.endswith("\n") else text + "\n"
+    try:
+        tree = _lark().parse(body)
+    except (LarkError, _IndentError) as err:
+        raise _convert(src, err) from None
+    except RecursionError:
+        raise SpecError(Span(src, 1, 1, 1, 2), "expression is nested too deeply") from None
+    try:
+        return _Build(src).transform(tree)
+    except RecursionError:
+        raise SpecError(Span(src, 1, 1, 1, 2), "expression is nested too deeply") from None

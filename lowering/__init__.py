@@ -1,0 +1,1 @@
+"""Middle and back end: core IR, simplification, block-sparsity analysis, Triton emission."""

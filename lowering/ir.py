@@ -1,0 +1,162 @@
+"""The core IR: one small expression node type and the desugared pattern.
+
+`Node` is a frozen dataclass with tuple children; its span takes no part in equality or hashing,
+so structurally equal expressions are equal (and share cache keys) wherever they came from.
+Lets are inlined, `use` is expanded, chained comparisons and `clamp` are desugared, and every
+int→float promotion is an explicit `cast`, so each op sees operands of one type.
+
+Ops (value / args):
+  leaves   const (python value), index ('b'|'h'|'q'|'k'), size (name), param (name),
+           score (the running logit), loopvar (name)
+  load     value = tensor name, args = indices
+  unary    neg not abs exp exp2 log log2 sqrt tanh sigmoid softplus floor ceil cast
+  binary   add sub mul div floordiv mod pow min max and or lt le gt ge eq ne
+  where    args = (cond, then, else)
+  sum      value = loop variable name, args = (count, body); count is static
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..dsl.source import Span
+
+LEAVES = ("const", "index", "size", "param", "score", "loopvar")
+UNARY = ("neg", "not", "abs", "exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "softplus",
+         "floor", "ceil", "cast")
+BINARY = ("add", "sub", "mul", "div", "floordiv", "mod", "pow", "min", "max", "and", "or",
+          "lt", "le", "gt", "ge", "eq", "ne")
+COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
+OPS = LEAVES + UNARY + BINARY + ("load", "where", "sum")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One IR expression node; `dtype` is 'int', 'float' or 'bool'."""
+
+    op: str
+    dtype: str
+    args: tuple["Node", ...] = ()
+    value: Any = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.op, self.dtype, self.args, self.value))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __repr__(self) -> str:
+        from .printer import format_node
+        return format_node(self)
+
+    def with_args(self, args: tuple["Node", ...]) -> "Node":
+        if args == self.args:
+            return self
+        return Node(self.op, self.dtype, tuple(args), self.value, self.span)
+
+
+def const(value, span=None) -> Node:
+    dtype = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
+    return Node("const", dtype, (), value, span)
+
+
+def walk(node: Node):
+    """Every distinct node of the DAG under `node`, children before parents."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack = [(node, False)]
+    while stack:
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        stack.extend((a, False) for a in reversed(n.args))
+    return order
+
+
+def transform(node: Node, rule, memo: dict | None = None) -> Node:
+    """Rebuild `node` bottom-up, replacing each rebuilt node `n` by `rule(n)` (or `n` if None)."""
+    memo = {} if memo is None else memo
+    for n in walk(node):
+        if id(n) in memo:
+            continue
+        new = n.with_args(tuple(memo[id(a)] for a in n.args)) if n.args else n
+        out = rule(new)
+        memo[id(n)] = new if out is None else out
+    return memo[id(node)]
+
+
+def free_names(node: Node) -> set[tuple[str, Any]]:
+    """The (op, value) leaves the expression reads: indices, sizes, params, tensors, score."""
+    out = set()
+    for n in walk(node):
+        if n.op in ("index", "size", "param", "score", "loopvar"):
+            out.add((n.op, n.value))
+        elif n.op == "load":
+            out.add(("load", n.value))
+    return out
+
+
+def uses(node: Node, op: str, value=None) -> bool:
+    return any(n.op == op and (value is None or n.value == value) for n in walk(node))
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    name: str
+    type: str
+    default: Any  # a python value, or None when the caller must give one
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor argument: element type and static dimension expressions."""
+
+    name: str
+    elem: str
+    dims: tuple[Node, ...]
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class PatternIR:
+    """A desugared pattern. `scores` are applied in order, each reading the previous `score`;
+    `masks` are AND-ed (a `score` leaf in a mask reads the final score); `topk` is the static
+    count of `select topk`; `normalizer` is 'softmax' or 'sigmoid' (with `bias`)."""
+
+    name: str
+    params: tuple[ParamDecl, ...]
+    tensors: tuple[TensorSpec, ...]
+    scores: tuple[Node, ...]
+    masks: tuple[Node, ...]
+    topk: Node | None = None
+    normalizer: str = "softmax"
+    bias: Node | None = None
+    path: str = field(default="<string>", compare=False)
+
+    def param(self, name: str) -> ParamDecl | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def tensor(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+    def nodes(self) -> list[Node]:
+        roots = list(self.scores) + list(self.masks) + [n for n in (self.topk, self.bias) if n is not None]
+        roots += [d for t in self.tensors for d in t.dims]
+        return roots
+
+    def map(self, fn) -> "PatternIR":
+        """A copy with `fn` applied to every expression."""
+        return PatternIR(
+            self.name, self.params,
+            tuple(TensorSpec(t.name, t.elem, tuple(fn(d) for d in t.dims), t.span) for t in self.tensors),
+            tuple(fn(s) for s in self.scores), tuple(fn(m) for m in self.masks),
+            fn(self.topk) if self.topk is not None else None, self.normalizer,
+            fn(self.bias) if self.bias is not None else None, self.path)

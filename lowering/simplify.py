@@ -1,0 +1,136 @@
+"""Simplification: constant folding and algebraic identities, as a table of rewrite rules.
+
+Rules only ever replace an expression by one with the same value for every input (integer
+identities are applied to ints only; float identities that break on inf/nan are not applied).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+from .ir import Node, const, transform
+
+
+def _floordiv(a, b):
+    return a // b if isinstance(a, int) and isinstance(b, int) else math.floor(a / b)
+
+
+def _mod(a, b):
+    return a % b
+
+
+def _pow(a, b):
+    return a ** b
+
+
+_FOLD_BIN = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": lambda a, b: a / b,
+    "floordiv": _floordiv, "mod": _mod, "pow": _pow, "min": min, "max": max,
+    "and": lambda a, b: a and b, "or": lambda a, b: a or b,
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+    "eq": operator.eq, "ne": operator.ne,
+}
+_FOLD_UN = {
+    "neg": operator.neg, "not": operator.not_, "abs": abs, "exp": math.exp, "exp2": lambda x: 2.0 ** x,
+    "log": math.log, "log2": math.log2, "sqrt": math.sqrt, "tanh": math.tanh,
+    "sigmoid": lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)),
+    "softplus": lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))),
+    "floor": math.floor, "ceil": math.ceil, "cast": float,
+}
+
+
+def _is(n: Node, value) -> bool:
+    return n.op == "const" and n.value == value and type(n.value) is type(value)
+
+
+def _fold(n: Node):
+    if not n.args or any(a.op != "const" for a in n.args):
+        if n.op == "where" and n.args[0].op == "const":
+            return n.args[1] if n.args[0].value else n.args[2]
+        return None
+    vals = [a.value for a in n.args]
+    try:
+        if n.op in _FOLD_BIN:
+            v = _FOLD_BIN[n.op](*vals)
+        elif n.op in _FOLD_UN:
+            v = _FOLD_UN[n.op](*vals)
+        elif n.op == "where":
+            v = vals[1] if vals[0] else vals[2]
+        else:
+            return None
+    except (ArithmeticError, ValueError):
+        return None  # e.g. division by zero: leave it for run time to report
+    if n.dtype == "int":
+        if not isinstance(v, int) or isinstance(v, bool) or abs(v) >= 2 ** 63:
+            return None
+    elif n.dtype == "float":
+        v = float(v)
+        if math.isnan(v) or math.isinf(v):
+            return None
+    elif n.dtype == "bool":
+        v = bool(v)
+    return const(v, n.span)
+
+
+def _identities(n: Node):
+    a = n.args[0] if n.args else None
+    b = n.args[1] if len(n.args) > 1 else None
+    if n.op == "and":
+        if _is(a, True): return b
+        if _is(b, True): return a
+        if _is(a, False) or _is(b, False): return const(False, n.span)
+        if a == b: return a
+    if n.op == "or":
+        if _is(a, False): return b
+        if _is(b, False): return a
+        if _is(a, True) or _is(b, True): return const(True, n.span)
+        if a == b: return a
+    if n.op == "not" and a.op == "not":
+        return a.args[0]
+    if n.dtype == "int":
+        if n.op == "add":
+            if _is(a, 0): return b
+            if _is(b, 0): return a
+        if n.op == "sub" and _is(b, 0): return a
+        if n.op == "mul":
+            if _is(a, 1): return b
+            if _is(b, 1): return a
+            if _is(a, 0) or _is(b, 0): return const(0, n.span)
+        if n.op == "floordiv" and _is(b, 1): return a
+        if n.op == "mod" and _is(b, 1): return const(0, n.span)
+    if n.dtype == "float":
+        if n.op == "mul":
+            if _is(a, 1.0): return b
+            if _is(b, 1.0): return a
+        if n.op == "div" and _is(b, 1.0): return a
+        if n.op in ("add", "sub") and _is(b, 0.0): return a
+        if n.op == "add" and _is(a, 0.0): return b
+    if n.op == "neg" and a.op == "neg":
+        return a.args[0]
+    if n.op == "where" and b == n.args[2]:
+        return b
+    return None
+
+
+RULES = (_fold, _identities)
+
+
+def simplify(node: Node) -> Node:
+    """Apply the rules bottom-up until nothing changes."""
+    def rule(n: Node):
+        for r in RULES:
+            out = r(n)
+            if out is not None:
+                return out
+        return None
+
+    while True:
+        new = transform(node, rule)
+        if new == node:
+            return new
+        node = new
+
+
+def substitute(node: Node, table: dict[tuple[str, object], Node]) -> Node:
+    """Replace leaves keyed by (op, value), e.g. ('param', 'window') or ('size', 'q_len')."""
+    return transform(node, lambda n: table.get((n.op, n.value)) if not n.args else None)

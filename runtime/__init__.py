@@ -1,0 +1,1 @@
+"""Run time: reference interpreter, JIT and kernel cache, autograd, launch."""

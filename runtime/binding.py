@@ -1,0 +1,142 @@
+"""Call-time checks: q/k/v and pattern arguments are validated and bound to concrete values."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..dsl.diagnostics import SpecError, closest
+from ..lowering.ir import Node, PatternIR, const
+from ..lowering.simplify import simplify, substitute
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ArgumentError(SpecError, TypeError):
+    """A pattern was called with a missing, unknown or wrongly typed parameter."""
+
+
+@dataclass
+class Bound:
+    """Everything a backend needs besides q, k, v: sizes, parameter values and tensors."""
+
+    sizes: dict[str, int]
+    params: dict[str, object]
+    tensors: dict[str, torch.Tensor]
+
+    def table(self) -> dict[tuple[str, str], Node]:
+        """Substitution table for sizes and parameters, for specializing IR."""
+        t = {("size", k): const(v) for k, v in self.sizes.items()}
+        t.update({("param", k): const(v) for k, v in self.params.items()})
+        return t
+
+
+def sizes_for(q_shape, k_shape, v_shape=None) -> dict[str, int]:
+    B, H, Lq, D = q_shape
+    return {"batch": B, "heads": H, "kv_heads": k_shape[1], "q_len": Lq, "k_len": k_shape[2],
+            "head_dim": D}
+
+
+def check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must have 4 dimensions [batch, heads, length, head_dim], "
+                             f"got shape {list(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"`{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"`q`, `k` and `v` must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"`q`, `k` and `v` must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"`k` and `v` must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[1] == 0 or H % k.shape[1] != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"`k` and `v` must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"`q` and `k` must have the same head_dim, got {D} and {k.shape[3]}")
+
+
+def static_value(node: Node, table) -> object:
+    """Evaluate an expression over sizes and parameters to a Python value."""
+    n = simplify(substitute(node, table))
+    if n.op != "const":
+        raise SpecError(node.span, "this expression could not be evaluated before the kernel runs")
+    return n.value
+
+
+def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:
+    """Check `arguments` against the pattern's parameters and tensors; fill in defaults."""
+    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    for key in arguments:
+        if key not in known:
+            near = closest(key, known)
+            hint = f"did you mean `{near}`?" if near else \
+                ("it takes: " + ", ".join(sorted(known)) if known else "it takes no arguments")
+            raise ArgumentError(None, f"pattern `{ir.name}` has no parameter or tensor `{key}`", hint)
+    params: dict[str, object] = {}
+    for p in ir.params:
+        if p.name in arguments:
+            value = arguments[p.name]
+            params[p.name] = _check_scalar(ir, p, value)
+        elif p.default is not None:
+            params[p.name] = p.default
+        else:
+            raise ArgumentError(p.span, f"pattern `{ir.name}` needs a value for parameter `{p.name}`",
+                                f"pass it as a keyword: `{p.name}=...`")
+    table = {("size", k): const(v) for k, v in sizes.items()}
+    table.update({("param", k): const(v) for k, v in params.items()})
+    tensors: dict[str, torch.Tensor] = {}
+    for t in ir.tensors:
+        if t.name not in arguments:
+            dims = ", ".join(_dim_text(d) for d in t.dims)
+            raise ArgumentError(t.span, f"pattern `{ir.name}` needs the tensor `{t.name}` "
+                                        f"({t.elem}[{dims}])", f"pass it as a keyword: `{t.name}=...`")
+        value = arguments[t.name]
+        shape = [static_value(d, table) for d in t.dims]
+        tensors[t.name] = _check_tensor(t, value, shape, device)
+    return Bound(dict(sizes), params, tensors)
+
+
+def _dim_text(d: Node) -> str:
+    from ..lowering.printer import format_node
+    return format_node(d).replace("$", "")
+
+
+def _check_scalar(ir, p, value):
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if p.type == "bool":
+        if isinstance(value, bool):
+            return value
+    elif p.type == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ArgumentError(p.span, f"parameter `{p.name}` of `{ir.name}` is {p.type}, "
+                                f"got {type(value).__name__} {value!r}")
+
+
+def _check_tensor(t, value, shape, device):
+    dims = ", ".join(_dim_text(d) for d in t.dims)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"tensor argument `{t.name}` must be a torch.Tensor of shape [{dims}] = {shape}, "
+                         f"got {type(value).__name__}")
+    if list(value.shape) != shape:
+        raise ValueError(f"tensor argument `{t.name}` must have shape [{dims}] = {shape}, "
+                         f"got {list(value.shape)}")
+    ok = {"float": value.dtype.is_floating_point,
+          "int": not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool,
+          "bool": value.dtype == torch.bool}[t.elem]
+    if not ok:
+        raise ValueError(f"tensor argument `{t.name}` must have {t.elem} elements, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"tensor argument `{t.name}` is on {value.device}, but q is on {device}")
+    return value
