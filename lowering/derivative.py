@@ -1,0 +1,192 @@
+"""Symbolic differentiation of score expressions over the IR (reverse mode, one rule per op).
+
+The backward pass of attention needs, for each score statement ``s_out = f(score, …)``:
+  * ∂f/∂score — to carry the logit gradient back to ``q·k`` (and so to dQ, dK), and
+  * ∂f/∂L for every float tensor load L — to accumulate gradients into tensor arguments.
+Both come from `adjoints`, which builds IR expressions (not numbers), so the same result feeds
+the reference checks and the generated backward kernels.
+
+Non-smooth points use documented subgradients: ``abs'(0) = 0``; ``min``/``max`` send the whole
+gradient to the first argument on ties (``clamp(x, lo, hi) = min(max(x, lo), hi)`` therefore
+passes the gradient to ``x`` at the boundaries); ``where`` routes it to the taken branch;
+``floor``, ``ceil``, comparisons and integer arithmetic have zero derivative.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .ir import Node, PatternIR, const, walk
+from .simplify import simplify
+
+
+def _f(op, *args):
+    return Node(op, "float", tuple(args))
+
+
+def _b(op, *args):
+    return Node(op, "bool", tuple(args))
+
+
+ONE, ZERO = const(1.0), const(0.0)
+
+
+def _where(c, a, b):
+    return Node("where", "float", (c, a, b))
+
+
+# Each rule: (node, adjoint of node) -> adjoints of its float arguments (None for non-float ones).
+def _rule_add(n, g): return (g, g)
+def _rule_sub(n, g): return (g, _f("neg", g))
+def _rule_mul(n, g): a, b = n.args; return (_f("mul", g, b), _f("mul", g, a))
+def _rule_div(n, g):
+    a, b = n.args
+    return (_f("div", g, b), _f("neg", _f("div", _f("mul", g, a), _f("mul", b, b))))
+def _rule_pow(n, g):
+    a, b = n.args
+    da = _f("mul", g, _f("mul", b, _f("pow", a, _f("sub", b, ONE))))
+    if b.op == "const":
+        return (da, None)
+    return (da, _f("mul", g, _f("mul", n, _f("log", a))))
+def _rule_neg(n, g): return (_f("neg", g),)
+def _rule_abs(n, g):
+    (a,) = n.args
+    sign = _where(_b("gt", a, ZERO), ONE, _where(_b("lt", a, ZERO), const(-1.0), ZERO))
+    return (_f("mul", g, sign),)
+def _rule_exp(n, g): return (_f("mul", g, n),)
+def _rule_exp2(n, g): return (_f("mul", g, _f("mul", n, const(math.log(2.0)))),)
+def _rule_log(n, g): return (_f("div", g, n.args[0]),)
+def _rule_log2(n, g): return (_f("div", g, _f("mul", n.args[0], const(math.log(2.0)))),)
+def _rule_sqrt(n, g): return (_f("div", g, _f("mul", const(2.0), n)),)
+def _rule_tanh(n, g): return (_f("mul", g, _f("sub", ONE, _f("mul", n, n))),)
+def _rule_sigmoid(n, g): return (_f("mul", g, _f("mul", n, _f("sub", ONE, n))),)
+def _rule_softplus(n, g): return (_f("mul", g, _f("sigmoid", n.args[0])),)
+def _rule_min(n, g):
+    a, b = n.args
+    first = _b("le", a, b)
+    return (_where(first, g, ZERO), _where(first, ZERO, g))
+def _rule_max(n, g):
+    a, b = n.args
+    first = _b("ge", a, b)
+    return (_where(first, g, ZERO), _where(first, ZERO, g))
+def _rule_where(n, g):
+    c, _, _ = n.args
+    return (None, _where(c, g, ZERO), _where(c, ZERO, g))
+
+
+RULES = {
+    "add": _rule_add, "sub": _rule_sub, "mul": _rule_mul, "div": _rule_div, "pow": _rule_pow,
+    "neg": _rule_neg, "abs": _rule_abs, "exp": _rule_exp, "exp2": _rule_exp2, "log": _rule_log,
+    "log2": _rule_log2, "sqrt": _rule_sqrt, "tanh": _rule_tanh, "sigmoid": _rule_sigmoid,
+    "softplus": _rule_softplus, "min": _rule_min, "max": _rule_max, "where": _rule_where,
+}
+
+
+@dataclass(frozen=True)
+class LoadGrad:
+    """The adjoint of one float tensor read: accumulate `adjoint` into `load.value` at
+    `load.args` — once per iteration of each enclosing `sum` (`loops` = (var, count) pairs)."""
+
+    load: Node
+    adjoint: Node
+    loops: tuple[tuple[str, Node], ...] = ()
+
+
+@dataclass(frozen=True)
+class StatementGrad:
+    """Derivatives of one score statement with respect to its input score and tensor reads,
+    each already multiplied by the incoming adjoint leaf `Node('param', 'float', (), '$g')`."""
+
+    d_score: Node
+    loads: tuple[LoadGrad, ...]
+
+
+SEED = Node("param", "float", (), "$g")
+
+
+def adjoints(root: Node, seed: Node = SEED, loops: tuple = (),
+             stop: frozenset = frozenset()) -> tuple[dict[int, Node], list[LoadGrad]]:
+    """Reverse-mode adjoints of every float node of `root` (by id), seeded with `seed`.
+
+    A `sum` is differentiated per iteration: its body gets the sum's adjoint with the loop
+    variable left symbolic (loads inside are reported with their loop context), and
+    sub-expressions of the body that do not read the loop variable receive the adjoint summed
+    over the loop. Nodes in `stop` receive adjoints but are not expanded further."""
+    order = walk(root)
+    adj: dict[int, Node] = {id(root): seed}
+    loads: list[LoadGrad] = []
+    for n in reversed(order):
+        g = adj.get(id(n))
+        if g is None or n.dtype != "float" or id(n) in stop:
+            continue
+        if n.op == "load":
+            loads.append(LoadGrad(n, simplify(g), loops))
+            continue
+        if n.op == "sum":
+            count, body = n.args
+            outer = _outer_reads(body, n.value)
+            inner, inner_loads = adjoints(body, g, loops + ((n.value, count),),
+                                          frozenset(id(m) for m in outer))
+            loads.extend(inner_loads)
+            for m in outer:
+                if id(m) in inner:
+                    _accumulate(adj, m, Node("sum", "float", (count, inner[id(m)]), n.value))
+            continue
+        rule = RULES.get(n.op)
+        if rule is None:
+            continue  # leaves, casts from int, floor/ceil: no float inputs to propagate to
+        for a, ga in zip(n.args, rule(n, g)):
+            if ga is not None and a.dtype == "float":
+                _accumulate(adj, a, ga)
+    return adj, loads
+
+
+def _accumulate(adj, node, g):
+    prev = adj.get(id(node))
+    adj[id(node)] = g if prev is None else _f("add", prev, g)
+
+
+def _depends_on_loopvar(node: Node, var: str) -> bool:
+    return any(m.op == "loopvar" and m.value == var for m in walk(node))
+
+
+def _outer_reads(body: Node, var: str) -> list[Node]:
+    """Maximal float sub-expressions of a loop body that do not read the loop variable
+    (their adjoints flow out of the loop)."""
+    out, seen = [], set()
+    stack = [body]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if m.dtype == "float" and not _depends_on_loopvar(m, var) and m.op != "const":
+            out.append(m)
+            continue
+        stack.extend(m.args)
+    return out
+
+
+def statement_grad(stmt: Node) -> StatementGrad:
+    """∂stmt/∂score and ∂stmt/∂(each float tensor read), times the adjoint leaf `SEED`."""
+    adj, loads = adjoints(stmt)
+    d_score = ZERO
+    for m in walk(stmt):
+        if m.op == "score" and id(m) in adj:
+            d_score = _f("add", d_score, adj[id(m)])
+    return StatementGrad(simplify(d_score), tuple(loads))
+
+
+def pattern_grads(ir: PatternIR) -> tuple[StatementGrad, ...]:
+    """One `StatementGrad` per score statement, in statement order."""
+    return tuple(statement_grad(s) for s in ir.scores)
+
+
+def differentiable_tensors(ir: PatternIR) -> list[str]:
+    """Float tensors whose values reach the score (and so can receive gradients)."""
+    names = []
+    for s in list(ir.scores) + ([ir.bias] if ir.bias is not None else []):
+        for m in walk(s):
+            if m.op == "load" and m.dtype == "float" and m.value not in names:
+                names.append(m.value)
+    return sorted(names)
