@@ -1,0 +1,136 @@
+"""Triton emission: fill a hand-written kernel skeleton's named holes from a pattern's IR.
+
+`emit_forward(ir, specialization)` returns the generated module text and the map from its lines
+back to spec spans. Skeletons live in `lowering/skeletons/*.py.in`; a hole is `{{NAME}}`, and
+`fill` refuses a skeleton hole without a value and a value without a hole. A hole alone on its
+line takes that line's indentation for every line of its value.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from ..dsl.diagnostics import SpecError
+from ..dsl.source import Span
+from .emit_expr import ExprPrinter, Line, Operands
+from .ir import PatternIR, const
+from .simplify import simplify, substitute
+
+_HOLE = re.compile(r"\{\{([A-Z_][A-Z0-9_]*)\}\}")
+_MARK = re.compile(r"  # (\S+:\d+)$")
+
+
+def skeleton(name: str) -> str:
+    """The text of `lowering/skeletons/<name>.py.in`."""
+    return resources.files("attnc.lowering.skeletons").joinpath(f"{name}.py.in").read_text(encoding="utf-8")
+
+
+def fill(text: str, holes: dict[str, str], name: str = "skeleton") -> str:
+    """Replace every `{{NAME}}` in `text`; unknown and unused holes are errors."""
+    found = set(_HOLE.findall(text))
+    missing = sorted(found - holes.keys())
+    unused = sorted(holes.keys() - found)
+    if missing or unused:
+        raise ValueError(f"{name}: holes without a value: {missing}; values without a hole: {unused}")
+    out = []
+    for line in text.splitlines():
+        m = _HOLE.fullmatch(line.strip())
+        if m:
+            indent = line[: len(line) - len(line.lstrip())]
+            value = holes[m.group(1)]
+            out.extend((indent + v) if v else "" for v in value.splitlines())
+        else:
+            out.append(_HOLE.sub(lambda mm: holes[mm.group(1)], line))
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A generated kernel module: its text, its extra arguments, and line → spec span."""
+
+    source: str
+    arguments: tuple[str, ...]  # names after the fixed arguments, in signature order
+    line_spans: dict[int, Span]  # 1-based generated line -> span of the spec text it came from
+    topk: int
+
+
+def specialize(ir: PatternIR, values: dict[str, object]) -> PatternIR:
+    """Substitute int and bool parameters (compile-time constants) and simplify."""
+    table = {("param", p.name): const(values[p.name]) for p in ir.params
+             if p.type in ("int", "bool") and p.name in values}
+    return ir.map(lambda n: simplify(substitute(n, table)))
+
+
+def _marker(span: Span | None) -> str:
+    if span is None:
+        return ""
+    return f"  # {os.path.basename(span.source.path).replace(' ', '_')}:{span.line}"
+
+
+def _render(lines: list[Line], comments: dict[str, Span]) -> str:
+    out = []
+    for ln in lines:
+        mark = _marker(ln.span)
+        if mark:
+            comments.setdefault(mark.strip()[2:], ln.span)
+        out.append(ln.text + mark)
+    return "\n".join(out)
+
+
+def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
+    """Generate the forward kernel module for `ir` with int/bool parameters fixed."""
+    ir = specialize(ir, specialization)
+    operands = Operands()
+    comments: dict[str, Span] = {}
+
+    score = ExprPrinter(operands, "s")
+    for stmt in ir.scores:
+        score.statement("score", stmt)
+        score.forget_score_temps()
+    mask = ExprPrinter(operands, "m")
+    names = []
+    for i, m in enumerate(ir.masks):
+        if m.op == "const" and m.value is True:
+            continue
+        mask.statement(f"keep{i}", m)
+        names.append(f"keep{i}")
+    if names:
+        mask.lines.append(Line("return " + " & ".join(names), None))
+    else:
+        mask.lines.append(Line("return q >= 0", None))
+    bias = ExprPrinter(operands, "c")
+    if ir.normalizer == "sigmoid":
+        bias.statement("bias", ir.bias if ir.bias is not None else const(0.0))
+    else:
+        bias.lines.append(Line("bias = 0.0", None))
+
+    topk = 0
+    if ir.topk is not None:
+        n = simplify(ir.topk)
+        if n.op != "const":
+            raise SpecError(ir.topk.span, "the count of `select topk` must be known when the kernel "
+                                          "is compiled", "use a literal or an int parameter")
+        topk = int(n.value)
+
+    args = operands.names()
+    holes = {
+        "PATTERN": ir.name,
+        "SOURCE": ir.path,
+        "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
+        "SCORE_MOD": _render(score.lines, comments) or "pass",
+        "MASK_MOD": _render(mask.lines, comments),
+        "BIAS_MOD": _render(bias.lines, comments),
+        "MOD_ARGS": "".join(", " + a for a in args),
+        "HAS_MASK": repr(bool(ir.masks)),
+        "SIGMOID": repr(ir.normalizer == "sigmoid"),
+        "TOPK": str(topk),
+    }
+    source = fill(skeleton("forward"), holes, "forward.py.in")
+    line_spans = {}
+    for no, line in enumerate(source.splitlines(), 1):
+        m = _MARK.search(line)
+        if m and m.group(1) in comments:
+            line_spans[no] = comments[m.group(1)]
+    return Kernel(source, tuple(args), line_spans, topk)

@@ -1,0 +1,258 @@
+"""A precedence-aware printer: core IR expressions → Triton (Python) expression text.
+
+Conventions of the generated code (the skeletons rely on them):
+
+* indices: `b`, `h` are scalar program ids; `q` is a `[BLOCK_M, 1]` and `k` a `[1, BLOCK_N]`
+  int32 tensor; `score` is the `[BLOCK_M, BLOCK_N]` fp32 logit tile;
+* sizes are kernel arguments under their own names (`q_len`, `k_len`, ...);
+* float parameters are kernel arguments `prm_<name>` (runtime values: no recompilation);
+  int and bool parameters are substituted as constants before printing (specialization);
+* a tensor argument `t` is passed as `tns_t` (pointer), `tns_t_d<i>` (sizes) and `tns_t_s<i>`
+  (strides); loads clamp every index into range, so memory is never read out of bounds;
+* ints are int32/int64 tensors, floats fp32, bools int1; integer `//` and `%` follow Python
+  (floor) semantics through the `_floordiv` / `_mod` helpers unless both operands are provably
+  non-negative (and the divisor positive), where C and Python semantics agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..dsl.diagnostics import SpecError
+from ..dsl.source import Span
+from .ir import Node, const, transform, walk
+from .simplify import simplify, substitute
+
+# Python operator precedence, higher binds tighter (comparisons chain, so they never nest bare).
+_ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 12, 11, 10, 7, 5, 4
+_BIN = {"add": ("+", _ADD), "sub": ("-", _ADD), "mul": ("*", _MUL), "div": ("/", _MUL),
+        "and": ("&", _AND), "or": ("|", _OR),
+        "lt": ("<", _CMP), "le": ("<=", _CMP), "gt": (">", _CMP), "ge": (">=", _CMP),
+        "eq": ("==", _CMP), "ne": ("!=", _CMP)}
+_CALL1 = {"abs": "tl.abs", "exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
+          "sqrt": "tl.sqrt", "sigmoid": "tl.sigmoid", "tanh": "_tanh", "softplus": "_softplus"}
+_CALL2 = {"min": "tl.minimum", "max": "tl.maximum"}
+_INDEX = {"b": "b", "h": "h", "q": "q", "k": "k"}
+#: exponents `x ** c` expanded into products
+_MAX_POW = 8
+
+
+def unroll_sums(node: Node) -> Node:
+    """Replace every `sum` by the chain of its terms (its count must be a constant by now)."""
+    def rule(n: Node):
+        if n.op != "sum":
+            return None
+        count, body = n.args
+        if count.op != "const":
+            raise SpecError(n.span, "the range of `sum` must be known when the kernel is compiled",
+                            "use a constant or an int parameter for the count")
+        total = None
+        for i in range(max(int(count.value), 0)):
+            term = simplify(substitute(body, {("loopvar", n.value): const(i, n.span)}))
+            total = term if total is None else Node("add", n.dtype, (total, term), None, n.span)
+        return total if total is not None else const(0.0 if n.dtype == "float" else 0, n.span)
+    return simplify(transform(node, rule))
+
+
+def nonnegative(n: Node, memo: dict) -> bool:
+    """A sound (incomplete) proof that an int expression is never negative."""
+    key = id(n)
+    if key in memo:
+        return memo[key]
+    op = n.op
+    if op == "const":
+        out = n.value >= 0
+    elif op in ("index", "size"):
+        out = True
+    elif op in ("add", "mul", "min", "floordiv"):
+        out = all(nonnegative(a, memo) for a in n.args)
+    elif op == "max":
+        out = any(nonnegative(a, memo) for a in n.args)
+    elif op == "mod":
+        out = positive(n.args[1], memo)
+    elif op == "abs":
+        out = True
+    elif op == "where":
+        out = nonnegative(n.args[1], memo) and nonnegative(n.args[2], memo)
+    else:
+        out = False
+    memo[key] = out
+    return out
+
+
+def positive(n: Node, memo: dict) -> bool:
+    return n.op == "const" and n.value > 0
+
+
+@dataclass
+class Operands:
+    """The kernel arguments an expression reads, for the generated signature (sorted on use)."""
+
+    sizes: set[str] = field(default_factory=set)  # always kernel arguments; kept for reference
+    params: set[str] = field(default_factory=set)
+    tensors: dict[str, int] = field(default_factory=dict)  # name -> rank
+
+    def names(self) -> list[str]:
+        out = [f"prm_{p}" for p in sorted(self.params)]
+        for t in sorted(self.tensors):
+            r = self.tensors[t]
+            out += [f"tns_{t}"] + [f"tns_{t}_d{i}" for i in range(r)] + [f"tns_{t}_s{i}" for i in range(r)]
+        return out
+
+
+@dataclass
+class Line:
+    """One generated statement and the spec span it came from."""
+
+    text: str
+    span: Span | None
+
+
+class ExprPrinter:
+    """Prints IR DAGs as a list of assignment lines; a subexpression used twice gets a temporary."""
+
+    def __init__(self, operands: Operands, prefix: str):
+        self.operands = operands
+        self.prefix = prefix
+        self.lines: list[Line] = []
+        self.temps: dict[Node, str] = {}
+        self.counter = 0
+        self.signs: dict = {}
+
+    def statement(self, target: str, node: Node, span: Span | None = None) -> None:
+        """Emit `target = <node>`, with temporaries for shared subexpressions first."""
+        node = unroll_sums(node)
+        uses: dict[Node, int] = {}
+        for n in walk(node):
+            for a in n.args:
+                uses[a] = uses.get(a, 0) + 1
+        shared = [n for n in walk(node) if uses.get(n, 0) > 1 and n.args and n.op != "const"
+                  and n not in self.temps]
+        for n in shared:
+            name = f"{self.prefix}{self.counter}"
+            self.counter += 1
+            self.lines.append(Line(f"{name} = {self.expr(n)[0]}", n.span or span))
+            self.temps[n] = name
+        self.lines.append(Line(f"{target} = {self.expr(node)[0]}", span or node.span))
+
+    def forget_score_temps(self) -> None:
+        """Temporaries that read `score` are stale once `score` is reassigned."""
+        self.temps = {n: t for n, t in self.temps.items() if not any(m.op == "score" for m in walk(n))}
+
+    # ------------------------------------------------------------------ expressions
+
+    def expr(self, n: Node) -> tuple[str, int]:
+        """(text, precedence) of `n`."""
+        if n in self.temps:
+            return self.temps[n], _ATOM
+        op = n.op
+        if op == "const":
+            return self._const(n)
+        if op == "index":
+            return _INDEX[n.value], _ATOM
+        if op == "size":
+            self.operands.sizes.add(n.value)
+            return n.value, _ATOM
+        if op == "param":
+            if n.dtype != "float":
+                raise SpecError(n.span, f"internal: parameter `{n.value}` was not specialized")
+            self.operands.params.add(n.value)
+            return f"prm_{n.value}", _ATOM
+        if op == "score":
+            return "score", _ATOM
+        if op == "load":
+            return self._load(n), _ATOM
+        if op in ("sum", "loopvar"):
+            raise SpecError(n.span, "internal: `sum` reached the printer unexpanded")
+        if op == "neg":
+            return f"-{self._wrap(n.args[0], _UNARY)}", _UNARY
+        if op == "not":
+            return f"~{self._wrap(n.args[0], _UNARY)}", _UNARY
+        if op == "cast":
+            return f"{self._wrap(n.args[0], _ATOM)}.to(tl.float32)", _ATOM
+        if op in ("floor", "ceil"):
+            return f"tl.{op}({self.expr(n.args[0])[0]}).to(tl.int32)", _ATOM
+        if op in _CALL1:
+            return f"{_CALL1[op]}({self.expr(n.args[0])[0]})", _ATOM
+        if op in _CALL2:
+            a, b = (self.expr(x)[0] for x in n.args)
+            return f"{_CALL2[op]}({a}, {b})", _ATOM
+        if op == "where":
+            c, a, b = (self.expr(x)[0] for x in n.args)
+            return f"tl.where({c}, {a}, {b})", _ATOM
+        if op in ("floordiv", "mod"):
+            return self._divmod(n)
+        if op == "pow":
+            return self._pow(n)
+        if op in _BIN:
+            sym, prec = _BIN[op]
+            left_prec = prec + 1 if prec == _CMP else prec  # comparisons must not chain
+            return f"{self._wrap(n.args[0], left_prec)} {sym} {self._wrap(n.args[1], prec + 1)}", prec
+        raise SpecError(n.span, f"internal: no Triton lowering for IR op `{op}`")
+
+    def _wrap(self, n: Node, need: int) -> str:
+        text, prec = self.expr(n)
+        return text if prec >= need else f"({text})"
+
+    def _const(self, n: Node) -> tuple[str, int]:
+        v = n.value
+        if isinstance(v, bool):
+            # a bare Python bool would not broadcast like an int1 tensor in `&` / `|`
+            return ("(q >= 0)" if v else "(q < 0)"), _ATOM
+        if isinstance(v, float):
+            if math.isinf(v):
+                return ('float("inf")' if v > 0 else 'float("-inf")'), _ATOM
+            text = repr(v)
+        else:
+            text = str(v)
+        return text, (_UNARY if text.startswith("-") else _ATOM)
+
+    def _load(self, n: Node) -> str:
+        name = n.value
+        self.operands.tensors[name] = len(n.args)
+        terms = []
+        for i, a in enumerate(n.args):
+            idx = self.expr(a)[0]
+            if not nonnegative(a, self.signs):
+                idx = f"tl.maximum({idx}, 0)"
+            terms.append(f"tl.minimum({idx}, tns_{name}_d{i} - 1) * tns_{name}_s{i}")
+        ptr = f"tns_{name} + " + " + ".join(terms) if terms else f"tns_{name}"
+        conv = {"float": ".to(tl.float32)", "int": ".to(tl.int64)", "bool": " != 0"}[n.dtype]
+        text = f"tl.load({ptr}){conv}"
+        return f"({text})" if n.dtype == "bool" else text
+
+    def _divmod(self, n: Node) -> tuple[str, int]:
+        a, b = n.args
+        if n.dtype == "float":
+            x, y = self.expr(a)[0], self.expr(b)[0]
+            if n.op == "floordiv":
+                return f"tl.floor(({x}) / ({y}))", _ATOM
+            return f"_fmod({x}, {y})", _ATOM
+        if nonnegative(a, self.signs) and positive(b, self.signs):
+            sym = "//" if n.op == "floordiv" else "%"
+            return f"{self._wrap(a, _MUL)} {sym} {self._wrap(b, _MUL + 1)}", _MUL
+        helper = "_floordiv" if n.op == "floordiv" else "_mod"
+        return f"{helper}({self.expr(a)[0]}, {self.expr(b)[0]})", _ATOM
+
+    def _pow(self, n: Node) -> tuple[str, int]:
+        base, e = n.args
+        if e.op == "const" and float(e.value).is_integer() and abs(e.value) <= _MAX_POW:
+            count = int(abs(e.value))
+            if count == 0:
+                return ("1.0" if n.dtype == "float" else "1"), _ATOM
+            x = self._wrap(base, _ATOM) if base.op in ("const", "index", "size", "param", "score") \
+                or base in self.temps else None
+            if x is None:
+                x = f"{self.prefix}{self.counter}"
+                self.counter += 1
+                self.lines.append(Line(f"{x} = {self.expr(base)[0]}", base.span or n.span))
+            prod = " * ".join([x] * count)
+            if e.value < 0:
+                return f"1.0 / ({prod})", _MUL
+            return prod, _MUL if count > 1 else _ATOM
+        if e.op == "const" and e.value == 0.5:
+            return f"tl.sqrt({self.expr(base)[0]})", _ATOM
+        if n.dtype != "float":
+            raise SpecError(n.span, "integer `**` in a kernel needs a constant exponent",
+                            "use a float base, or an int parameter / literal as the exponent")
+        return f"_powf({self.expr(base)[0]}, {self.expr(e)[0]})", _ATOM

@@ -1,0 +1,255 @@
+"""The Triton backend: choose tiles, build the block layout, launch the generated forward kernel.
+
+`triton_attention` is what `Pattern.__call__(backend="triton")` calls. On CUDA tensors the kernel
+is compiled by Triton; on CPU tensors it runs under Triton's interpreter, which needs
+`TRITON_INTERPRET=1` in the environment before the kernel module is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from ..dsl.diagnostics import SpecError
+from ..lowering.ir import PatternIR
+from .binding import Bound
+from .jit import Compiled, forward_kernel
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+_OVERRIDE = threading.local()
+
+
+@contextlib.contextmanager
+def tile_override(block_m: int, block_n: int):
+    """Force the tile shape in this thread (tests use small tiles under the interpreter)."""
+    old = getattr(_OVERRIDE, "tiles", None)
+    _OVERRIDE.tiles = (block_m, block_n)
+    try:
+        yield
+    finally:
+        _OVERRIDE.tiles = old
+
+
+def triton_available() -> bool:
+    """A CUDA device and an importable Triton."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def choose_tiles(device: torch.device, head_dim: int, v_dim: int, topk: int) -> Tiles:
+    forced = getattr(_OVERRIDE, "tiles", None)
+    if forced is not None:
+        bm, bn = forced
+        warps, stages = 4, 2
+    elif device.type != "cuda":
+        bm, bn, warps, stages = 32, 32, 4, 1
+    elif max(head_dim, v_dim) <= 64:
+        bm, bn, warps, stages = 128, 64, 4, 3
+    elif max(head_dim, v_dim) <= 128:
+        bm, bn, warps, stages = 128, 64, 8, 3
+    else:
+        bm, bn, warps, stages = 64, 32, 4, 2
+    if topk:
+        bn = max(bn, _next_pow2(topk))  # the threshold buffer is one key tile wide
+    return Tiles(bm, bn, warps, stages)
+
+
+def _check_backend(q: torch.Tensor) -> None:
+    if q.device.type == "cuda":
+        return
+    if q.device.type != "cpu":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors under Triton's "
+                         f"interpreter), got {q.device.type} tensors")
+    if os.environ.get("TRITON_INTERPRET", "") != "1":
+        raise RuntimeError(
+            "backend='triton' got CPU tensors; generated kernels run on the CPU only under Triton's "
+            "interpreter. Set TRITON_INTERPRET=1 in the environment before Python starts (or before "
+            "triton is first imported), use CUDA tensors, or use backend='reference'.")
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """The part of a block layout the forward kernel reads (see runtime/layout.py)."""
+
+    kv_partial_num: torch.Tensor
+    kv_partial_idx: torch.Tensor
+    kv_full_num: torch.Tensor
+    kv_full_idx: torch.Tensor
+
+
+def every_tile(ir: PatternIR, q_len: int, k_len: int, block_m: int, block_n: int, device) -> TileLists:
+    """The layout that assumes nothing: every tile PARTIAL (FULL when there is no mask)."""
+    nq, nk = triton_cdiv(q_len, block_m), triton_cdiv(k_len, block_n)
+    idx = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+    num = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+    none = torch.zeros_like(num)
+    if ir.masks:
+        return TileLists(num, idx, none, idx)
+    return TileLists(none, idx, num, idx)
+
+
+def _layout(ir: PatternIR, bound: Bound, q_len: int, k_len: int, tiles: Tiles, device):
+    try:
+        from .layout import build_layout
+    except ImportError:  # the block-sparsity analysis has not landed in this tree yet
+        return every_tile(ir, q_len, k_len, tiles.block_m, tiles.block_n, device)
+    return build_layout(ir, bound, q_len, k_len, tiles.block_m, tiles.block_n, device)
+
+
+def _strides(t: torch.Tensor, rank: int) -> list[int]:
+    """Strides with size-1 dimensions broadcast (stride 0)."""
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(rank)]
+
+
+def _extra_arguments(names, bound: Bound) -> list:
+    out = []
+    tensors = {}
+    for name in names:
+        if name.startswith("prm_"):
+            out.append(float(bound.params[name[4:]]))
+        elif name.startswith("tns_"):
+            rest = name[4:]
+            base, _, suffix = rest.rpartition("_")
+            if base and suffix[:1] in "ds" and suffix[1:].isdigit() and base in bound.tensors:
+                t = bound.tensors[base]
+                i = int(suffix[1:])
+                out.append(t.shape[i] if suffix[0] == "d" else t.stride(i))
+            else:
+                t = bound.tensors[rest]
+                if t.dtype == torch.bool:
+                    t = t.view(torch.uint8)
+                tensors[rest] = t
+                out.append(t)
+        else:
+            out.append(int(bound.sizes[name]))
+    return out
+
+
+def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: bool):
+    """Run `pattern`'s generated forward kernel. Returns (out [B,H,Lq,Dv], lse [B,H,Lq] or None)."""
+    _check_backend(q)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got "
+                         f"{q.dtype}; use backend='reference' for {q.dtype}")
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got q/k {D}, v {Dv}")
+    ir = pattern.ir
+    spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
+    compiled = forward_kernel(ir, spec)
+    topk = compiled.kernel.topk
+    if ir.topk is not None and topk < 1:
+        raise ValueError(f"`select topk({topk})` must keep at least one key per row")
+
+    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device) if return_lse else None
+    if Lq == 0 or B * H == 0:
+        return out, lse
+    if Lk == 0:
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
+
+    tiles = choose_tiles(q.device, D, Dv, topk)
+    layout = _layout(ir, bound, Lq, Lk, tiles, q.device)
+    pnum, pidx = layout.kv_partial_num, layout.kv_partial_idx
+    fnum, fidx = layout.kv_full_num, layout.kv_full_idx
+    if pidx.shape != fidx.shape or pnum.shape != fnum.shape:
+        raise RuntimeError(f"internal: partial/full layout shapes differ: {tuple(pidx.shape)} vs "
+                           f"{tuple(fidx.shape)}")
+    if pnum.stride() != fnum.stride() or pidx.stride() != fidx.stride():
+        pnum, fnum, pidx, fidx = (t.contiguous() for t in (pnum, fnum, pidx, fidx))
+    lse_arg = lse if lse is not None else out
+    lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
+    grid = (triton_cdiv(Lq, tiles.block_m), B * H)
+    args = [q, k, v, out, lse_arg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
+            pnum, pidx, fnum, fidx, *_strides(pnum, 3), *_strides(pidx, 4),
+            float(scale), B, H, Hkv, Lq, Lk, D, Dv,
+            *_extra_arguments(compiled.kernel.arguments, bound)]
+    meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, _next_pow2(D)),
+                BLOCK_DV=max(16, _next_pow2(Dv)), RETURN_LSE=return_lse,
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                INTERPRETED=q.device.type == "cpu")
+    if q.device.type == "cuda":
+        meta.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    try:
+        compiled.module.attn_fwd[grid](*args, **meta)
+    except SpecError:
+        raise
+    except Exception as e:
+        err = spec_error_for(e, compiled)
+        if err is None:
+            raise
+        raise err from e
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _generated_line(e: BaseException, compiled: Compiled) -> int | None:
+    """The line of the generated module an exception (or one it chains) points at."""
+    lines = compiled.kernel.source.splitlines()
+    best = None
+    for err in _chain(e):
+        src, node = getattr(err, "src", None), getattr(err, "node", None)
+        if isinstance(src, str) and getattr(node, "lineno", None):
+            text = src.splitlines()[node.lineno - 1].strip() if node.lineno <= len(src.splitlines()) else ""
+            for no, line in enumerate(lines, 1):
+                if text and line.strip() == text and no in compiled.kernel.line_spans:
+                    best = no
+        for frame in traceback.extract_tb(err.__traceback__):
+            if os.path.abspath(frame.filename) == os.path.abspath(compiled.path) and \
+                    frame.lineno in compiled.kernel.line_spans:
+                best = frame.lineno
+    return best
+
+
+def spec_error_for(e: BaseException, compiled: Compiled) -> SpecError | None:
+    """A SpecError at the spec line whose generated code Triton rejected, or None if the error
+    did not come from a generated line (then it is not the spec's fault)."""
+    no = _generated_line(e, compiled)
+    if no is None:
+        return None
+    first = str(e).strip().splitlines()
+    detail = first[-1] if first else ""
+    return SpecError(compiled.kernel.line_spans[no],
+                     f"Triton could not compile the kernel code generated for this line "
+                     f"({type(e).__name__}: {detail})",
+                     f"generated kernel: {compiled.path}:{no}")
