@@ -1,14 +1,16 @@
 """`Pattern`: a checked, lowered pattern that can be called like an attention function."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 
 import torch
 
 from ..lowering.ir import PatternIR
 from ..lowering.printer import format_pattern
-from .binding import Bound, bind, check_qkv, sizes_for
-from .reference import reference_attention
+from .binding import Bound, bind, check_qkv, sizes_for, static_value
+from .autograd import register, run_op
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -43,6 +45,11 @@ class Pattern:
         ts = "".join(f", {t.name}=<{t.elem} tensor>" for t in self.ir.tensors)
         return f"<attnc.Pattern {self.ir.name}({sig}{ts}) from {self.ir.path}>"
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """A content hash of the pattern's IR: equal for structurally equal patterns."""
+        return hashlib.sha256(format_pattern(self.ir).encode()).hexdigest()
+
     def ir_text(self) -> str:
         return format_pattern(self.ir)
 
@@ -52,32 +59,58 @@ class Pattern:
 
     def __call__(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
                  return_lse: bool = False, **arguments):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        bound = self.bind(q, k, v, arguments)
-        if scale is None:
-            scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-        if return_lse and self.ir.normalizer != "softmax":
-            raise ValueError(f"return_lse=True needs the softmax normalizer; `{self.name}` uses "
-                             f"{self.ir.normalizer}")
-        if self.ir.topk is not None:
-            from .binding import static_value
-            n = static_value(self.ir.topk, bound.table())
-            if n < 1:
-                raise ValueError(f"`select topk({n})` must keep at least one key per row")
-        if backend == "auto":
-            backend = self._auto_backend(q)
-        if backend == "triton":
-            from .dispatch import triton_attention
-            out, lse = triton_attention(self, q, k, v, bound, float(scale), return_lse)
-        else:
-            out, lse = reference_attention(self.ir, q, k, v, scale=float(scale), sizes=bound.sizes,
-                                           params=bound.params, tensors=bound.tensors, return_lse=return_lse)
+        tensors = {n: t for n, t in arguments.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
+        scalars = tuple(sorted((n, x.item() if isinstance(x, torch.Tensor) else x)
+                               for n, x in arguments.items() if n not in tensors))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        key, names, scale, backend = _plan(
+            self, _meta(q), _meta(k), _meta(v), scalars,
+            tuple([(n, _meta(tensors[n])) for n in sorted(tensors)]), scale, backend, return_lse)
+        out, lse = run_op(q, k, v, [tensors[n] for n in names], key, scale, backend)
         return (out, lse) if return_lse else out
 
-    def _auto_backend(self, q: torch.Tensor) -> str:
-        if q.is_cuda:
+    def _auto_backend(self, device: torch.device) -> str:
+        if device.type == "cuda":
             from .dispatch import triton_available
             if triton_available():
                 return "triton"
         return "reference"
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, str(t.device)
+
+
+@torch.compiler.assume_constant_result
+def _plan(pattern: Pattern, qm, km, vm, scalars, tensor_metas, scale, backend, return_lse):
+    """Validate a call from tensor metadata and choose the kernel; under torch.compile this runs
+    once at trace time and its result is a constant, so the traced graph is one custom op."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = torch.device(qm[2])
+    fake = {name: torch.empty(m[0], dtype=m[1], device="meta") for name, m in (("q", qm), ("k", km), ("v", vm))}
+    check_qkv(fake["q"], fake["k"], fake["v"])
+    for name, m in (("k", km), ("v", vm)):
+        if torch.device(m[2]) != device:
+            raise ValueError(f"`q`, `k` and `v` must be on one device, got {qm[2]}, {km[2]}, {vm[2]}")
+    arguments = dict(scalars)
+    for name, m in tensor_metas:
+        if torch.device(m[2]) != device:
+            raise ValueError(f"tensor argument `{name}` is on {m[2]}, but q is on {qm[2]}")
+        arguments[name] = torch.empty(m[0], dtype=m[1], device="meta")
+    bound = bind(pattern.ir, sizes_for(qm[0], km[0]), arguments, None)
+    if scale is None:
+        scale = 1.0 / math.sqrt(qm[0][-1]) if qm[0][-1] > 0 else 1.0
+    if return_lse and pattern.ir.normalizer != "softmax":
+        raise ValueError(f"return_lse=True needs the softmax normalizer; `{pattern.name}` uses "
+                         f"{pattern.ir.normalizer}")
+    if pattern.ir.topk is not None:
+        n = static_value(pattern.ir.topk, bound.table())
+        if n < 1:
+            raise ValueError(f"`select topk({n})` must keep at least one key per row")
+    if backend == "auto":
+        backend = pattern._auto_backend(device)
+    key, names = register(pattern, bound)
+    return key, tuple(names), float(scale), backend

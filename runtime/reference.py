@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..dsl.diagnostics import SpecError
-from ..lowering.ir import Node, PatternIR, walk
+from ..lowering.ir import Node, PatternIR, const, walk
 
 #: elements of one [B, H, chunk, k_len] score block; bounds the interpreter's memory
 CHUNK_ELEMENTS = 1 << 22
@@ -72,6 +72,13 @@ class _Evaluator:
             table[id(n)] = out
         return out
 
+    def static(self, n: Node):
+        """The Python value of an expression over sizes and parameters (sum ranges, topk)."""
+        from .binding import static_value
+        table = {("size", k): const(v) for k, v in self.env.sizes.items()}
+        table.update({("param", k): const(v) for k, v in self.env.params.items()})
+        return static_value(n, table)
+
     def _const(self, value, dtype):
         return torch.tensor(value, dtype=dtype, device=self.env.device)
 
@@ -103,6 +110,8 @@ class _Evaluator:
         t = self.env.tensors[n.value]
         idx = [self.eval(i) for i in n.args]
         for d, (i, size) in enumerate(zip(idx, t.shape)):
+            if torch.compiler.is_compiling():
+                break  # values are unknown while tracing; the eager call has checked them
             lo, hi = int(i.min()), int(i.max())
             if lo < 0 or hi >= size:
                 bad = lo if lo < 0 else hi
@@ -118,7 +127,7 @@ class _Evaluator:
 
     def _sum(self, n: Node) -> torch.Tensor:
         count_node, body = n.args
-        count = int(self.eval(count_node))
+        count = self.static(count_node)
         key = ("loopvar", n.value)
         saved_local, saved_var = self.local, self.volatile.get(key)
         total = None
@@ -133,16 +142,20 @@ class _Evaluator:
         return total if total is not None else self._const(0, self._dtype(n))
 
 
+def _has_zero(b) -> bool:
+    return not torch.compiler.is_compiling() and bool((b == 0).any())
+
+
 def _floordiv(a, b):
     if a.dtype.is_floating_point:
         return torch.floor(a / b)
-    if bool((b == 0).any()):
+    if _has_zero(b):
         raise ZeroDivisionError
     return torch.div(a, b, rounding_mode="floor")
 
 
 def _mod(a, b):
-    if not a.dtype.is_floating_point and bool((b == 0).any()):
+    if not a.dtype.is_floating_point and _has_zero(b):
         raise ZeroDivisionError
     return torch.remainder(a, b)
 
@@ -186,7 +199,7 @@ def _chunk_rows(ir, q_chunk, k, v, sizes, params, tensors, scale, q0, want_lse):
         keep = keep & ev.eval(m)
     keep = keep.expand(B, H, C, Lk)
     if ir.topk is not None:
-        n = int(ev.eval(ir.topk))
+        n = ev.static(ir.topk)
         masked = torch.where(keep, s, torch.full_like(s, float("-inf")))
         kth = torch.topk(masked, min(n, Lk), dim=-1).values[..., -1:]
         keep = keep & (s >= kth)
