@@ -41,3 +41,33 @@ def format_pattern(p) -> str:
         lines.append(f"  select topk({format_node(p.topk)})")
     lines.append(f"  normalize {p.normalizer}" + (f"(bias = {format_node(p.bias)})" if p.bias is not None else ""))
     return "\n".join(lines)
+
+
+def canonical_text(p) -> str:
+    """A linear-size, deterministic serialization of a pattern's IR as a numbered DAG.
+
+    Structurally equal sub-expressions get one number, so shared lets cost nothing however
+    deeply they nest; equal patterns give equal text (used for content hashes and cache keys)."""
+    ids: dict = {}
+    lines: list[str] = []
+
+    def num(n) -> int:
+        from .ir import walk
+        for m in walk(n):
+            if m not in ids:
+                args = ",".join(f"%{ids[a]}" for a in m.args)
+                ids[m] = len(ids)
+                lines.append(f"%{ids[m]} = {m.op}:{m.dtype} {m.value!r} ({args})")
+        return ids[n]
+
+    head = [f"pattern {p.name} normalizer={p.normalizer}"]
+    head += [f"param {x.name}: {x.type} = {x.default!r}" for x in p.params]
+    for t in p.tensors:
+        head.append(f"tensor {t.name}: {t.elem}[{', '.join(f'%{num(d)}' for d in t.dims)}]")
+    head += [f"score %{num(s)}" for s in p.scores]
+    head += [f"mask %{num(m)}" for m in p.masks]
+    if p.topk is not None:
+        head.append(f"topk %{num(p.topk)}")
+    if p.bias is not None:
+        head.append(f"bias %{num(p.bias)}")
+    return "\n".join(lines + head) + "\n"

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..lowering.ir import PatternIR
-from ..lowering.printer import format_pattern
+from ..lowering.printer import canonical_text, format_pattern
 from .binding import Bound, bind, check_qkv, sizes_for, static_value
 from .autograd import register, run_op
 
@@ -48,7 +48,7 @@ class Pattern:
     @functools.cached_property
     def digest(self) -> str:
         """A content hash of the pattern's IR: equal for structurally equal patterns."""
-        return hashlib.sha256(format_pattern(self.ir).encode()).hexdigest()
+        return hashlib.sha256(canonical_text(self.ir).encode()).hexdigest()
 
     def ir_text(self) -> str:
         return format_pattern(self.ir)
