@@ -1,0 +1,249 @@
+"""Tier 1: per-query-tile key ranges in closed form, for masks that bound k by functions of q.
+
+For a query tile with first query `q_lo` and one-past-last in-range query `q_hi`, the closed form
+gives IR expressions over the leaves `q_lo`, `q_hi` (sizes and parameters already constants):
+
+* `intervals`: half-open key ranges whose union holds every allowed key of every query of the
+  tile (the kernel visits only key tiles that meet one of them), and
+* `full_intervals`: key ranges allowed for every query of the tile (key tiles inside one of them
+  skip mask evaluation).
+
+An interval with `hi <= lo` is empty; all are clamped to `[0, k_len)`. They come from the masks'
+normal form: each term's literals `k ⋈ f(q)` (affine, or `(k + d) // c ⋈ g(q)`) give lower and
+upper bounds on k; a bound is used only when it is monotone in q, so its extremes over the tile
+are its values at `q_lo` and `q_hi - 1`. Literals over q alone guard a term; any other literal is
+dropped from the cover (a superset stays sound) and disables the term's full interval.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ir import Node, const, walk
+from .normal_form import dnf
+from .simplify import simplify, substitute
+from .sparsity import _capped, _classify_literal, _conjunction, index_deps
+
+Q_LO = Node("index", "int", (), "q_lo")
+Q_HI = Node("index", "int", (), "q_hi")
+_Q = Node("index", "int", (), "q")
+#: the most intervals a closed form may have
+MAX_INTERVALS = 4
+
+
+def _i(op, *args) -> Node:
+    return Node(op, "int", tuple(args))
+
+
+def _b(op, *args) -> Node:
+    return Node(op, "bool", tuple(args))
+
+
+def _affine_node(coef_q: int, c: int) -> Node:
+    return _i("add", _i("mul", const(coef_q), _Q), const(c))
+
+
+def _div_floor(num: Node, m: int) -> Node:
+    return num if m == 1 else _i("floordiv", num, const(m))
+
+
+def _div_ceil(num: Node, m: int) -> Node:
+    return num if m == 1 else _i("neg", _i("floordiv", _i("neg", num), const(m)))
+
+
+def _mono(n: Node) -> int | None:
+    """+1 nondecreasing, -1 nonincreasing, 0 constant in q; None if unknown."""
+    if "q" not in index_deps(n):
+        return 0
+    op = n.op
+    if op == "index":
+        return 1
+    if op in ("add", "sub", "min", "max"):
+        a, b = _mono(n.args[0]), _mono(n.args[1])
+        if a is None or b is None:
+            return None
+        b = -b if op == "sub" else b
+        return a if b == 0 else b if a == 0 else a if a == b else None
+    if op == "neg":
+        a = _mono(n.args[0])
+        return None if a is None else -a
+    if op in ("mul", "floordiv") and n.args[1].op == "const" and "q" not in index_deps(n.args[1]):
+        a, c = _mono(n.args[0]), n.args[1].value
+        if a is None or not isinstance(c, int) or c == 0:
+            return None
+        return a if c > 0 else -a
+    if op == "mul" and n.args[0].op == "const":
+        return _mono(_i("mul", n.args[1], n.args[0]))
+    return None
+
+
+def _at(f: Node, q: Node) -> Node:
+    return _canon(substitute(f, {("index", "q"): q}))
+
+
+def _canon(n: Node) -> Node:
+    """Maximal affine subexpressions rewritten as `c1*x1 + ... + c0`, then simplified."""
+    from .ir import transform
+    from .normal_form import affine
+
+    def rule(m: Node):
+        if m.dtype != "int" or m.op not in ("add", "sub", "neg", "mul"):
+            return None
+        aff = affine(m)
+        if aff is None:
+            return None
+        out = None
+        for name, c in sorted(aff[0].items()):
+            v = Node("index", "int", (), name)
+            term = v if c == 1 else _i("neg", v) if c == -1 else _i("mul", const(c), v)
+            out = term if out is None else _i("add", out, term)
+        if out is None:
+            return const(aff[1])
+        return out if aff[1] == 0 else _i("add", out, const(aff[1])) if aff[1] > 0 else _i("sub", out, const(-aff[1]))
+    return simplify(transform(n, rule))
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """Key ranges per query tile as IR over `q_lo` / `q_hi` (see the module docstring)."""
+
+    intervals: tuple[tuple[Node, Node], ...]
+    full_intervals: tuple[tuple[Node, Node], ...]
+    exact: bool          # every literal became a bound or a guard
+    block_m: int
+    q_len: int
+    k_len: int
+
+    def evaluate(self, q_lo: int, q_hi: int):
+        """(cover, full): lists of (lo, hi) ints for the in-range queries [q_lo, q_hi)."""
+        table = {("index", "q_lo"): const(q_lo), ("index", "q_hi"): const(q_hi)}
+
+        def ev(pairs):
+            out = []
+            for lo, hi in pairs:
+                a, b = simplify(substitute(lo, table)).value, simplify(substitute(hi, table)).value
+                out.append((a, max(a, b)))
+            return out
+        return ev(self.intervals), ev(self.full_intervals)
+
+    def tile_ranges(self, q_tile: int):
+        q_lo = q_tile * self.block_m
+        return self.evaluate(q_lo, min(q_lo + self.block_m, self.q_len))
+
+    def tile_classes(self, block_n: int) -> list[list[int]]:
+        """0/1/2 per (query tile, key tile) as a kernel driven by the closed form would see it."""
+        n_q, n_k = -(-self.q_len // self.block_m), -(-self.k_len // block_n)
+        rows = []
+        for t in range(n_q):
+            cover, full = self.tile_ranges(t)
+            row = []
+            for j in range(n_k):
+                k0, k1 = j * block_n, min((j + 1) * block_n, self.k_len)
+                if any(lo <= k0 and k1 <= hi for lo, hi in full):
+                    row.append(2)
+                elif any(lo < k1 and k0 < hi for lo, hi in cover):
+                    row.append(1)
+                else:
+                    row.append(0)
+            rows.append(row)
+        return rows
+
+
+def _k_bounds(node: Node, pos: bool):
+    """(lowers, uppers, guard) for one literal: inclusive bounds on k as functions of q, or a
+    q-only affine guard (coef, L, U); None when the literal is not of a supported shape."""
+    kind = _classify_literal(node, pos)
+    if kind[0] == "affine":
+        _, key, L, U = kind
+        co = dict(key)
+        if set(co) - {"q", "k"}:
+            return None
+        ck, cq = co.get("k", 0), co.get("q", 0)
+        if ck == 0:
+            return [], [], (cq, L, U)
+        m = abs(ck)
+        lo_num, hi_num = (L, U) if ck > 0 else (-U, -L)   # bounds on m*k + sign*cq*q
+        s = cq if ck > 0 else -cq
+        lows = [] if lo_num == -float("inf") else [_div_ceil(_affine_node(-s, int(lo_num)), m)]
+        ups = [] if hi_num == float("inf") else [_div_floor(_affine_node(-s, int(hi_num)), m)]
+        return lows, ups, None
+    if kind[0] == "generic" and pos and node.op in ("lt", "le", "gt", "ge", "eq"):
+        mirror = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}
+        for x, g, op in ((node.args[0], node.args[1], node.op), (node.args[1], node.args[0], mirror[node.op])):
+            if x.op != "floordiv" or x.args[1].op != "const" or not isinstance(x.args[1].value, int) \
+                    or x.args[1].value <= 0 or not index_deps(g) <= {"q"} \
+                    or any(n.op == "load" for n in walk(g)):
+                continue
+            from .normal_form import affine
+            inner = affine(x.args[0])
+            if inner is None or inner[0] != {"k": 1}:
+                continue
+            c, d = x.args[1].value, inner[1]
+            if op == "gt":
+                g, op = _i("add", g, const(1)), "ge"
+            if op == "lt":
+                g, op = _i("sub", g, const(1)), "le"
+            lo = _i("sub", _i("mul", g, const(c)), const(d))
+            hi = _i("sub", _i("add", _i("mul", g, const(c)), const(c - 1)), const(d))
+            return ([lo] if op in ("ge", "eq") else []), ([hi] if op in ("le", "eq") else []), None
+    return None
+
+
+def derive(masks: tuple[Node, ...], block_m: int, q_len: int, k_len: int) -> ClosedForm | None:
+    """The closed form of specialized masks, or None when they do not bound k by q."""
+    masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
+    for m in masks:
+        if not index_deps(m) <= {"q", "k"} or any(n.op in ("load", "score", "loopvar", "sum") for n in walk(m)):
+            return None
+    if not masks:
+        return None
+    terms = dnf(_conjunction(masks))
+    if _capped(terms) or len(terms) > MAX_INTERVALS:
+        return None
+    q_last = _i("sub", Q_HI, const(1))
+    cover, full, exact = [], [], True
+    for term in terms:
+        lows, ups, guards, full_ok = [], [], [], True
+        dead = False
+        for node, pos in term:
+            kind = _classify_literal(node, pos)
+            if kind[0] == "const":
+                dead = dead or not kind[1]
+                continue
+            got = _k_bounds(node, pos)
+            if got is None:  # dropped: the cover stays a superset, the full interval would not
+                full_ok = exact = False
+                continue
+            lows += got[0]
+            ups += got[1]
+            if got[2] is not None:
+                guards.append(got[2])
+        if dead:
+            continue
+        if not lows and not ups:
+            return None  # this term does not bound k: the cover would be everything
+        ends = []
+        lows, ups = [_canon(f) for f in lows], [_canon(f) for f in ups]
+        for f in lows + ups:
+            d = _mono(f)
+            if d is None:
+                return None
+            a, b = _at(f, Q_LO), _at(f, q_last)
+            ends.append((a, b) if d >= 0 else (b, a))   # (min over tile, max over tile)
+        nl = len(lows)
+        c_lo, c_hi, f_lo, f_hi = const(0), const(k_len), const(0), const(k_len)
+        for mn, mx in ends[:nl]:
+            c_lo, f_lo = _i("max", c_lo, mn), _i("max", f_lo, mx)
+        for mn, mx in ends[nl:]:
+            c_hi, f_hi = _i("min", c_hi, _i("add", mx, const(1))), _i("min", f_hi, _i("add", mn, const(1)))
+        for cq, L, U in guards:  # cq > 0 (normalized): cq*q in [L, U]
+            lo_ok = [] if L == -float("inf") else [(_b("ge", _i("mul", const(cq), q_last), const(int(L))),
+                                                    _b("ge", _i("mul", const(cq), Q_LO), const(int(L))))]
+            hi_ok = [] if U == float("inf") else [(_b("le", _i("mul", const(cq), Q_LO), const(int(U))),
+                                                   _b("le", _i("mul", const(cq), q_last), const(int(U))))]
+            for some, every in lo_ok + hi_ok:
+                c_hi = Node("where", "int", (some, c_hi, c_lo))
+                f_hi = Node("where", "int", (every, f_hi, f_lo))
+        cover.append((_canon(c_lo), _canon(c_hi)))
+        if full_ok:
+            full.append((_canon(f_lo), _canon(f_hi)))
+    return ClosedForm(tuple(cover), tuple(full), exact, block_m, q_len, k_len)
