@@ -1,0 +1,212 @@
+"""Diagnostics: every mistake a user can make gives one clear error at the right place.
+
+Each `tests/golden/diagnostics/NAME.attn` holds a spec with one mistake; `NAME.txt` holds the
+rendered error (`file:line:col: error: ...`, the source line, a caret, a hint). Run
+`pytest --update-golden` to rewrite the `.txt` files after an intended change, and read the diff.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.runtime.binding import ArgumentError
+
+GOLDEN = Path(__file__).parent / "golden" / "diagnostics"
+
+# name -> (line, column) where the one error must point; None: an error with no position
+SPEC_ERRORS = {
+    "unknown_name": (2, 15),
+    "mask_not_bool": (2, 10),
+    "bool_score": (2, 13),
+    "default_type_mismatch": (1, 20),
+    "inconsistent_indent": (3, 3),
+    "missing_colon": (1, 27),
+    "topk_float": (3, 17),
+    "unknown_function": (2, 10),
+    "wrong_arity": (2, 14),
+    "tensor_rank": (3, 14),
+    "use_cycle": (2, 5),
+    "import_nonexistent": (1, 1),
+    "duplicate_pattern": (4, 9),
+    "empty_file": (1, 1),
+    "no_pattern": (1, 1),
+}
+
+# Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
+# name -> (keyword arguments, expected exception type, (line, col) or None)
+CALL_ERRORS = {
+    "call_missing_parameter": (lambda: dict(slopes=torch.ones(2)), ArgumentError, (1, 18)),
+    "call_unknown_keyword": (lambda: dict(window=4, windw=4, slopes=torch.ones(2)), ArgumentError, None),
+    "call_tensor_shape": (lambda: dict(window=4, slopes=torch.ones(3)), ValueError, None),
+    "call_tensor_dtype": (lambda: dict(window=4, slopes=torch.ones(2, dtype=torch.int64)), ValueError, None),
+}
+
+
+def _render(err: Exception) -> str:
+    if isinstance(err, attnc.SpecError):
+        text = err.render()
+    else:
+        text = f"{type(err).__name__}: {err}"
+    # the list of standard-library files grows; keep golden files independent of it
+    names = ", ".join(attnc.std_names())
+    return text.replace(names, "<the standard library's file names>")
+
+
+def _compile_error(name: str) -> attnc.SpecError:
+    text = (GOLDEN / f"{name}.attn").read_text(encoding="utf-8")
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.compile(text, path=f"{name}.attn")
+    return info.value
+
+
+def test_every_golden_file_has_a_case():
+    names = {p.stem for p in GOLDEN.glob("*.attn")}
+    assert names == set(SPEC_ERRORS) | set(CALL_ERRORS)
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_ERRORS))
+def test_spec_error(name, golden):
+    err = _compile_error(name)
+    assert len(err.diagnostics) == 1, err.render()
+    d = err.diagnostics[0]
+    assert d.span is not None, err.render()
+    assert (d.span.line, d.span.col) == SPEC_ERRORS[name], err.render()
+    assert str(d.span).startswith(f"{name}.attn:")
+    assert "internal error" not in d.message
+    golden.check(GOLDEN / f"{name}.txt", _render(err))
+
+
+def test_unknown_name_suggests_the_nearest():
+    assert _compile_error("unknown_name").diagnostics[0].hint == "did you mean `k`?"
+
+
+def test_missing_stdlib_file_lists_what_exists():
+    hint = _compile_error("import_nonexistent").diagnostics[0].hint
+    for name in attnc.std_names():
+        assert name in hint
+
+
+def test_use_cycle_names_the_cycle():
+    assert "a -> b -> a" in _compile_error("use_cycle").message
+
+
+@pytest.mark.parametrize("name", sorted(CALL_ERRORS))
+def test_call_error(name, golden):
+    make_kwargs, kind, where = CALL_ERRORS[name]
+    p = attnc.load(GOLDEN / f"{name}.attn")
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(kind) as info:
+        p(q, q, q, backend="reference", **make_kwargs())
+    err = info.value
+    if isinstance(err, attnc.SpecError):
+        span = err.diagnostics[0].span
+        assert (None if span is None else (span.line, span.col)) == where
+    else:
+        assert "`slopes`" in str(err) and "[heads]" in str(err) or "float" in str(err)
+    # golden text with the path made relative, so the file is the same on every machine
+    text = _render(err).replace(str(GOLDEN / f"{name}.attn"), f"{name}.attn")
+    golden.check(GOLDEN / f"{name}.txt", text)
+
+
+def test_unknown_keyword_suggests_the_nearest():
+    p = attnc.load(GOLDEN / "call_unknown_keyword.attn")
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ArgumentError) as info:
+        p(q, q, q, window=4, windw=4, slopes=torch.ones(2))
+    assert info.value.diagnostics[0].hint == "did you mean `window`?"
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def _assert_spec_error_or_ok(text: str):
+    """Compiling `text` either works or raises a SpecError that is not an internal error."""
+    try:
+        attnc.compile(text, path="fuzz.attn")
+    except attnc.SpecError as e:
+        assert "internal error" not in e.render(), e.render()
+        for d in e.diagnostics:
+            if d.span is not None:
+                assert 1 <= d.span.line and 1 <= d.span.col
+        e.render()
+
+
+def test_deeply_nested_parentheses():
+    for depth in (500, 5000):
+        text = "pattern p:\n    mask " + "(" * depth + "q >= k" + ")" * depth + "\n"
+        _assert_spec_error_or_ok(text)
+
+
+def test_deeply_nested_unary_minus_and_long_chains():
+    _assert_spec_error_or_ok("pattern p:\n    mask q >= " + "-" * 5000 + "k\n")
+    _assert_spec_error_or_ok("pattern p:\n    mask q >= k" + " + 1" * 5000 + "\n")
+    _assert_spec_error_or_ok("pattern p:\n    score += " + "exp(" * 1000 + "q" + ")" * 1000 + "\n")
+
+
+@pytest.mark.parametrize("literal", ["99999999999999999999999999999", "9" * 5000, "1e999", "1" + "0" * 400 + ".5"])
+def test_huge_literals(literal):
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.compile(f"pattern p:\n    mask q - k < {literal}\n")
+    assert "out of range" in info.value.message or "64 bits" in info.value.message
+    with pytest.raises(attnc.SpecError):
+        attnc.compile(f"pattern p(w: int = {literal}):\n    mask q - k < w\n")
+
+
+def test_binary_garbage():
+    rng = random.Random(0)
+    for _ in range(50):
+        text = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))).decode("latin-1")
+        _assert_spec_error_or_ok(text)
+    _assert_spec_error_or_ok("\x00pattern p:\n    mask q >= k\n")
+
+
+_TOKENS = ["pattern", "p", "(", ")", ":", "\n", "    ", "  ", "mask", "score", "=", "+=", "q", "k", "h", "b",
+           ">=", "<", "==", "and", "or", "not", "if", "else", "1", "2.5", "-", "*", "//", "%", "**", ",",
+           "tensor", "t", "float", "int", "bool", "[", "]", "heads", "let", "x", "select", "topk",
+           "normalize", "sigmoid", "softmax", "bias", "use", "import", "std.causal", "sum", "for", "i",
+           "in", "range", "exp", "clamp", "true", "#", '"x.attn"', "\t", "w", "3"]
+
+_VALID = [
+    "pattern streaming(window: int = 1024, sinks: int = 4):\n    mask q >= k\n    mask q - k < window or k < sinks\n",
+    "pattern g(side: int, n: int = 3):\n    tensor alpha: float[heads, n]\n    let dy = q // side - k // side\n"
+    "    score *= sum(alpha[h, i] * exp(-(dy * dy) / 2) for i in range(n))\n",
+    "import std.causal\n\npattern cw(window: int = 512):\n    use causal\n    mask q - k < window\n",
+    "pattern s:\n    normalize sigmoid(bias = -log(k_len))\n    select topk(4)\n",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_TOKENS), max_size=40).map(" ".join))
+def test_token_soup(text):
+    _assert_spec_error_or_ok(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(_VALID), st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 3),
+                                                     st.sampled_from(_TOKENS)), min_size=1, max_size=4))
+def test_mutated_specs(base, edits):
+    """Valid specs with a few characters deleted, replaced or inserted."""
+    text = base
+    for pos, kind, token in edits:
+        pos %= len(text) + 1
+        if kind == 0:
+            text = text[:pos] + text[pos + 1:]
+        elif kind == 1:
+            text = text[:pos] + token + text[pos:]
+        elif kind == 2:
+            text = text[:pos] + token + text[pos + len(token):]
+        else:
+            text = text[:pos]
+    _assert_spec_error_or_ok(text)
+
+
+def test_recursion_limit_is_restored():
+    limit = sys.getrecursionlimit()
+    _assert_spec_error_or_ok("pattern p:\n    mask " + "(" * 3000 + "q >= k" + ")" * 3000 + "\n")
+    assert sys.getrecursionlimit() == limit
