@@ -15,6 +15,7 @@ from . import ast as A
 from . import types as T
 from .diagnostics import Diagnostic, SpecError, closest
 from .loader import Library, PatternRef
+from .printer import print_stmt
 from .source import Span
 
 MAX_INT = 2 ** 63 - 1
@@ -65,6 +66,7 @@ class Checker:
             for p in mod.ast.patterns:
                 self.pattern_info(PatternRef(mod, p))
         for cycle in nx.simple_cycles(self.uses):
+            cycle = self._rotate_to_first_use(cycle)
             names = [c.split(":", 1)[1] for c in cycle] + [cycle[0].split(":", 1)[1]]
             span = self.use_sites[(cycle[0], cycle[1 % len(cycle)])]
             self.error(span, "`use` cycle: " + " -> ".join(names),
@@ -79,6 +81,14 @@ class Checker:
         if self.diags:
             raise SpecError(_dedup(self.diags))
         return {p.name: self.infos[id(p)] for p in self.lib.root.ast.patterns}
+
+    def _rotate_to_first_use(self, cycle: list[str]) -> list[str]:
+        """Start a cycle at its `use` that comes first in the source, so reports are stable."""
+        def where(i):
+            span = self.use_sites[(cycle[i], cycle[(i + 1) % len(cycle)])]
+            return (span.source.path, span.line, span.col) if span else ("", 0, 0)
+        first = min(range(len(cycle)), key=where)
+        return cycle[first:] + cycle[:first]
 
     def pattern_info(self, ref: PatternRef) -> PatternInfo:
         key = id(ref.pattern)
@@ -373,7 +383,7 @@ class Checker:
         if len(e.indices) != len(decl.dims):
             self.error(e.span, f"tensor `{e.tensor}` has {len(decl.dims)} dimension"
                                f"{'s' if len(decl.dims) != 1 else ''} but is indexed with {len(e.indices)}",
-                       f"declared as `{e.tensor}: {decl.elem}[...]` at line {decl.span.line}" if decl.span else None)
+                       f"declared as `{print_stmt(decl)}` at line {decl.span.line}" if decl.span else None)
             return _Val(T.ERR, False)
         for i, v in zip(e.indices, idx):
             if v.type not in (T.INT, T.ERR):

@@ -143,7 +143,10 @@ def _fill_scope(mod: ModuleInfo, modules: dict[str, ModuleInfo], diags):
     where: dict[str, str] = {}
     for p in mod.ast.patterns:
         if p.name in mod.scope:
-            diags.append(Diagnostic(p.span, f"pattern `{p.name}` is defined twice in this file"))
+            first = mod.scope[p.name].pattern.span
+            diags.append(Diagnostic(p.span, f"pattern `{p.name}` is defined twice in this file",
+                                    f"first defined at line {first.line}; rename one of them"
+                                    if first else "rename one of them"))
             continue
         mod.scope[p.name] = PatternRef(mod, p)
         where[p.name] = "here"

@@ -5,7 +5,8 @@ from functools import lru_cache
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import (LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken,
+                             VisitError)
 from lark.indenter import Indenter
 
 from . import ast as A
@@ -199,6 +200,9 @@ class _Build(Transformer):
     @v_args(meta=True)
     def number(self, meta, items):
         text = str(items[0])
+        if not any(c in text for c in ".eE") and len(text.lstrip("0")) > 19:
+            # longer than any 64-bit int (and Python refuses to convert > 4300 digits)
+            raise SpecError(self._span(meta), "integer literal does not fit in 64 bits")
         value = float(text) if any(c in text for c in ".eE") else int(text)
         return A.Num(value, span=self._span(meta))
 
@@ -290,7 +294,8 @@ def _convert(src: SourceFile, err: Exception) -> SpecError:
                          "indent every statement of a pattern by the same amount")
     if isinstance(err, UnexpectedCharacters):
         ch = src.text[err.pos_in_stream] if err.pos_in_stream < len(src.text) else "?"
-        return SpecError(_error_span(src, err.line, err.column), f"unexpected character `{ch}`")
+        shown = f"`{ch}`" if ch.isprintable() else f"U+{ord(ch):04X}"
+        return SpecError(_error_span(src, err.line, err.column), f"unexpected character {shown}")
     if isinstance(err, UnexpectedToken):
         tok = err.token
         expected = _describe_expected(err.expected)
@@ -346,5 +351,9 @@ def parse(text: str, path: str = "<string>") -> A.Module:
         raise SpecError(Span(src, 1, 1, 1, 2), "expression is nested too deeply") from None
     try:
         return _Build(src).transform(tree)
+    except VisitError as err:  # lark wraps errors raised inside the transformer
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
     except RecursionError:
         raise SpecError(Span(src, 1, 1, 1, 2), "expression is nested too deeply") from None
