@@ -15,6 +15,7 @@ head dim that differs from the query head dim.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -256,6 +257,11 @@ FLEX_PARAMS = [p for p in DENSE_PARAMS if p.values[0].flex]
 
 # --------------------------------------------------------------------------- helpers
 
+@functools.lru_cache(maxsize=None)
+def _std(name):
+    return attnc.std(name)
+
+
 def _seed(*parts) -> int:
     return sum((i + 1) * ord(ch) for i, ch in enumerate("/".join(map(str, parts)))) % (2 ** 31)
 
@@ -271,7 +277,7 @@ def _inputs(case, Lq, Lk):
 
 def _namespace(case, tensors, Lq, Lk):
     """Scalar arguments with the pattern's defaults filled in, the tensors, and the aux tables."""
-    p = attnc.std(case.pattern)
+    p = _std(case.pattern)
     args = {prm.name: prm.default for prm in p.params if prm.default is not None}
     args.update(case.args)
     a = SimpleNamespace(**args, **tensors)
@@ -386,7 +392,7 @@ def test_reference_matches_dense_formula(case, shape):
     q, k, v, tensors = _inputs(case, Lq, Lk)
     a = _namespace(case, tensors, Lq, Lk)
     scale = _scale_for(shape)
-    p = attnc.std(case.pattern)
+    p = _std(case.pattern)
     want_out, want_lse = dense_attention(case, a, q, k, v, scale if scale is not None else 1 / math.sqrt(D))
     if case.sigmoid:
         out = p(q, k, v, backend="reference", scale=scale, **case.args, **tensors)
@@ -408,7 +414,7 @@ def test_reference_matches_flex_attention(case, shape):
     a = _namespace(case, tensors, Lq, Lk)
     scale = _scale_for(shape)
     flex_out, flex_lse = flex_run(case, a, q, k, v, scale)
-    out, lse = attnc.std(case.pattern)(q, k, v, backend="reference", scale=scale, return_lse=True,
+    out, lse = _std(case.pattern)(q, k, v, backend="reference", scale=scale, return_lse=True,
                                        **case.args, **tensors)
     _check_close(out, flex_out, case.id + " vs flex")
     _check_lse(lse, flex_lse, case.id + " vs flex")
@@ -509,7 +515,7 @@ def test_learnable_tensors_receive_the_formula_gradient(cid):
     q, k, v, tensors = _inputs(case, Lq, Lk)
     tensors = {n: t.double().requires_grad_() for n, t in tensors.items()}
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    out = attnc.std(case.pattern)(q, k, v, backend="reference", **case.args, **tensors)
+    out = _std(case.pattern)(q, k, v, backend="reference", **case.args, **tensors)
     got = torch.autograd.grad(out.square().sum(), [q, k, v, *tensors.values()])
     a = _namespace(case, tensors, Lq, Lk)
     want_out, _ = dense_attention(case, a, q, k, v, 1 / math.sqrt(D))
