@@ -58,3 +58,15 @@ def test_torch_compile_fullgraph_traces_without_graph_break():
     torch.testing.assert_close(out, eager)
     out.sum().backward()
     assert model.attn.slopes.grad is not None
+
+
+def test_gmm_vit_example_trains():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gmm_vit.py")
+    spec = importlib.util.spec_from_file_location("gmm_vit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    losses, moved = mod.main(["--epochs", "2", "--train", "192", "--test", "32", "--batch", "32"])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] and moved > 0
