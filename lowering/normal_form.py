@@ -92,20 +92,25 @@ def dnf(n: Node, pos: bool = True) -> list[Term]:
     return [((n, pos),)]
 
 
-def affine(n: Node) -> tuple[dict[str, int], int] | None:
-    """`n` as sum(coef * index) + constant over integers, or None."""
+def affine(n: Node, atom=None) -> tuple[dict[str, int], int] | None:
+    """`n` as sum(coef * index) + constant over integers, or None. `atom(node)` may name other
+    subexpressions to treat as variables (a string key), or return None."""
     if n.dtype != "int":
         return None
     op = n.op
+    if atom is not None and op not in ("const", "index"):
+        key = atom(n)
+        if key is not None:
+            return {key: 1}, 0
     if op == "const":
         return {}, int(n.value)
     if op == "index":
         return {n.value: 1}, 0
     if op == "neg":
-        a = affine(n.args[0])
+        a = affine(n.args[0], atom)
         return None if a is None else ({v: -c for v, c in a[0].items()}, -a[1])
     if op in ("add", "sub"):
-        a, b = affine(n.args[0]), affine(n.args[1])
+        a, b = affine(n.args[0], atom), affine(n.args[1], atom)
         if a is None or b is None:
             return None
         s = 1 if op == "add" else -1
@@ -114,7 +119,7 @@ def affine(n: Node) -> tuple[dict[str, int], int] | None:
             co[v] = co.get(v, 0) + s * c
         return {v: c for v, c in co.items() if c}, a[1] + s * b[1]
     if op == "mul":
-        a, b = affine(n.args[0]), affine(n.args[1])
+        a, b = affine(n.args[0], atom), affine(n.args[1], atom)
         if a is None or b is None:
             return None
         if a[0] and b[0]:
@@ -129,6 +134,7 @@ def affine(n: Node) -> tuple[dict[str, int], int] | None:
 def normalize_form(coefs: dict[str, int]) -> tuple[tuple, int]:
     """(key, scale) with coefs == scale * key, key's gcd 1 and its first coefficient positive."""
     items = [(v, coefs[v]) for v in VARS if coefs.get(v)]
+    items += sorted((v, c) for v, c in coefs.items() if v not in VARS and c)
     g = 0
     for _, c in items:
         g = gcd(g, abs(c))

@@ -132,7 +132,18 @@ class _Grid:
             "h": point(torch.arange(Hd, **f64).view(1, -1, 1, 1)),
         }
         self._dense: dict[Node, Iv | None] = {}
-        self._deps: dict[int, frozenset] = {}
+        self.atoms: dict[str, Iv] = {}
+
+    def atom(self, n: Node) -> str | None:
+        """An integer subexpression of one axis, treated as a variable with per-cell bounds."""
+        if n.dtype != "int":
+            return None
+        iv = self.dense(n)
+        if iv is None:
+            return None
+        key = "@" + text(n)
+        self.atoms[key] = iv
+        return key
 
     def note(self, n: Node, why: str):
         self.notes.setdefault(n, why)
@@ -199,14 +210,33 @@ def _form_range(key, box):
     return lo, hi
 
 
-def _classify_literal(node: Node, pos: bool):
-    """('affine', key, L, U) | ('mod', key, scale, offset, d, tlo, thi) | ('generic',)."""
+def _form_may(key, box, L, U):
+    """May sum(c * v) over the box meet [L, U]? The first variable is compared against the sum
+    of the others, so two single-axis operands cost one full-grid comparison, not three."""
+    ends = []
+    for v, c in key:
+        iv = box[v]
+        ends.append((c * iv.lo, c * iv.hi) if c > 0 else (c * iv.hi, c * iv.lo))
+    lo0, hi0 = ends[0]
+    lo_r = sum((e[0] for e in ends[1:]), 0.0)
+    hi_r = sum((e[1] for e in ends[1:]), 0.0)
+    may = True
+    if U != INF:
+        may = lo0 <= U - lo_r
+    if L != -INF:
+        may = may & (hi0 >= L - hi_r)
+    return may
+
+
+def _classify_literal(node: Node, pos: bool, atom=None):
+    """('affine', key, L, U) | ('mod', key, scale, offset, d, tlo, thi) | ('generic',).
+    `atom` (see `normal_form.affine`) lets single-axis subexpressions act as variables."""
     if not pos or node.op not in COMPARISONS or node.op == "ne":
         return ("generic",)
     a, c = node.args
     if a.dtype != "int" or c.dtype != "int":
         return ("generic",)
-    diff = affine(Node("sub", "int", (a, c)))
+    diff = affine(Node("sub", "int", (a, c)), atom)
     if diff is not None:
         coefs, const = diff
         L, U = comparison_bounds(node.op, const)
@@ -236,7 +266,10 @@ def _term_may(term: Term, grid: _Grid) -> torch.Tensor:
     forms: dict[tuple, list] = {}
     rest = []
     for node, pos in term:
-        kind = _classify_literal(node, pos)
+        kind = _classify_literal(node, pos, grid.atom)
+        for v, _ in kind[1] if kind[0] in ("affine", "mod") else ():
+            if v not in box:
+                box[v] = grid.atoms[v]
         if kind[0] == "const":
             if not kind[1]:
                 return torch.zeros((), dtype=torch.bool, device=grid.device)
@@ -246,8 +279,18 @@ def _term_may(term: Term, grid: _Grid) -> torch.Tensor:
             cur[0], cur[1] = max(cur[0], L), min(cur[1], U)
         else:
             rest.append((node, pos, kind))
-    # narrow the box: single-variable forms bound their variable; others propagate (two rounds)
-    for _ in range(2 if any(len(k) > 1 for k in forms) else 1):
+    # narrow the box: single-variable forms bound their variable. Forms over several variables
+    # propagate (two rounds) only where that can matter: forms sharing a variable, or literals
+    # evaluated over the narrowed box. One linear form over a box is decided exactly without it.
+    multi = [k for k in forms if len(k) > 1]
+    shared = len({v for k in multi for v, _ in k}) < sum(len(k) for k in multi)
+    propagate = bool(multi) and (shared or any(kind[0] == "generic" for _, _, kind in rest))
+    for key, (L, U) in [(k, b) for k, b in forms.items() if len(k) == 1] if not propagate else []:
+        (v, c), = key
+        iv = box[v]
+        box[v] = Iv(torch.maximum(iv.lo, torch.tensor(math.ceil(L / c) if L != -INF else L, dtype=torch.float64, device=iv.lo.device)),
+                    torch.minimum(iv.hi, torch.tensor(math.floor(U / c) if U != INF else U, dtype=torch.float64, device=iv.hi.device)))
+    for _ in range(2) if propagate else ():
         for key, (L, U) in forms.items():
             for v, c in key:
                 others = tuple(x for x in key if x[0] != v)
@@ -263,8 +306,11 @@ def _term_may(term: Term, grid: _Grid) -> torch.Tensor:
     for iv in box.values():
         may = may & (iv.lo <= iv.hi)
     for key, (L, U) in forms.items():
-        lo, hi = _form_range(key, box)
-        may = may & (lo <= U) & (hi >= L) & (L <= U)
+        if L > U:
+            return torch.zeros((), dtype=torch.bool, device=grid.device)
+        if len(key) == 1 and not propagate:
+            continue  # already applied to the box
+        may = may & _form_may(key, box, L, U)
     ev = None
     for node, pos, kind in rest:
         if kind[0] == "mod":
