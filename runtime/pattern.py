@@ -53,6 +53,15 @@ class Pattern:
     def ir_text(self) -> str:
         return format_pattern(self.ir)
 
+    def layout(self, q_len: int, k_len: int | None = None, *, block=(128, 128), batch: int | None = None,
+               heads: int | None = None, kv_heads: int | None = None, head_dim: int = 64, device=None,
+               **arguments):
+        """The block layout (`runtime.layout.BlockLayout`) for these lengths, tile shape and
+        arguments. batch / heads default to 1, or to what tensor arguments' shapes say."""
+        from .layout import layout_for
+        return layout_for(self.ir, q_len, q_len if k_len is None else k_len, block, batch, heads,
+                          kv_heads, head_dim, device, arguments)
+
     def bind(self, q, k, v, arguments: dict) -> Bound:
         check_qkv(q, k, v)
         return bind(self.ir, sizes_for(q.shape, k.shape), arguments, q.device)
