@@ -203,11 +203,15 @@ def _show_layout(pattern, sizes, arguments, args) -> int:
               "(Pattern.layout is not implemented yet)", file=sys.stderr)
         return EXIT_ERROR
     block = _parse_block(args.block)
-    layout = layout_fn(q_len=sizes["q_len"], k_len=sizes["k_len"], block=block, **arguments)
+    layout = layout_fn(q_len=sizes["q_len"], k_len=sizes["k_len"], block=block, batch=sizes["batch"],
+                       heads=sizes["heads"], kv_heads=sizes["kv_heads"], head_dim=sizes["head_dim"], **arguments)
     print(layout.text())
-    print(f"tile counts: {layout.counts()}  density: {layout.density():.3f}")
     if args.png:
-        layout.save_png(args.png)
+        try:
+            layout.save_png(args.png)
+        except ImportError as e:  # matplotlib is optional: pip install 'attnc[png]'
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"wrote {args.png}")
     return EXIT_OK
 
@@ -232,6 +236,9 @@ def cmd_run(args) -> int:
     dtype = _torch_dtype(dtype_name)
     if args.backend == "triton" and importlib.util.find_spec("attnc.runtime.dispatch") is None:
         raise UsageError("the Triton backend is not available in this version of attnc")
+    if args.backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton on the CPU runs the kernels under Triton's interpreter: "
+                         "set TRITON_INTERPRET=1 (e.g. `TRITON_INTERPRET=1 attnc run ...`)")
     pattern = load_pattern(args.file, args.name)
     settings = parse_settings(args.set)
     sizes = _sizes(args, head_dim=args.head_dim)
