@@ -31,6 +31,10 @@ class PatternInfo:
     params: dict[str, A.Param] = field(default_factory=dict)
     tensors: dict[str, A.TensorDecl] = field(default_factory=dict)
     lets: dict[str, str] = field(default_factory=dict)  # name -> type
+    # lets brought in by more than one definition (`use` of two patterns that both define it):
+    # name -> where they came from; such a name may not be referenced
+    ambiguous: dict[str, str] = field(default_factory=dict)
+    let_origin: dict[str, str] = field(default_factory=dict)  # name -> "at line N" / "by `use P` at line N"
     has_select: bool = False
     has_normalize: bool = False
 
@@ -137,6 +141,9 @@ class Checker:
             if name in table:
                 self.error(span, f"`{name}` is already defined as a {kind}")
                 return False
+        if name in info.ambiguous:
+            self.error(span, f"`{name}` is already defined ({info.ambiguous[name]})")
+            return False
         return True
 
     # ------------------------------------------------------------------ statements
@@ -167,6 +174,7 @@ class Checker:
         v = self.expr(s.value, scope, allow_score=False)
         if self._check_new_name(s.name, s.span, scope.info, "let"):
             scope.info.lets[s.name] = v.type
+            scope.info.let_origin[s.name] = f"at line {s.span.line}" if s.span else "here"
 
     @stmt.register
     def _(self, s: A.Mask, scope, ref):
@@ -273,9 +281,18 @@ class Checker:
                 continue
             if self._check_new_name(name, s.span, scope.info, "tensor"):
                 scope.info.tensors[name] = decl
+        here = f"by `use {s.target}` at line {s.span.line}" if s.span else f"by `use {s.target}`"
         for name, typ in other.lets.items():
-            if self._check_new_name(name, s.span, scope.info, "let"):
-                scope.info.lets[name] = typ
+            info = scope.info
+            if name in info.params or name in info.tensors:
+                continue  # the includer's own name keeps its meaning; the let stays private
+            if name in info.lets or name in info.ambiguous:
+                before = info.ambiguous.get(name) or info.let_origin.get(name, "earlier")
+                info.lets.pop(name, None)
+                info.ambiguous[name] = f"{before} and {here}"
+                continue
+            info.lets[name] = typ
+            info.let_origin[name] = here
         if other.has_select:
             if scope.info.has_select:
                 self.error(s.span, f"`{s.target}` has a `select`, and so does this pattern")
@@ -332,6 +349,10 @@ class Checker:
             return _Val(T.FLOAT, False)
         if n in info.params:
             return _Val(info.params[n].type, True)
+        if n in info.ambiguous:
+            self.error(e.span, f"`{n}` is ambiguous: it is defined {info.ambiguous[n]}",
+                       "rename one of the lets, or compute the value here with a `let` of another name")
+            return _Val(T.ERR, False)
         if n in info.lets:
             return _Val(info.lets[n], False)
         if n in info.tensors:

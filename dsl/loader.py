@@ -100,11 +100,15 @@ def _short(key: str) -> str:
 
 
 def _cycles(graph: nx.DiGraph):
+    """Each cycle once, as its edges, starting from the module found first (the root first)."""
+    rank = {key: i for i, key in enumerate(graph.nodes)}
     seen = set()
     for cycle in nx.simple_cycles(graph):
         if frozenset(cycle) in seen:
             continue
         seen.add(frozenset(cycle))
+        start = min(range(len(cycle)), key=lambda i: rank[cycle[i]])
+        cycle = cycle[start:] + cycle[:start]
         yield [(cycle[i], cycle[(i + 1) % len(cycle)]) for i in range(len(cycle))]
 
 
