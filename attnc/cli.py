@@ -73,18 +73,18 @@ def _torch_dtype(name: str):
             "fp64": torch.float64}[name]
 
 
-def _sizes(args, heads=None, kv_heads=None, head_dim=None) -> dict[str, int]:
-    q_len = args.q_len
-    k_len = args.k_len if args.k_len is not None else q_len
-    heads = heads if heads is not None else args.heads
-    kv = kv_heads if kv_heads is not None else (args.kv_heads if getattr(args, "kv_heads", None) else heads)
-    sizes = {"batch": args.batch, "heads": heads, "kv_heads": kv, "q_len": q_len, "k_len": k_len,
-             "head_dim": head_dim if head_dim is not None else getattr(args, "head_dim", 64)}
+def _sizes(args) -> dict[str, int]:
+    """The sizes a command runs at; k_len and kv_heads default to q_len and heads."""
+    sizes = {"batch": args.batch, "heads": args.heads,
+             "kv_heads": getattr(args, "kv_heads", None) or args.heads,
+             "q_len": args.q_len, "k_len": args.q_len if args.k_len is None else args.k_len,
+             "head_dim": args.head_dim}
     for key, value in sizes.items():
-        if value < (0 if key in ("q_len", "k_len") else 1):
-            raise UsageError(f"--{key.replace('_', '-')} must be {'non-negative' if key.endswith('len') else 'positive'}, got {value}")
-    if heads % kv:
-        raise UsageError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv})")
+        if key.endswith("_len") and value < 0 or not key.endswith("_len") and value < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be "
+                             f"{'non-negative' if key.endswith('_len') else 'positive'}, got {value}")
+    if sizes["heads"] % sizes["kv_heads"]:
+        raise UsageError(f"--heads ({sizes['heads']}) must be a multiple of --kv-heads ({sizes['kv_heads']})")
     return sizes
 
 
@@ -241,7 +241,7 @@ def cmd_run(args) -> int:
                          "set TRITON_INTERPRET=1 (e.g. `TRITON_INTERPRET=1 attnc run ...`)")
     pattern = load_pattern(args.file, args.name)
     settings = parse_settings(args.set)
-    sizes = _sizes(args, head_dim=args.head_dim)
+    sizes = _sizes(args)
     gen = torch.Generator().manual_seed(args.seed)
     bound, arguments = _bind(pattern, sizes, settings, device, gen)
     B, H, Hkv, Lq, Lk, D = (sizes[k] for k in ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim"))
