@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import operator
 
+from ..dsl.diagnostics import SpecError
 from .ir import Node, const, transform
 
 
@@ -20,6 +21,8 @@ def _mod(a, b):
 
 
 def _pow(a, b):
+    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 64:
+        return 2 ** 64  # certainly out of the 64-bit range; avoids computing a huge power
     return a ** b
 
 
@@ -61,8 +64,11 @@ def _fold(n: Node):
     except (ArithmeticError, ValueError):
         return None  # e.g. division by zero: leave it for run time to report
     if n.dtype == "int":
-        if not isinstance(v, int) or isinstance(v, bool) or abs(v) >= 2 ** 63:
+        if not isinstance(v, int) or isinstance(v, bool):
             return None
+        if not -2 ** 63 <= v < 2 ** 63:
+            raise SpecError(n.span, "integer expression overflows 64 bits",
+                            "integers in patterns are 64-bit; use a float (e.g. `2.0 ** 64`) for huge values")
     elif n.dtype == "float":
         v = float(v)
         if math.isnan(v) or math.isinf(v):
