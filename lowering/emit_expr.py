@@ -129,6 +129,8 @@ class ExprPrinter:
         shared = [n for n in walk(node) if uses.get(n, 0) > 1 and n.args and n.op != "const"
                   and n not in self.temps]
         for n in shared:
+            if n in self.temps:  # a structurally equal twin was named already
+                continue
             name = f"{self.prefix}{self.counter}"
             self.counter += 1
             self.lines.append(Line(f"{name} = {self.expr(n)[0]}", n.span or span))
@@ -236,23 +238,33 @@ class ExprPrinter:
 
     def _pow(self, n: Node) -> tuple[str, int]:
         base, e = n.args
-        if e.op == "const" and float(e.value).is_integer() and abs(e.value) <= _MAX_POW:
+        const_e = e.op == "const"
+        if const_e and float(e.value).is_integer() and abs(e.value) <= _MAX_POW:
             count = int(abs(e.value))
             if count == 0:
                 return ("1.0" if n.dtype == "float" else "1"), _ATOM
-            x = self._wrap(base, _ATOM) if base.op in ("const", "index", "size", "param", "score") \
-                or base in self.temps else None
-            if x is None:
-                x = f"{self.prefix}{self.counter}"
-                self.counter += 1
-                self.lines.append(Line(f"{x} = {self.expr(base)[0]}", base.span or n.span))
+            x = self._named(base, n.span)
             prod = " * ".join([x] * count)
             if e.value < 0:
                 return f"1.0 / ({prod})", _MUL
             return prod, _MUL if count > 1 else _ATOM
-        if e.op == "const" and e.value == 0.5:
-            return f"tl.sqrt({self.expr(base)[0]})", _ATOM
         if n.dtype != "float":
             raise SpecError(n.span, "integer `**` in a kernel needs a constant exponent",
                             "use a float base, or an int parameter / literal as the exponent")
+        if const_e and e.value == 0.5:
+            return f"tl.sqrt({self.expr(base)[0]})", _ATOM
+        if const_e:  # x ** c = 2 ** (c log2 x); 0 ** c is 0 (c > 0) or inf (c < 0)
+            x = self._named(base, n.span)
+            zero = "0.0" if e.value > 0 else 'float("inf")'
+            return f"tl.where({x} == 0.0, {zero}, tl.exp2({e.value!r} * tl.log2({x})))", _ATOM
         return f"_powf({self.expr(base)[0]}, {self.expr(e)[0]})", _ATOM
+
+    def _named(self, n: Node, span: Span | None) -> str:
+        """`n` as a name or literal, emitting a temporary line when it is a compound."""
+        if n.op in ("const", "index", "size", "param", "score") or n in self.temps:
+            return self._wrap(n, _ATOM)
+        name = f"{self.prefix}{self.counter}"
+        self.counter += 1
+        self.lines.append(Line(f"{name} = {self.expr(n)[0]}", n.span or span))
+        self.temps[n] = name
+        return name

@@ -195,8 +195,7 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
             *_extra_arguments(compiled.kernel.arguments, bound)]
     meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, _next_pow2(D)),
                 BLOCK_DV=max(16, _next_pow2(Dv)), RETURN_LSE=return_lse,
-                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                INTERPRETED=q.device.type == "cpu")
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if q.device.type == "cuda":
         meta.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     try:
@@ -247,9 +246,10 @@ def spec_error_for(e: BaseException, compiled: Compiled) -> SpecError | None:
     no = _generated_line(e, compiled)
     if no is None:
         return None
-    first = str(e).strip().splitlines()
-    detail = first[-1] if first else ""
+    root = list(_chain(e))[-1]  # the interpreter wraps the real error once per call level
+    lines = str(root).strip().splitlines()
+    detail = f"{type(root).__name__}: {lines[-1] if lines else ''}"
     return SpecError(compiled.kernel.line_spans[no],
                      f"Triton could not compile the kernel code generated for this line "
-                     f"({type(e).__name__}: {detail})",
+                     f"({detail})",
                      f"generated kernel: {compiled.path}:{no}")

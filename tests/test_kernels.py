@@ -1,0 +1,419 @@
+"""Generated Triton forward kernels vs the reference interpreter.
+
+Runs on the CPU under Triton's interpreter: TRITON_INTERPRET=1 is set here, before anything
+imports triton (conftest.py belongs to another module; setdefault keeps a caller's choice).
+Shapes are small because the interpreter is slow; tiles are 16 or 32.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+import attnc
+from attnc.runtime import dispatch, jit
+from attnc.runtime.reference import _Env, _Evaluator
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache_dir(tmp_path_factory):
+    old = os.environ.get("ATTNC_CACHE_DIR")
+    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ATTNC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNC_CACHE_DIR"] = old
+
+
+# --------------------------------------------------------------------------- helpers
+
+#: arguments for stdlib / example patterns whose parameters have no default, sized for L <= 128
+ARGUMENTS = {
+    "alibi_2d": dict(width=10),
+    "gaussian_mixture": dict(width=10, n=2),
+    "gaussian_mixture_additive": dict(width=10, n=2),
+    "neighborhood_2d": dict(height=10, width=10, kernel=3),
+    "prefix_lm": dict(prefix=20),
+    "sliding_window": dict(window=24),
+    "streaming": dict(window=24, sinks=3),
+    "chunked": dict(chunk=24),
+    "dilated": dict(window=12, dilation=3),
+    "strided": dict(stride=16),
+    "strided_fixed": dict(stride=16, summary=4),
+    "longformer": dict(window=16),
+    "relative_bias": dict(max_distance=16),
+    "topk": dict(top=7),
+    "temperature": dict(tau=0.7),
+    "sharp_topk": dict(top=5),
+    "causal_window": dict(window=20),
+    "dilated_causal": dict(window=10, dilation=2),
+}
+
+
+def tensor_arguments(p, B, H, Lq, Lk, args, seed=0):
+    """Plausible tensors for a pattern: sorted small ids, sparse flags, floats in [0.5, 1.5)."""
+    from attnc.runtime.binding import sizes_for, static_value
+    from attnc.lowering.ir import const
+    g = torch.Generator().manual_seed(seed)
+    sizes = sizes_for((B, H, Lq, 32), (B, max(1, H), Lk, 32))
+    params = {pp.name: args.get(pp.name, pp.default) for pp in p.params}
+    table = {("size", k): const(v) for k, v in sizes.items()}
+    table.update({("param", k): const(v) for k, v in params.items() if v is not None})
+    out = {}
+    for t in p.tensors:
+        shape = [int(static_value(d, table)) for d in t.dims]
+        if t.elem == "int":
+            steps = torch.rand(shape, generator=g) < 0.06
+            out[t.name] = torch.cumsum(steps.to(torch.int64), dim=-1)
+        elif t.elem == "bool":
+            out[t.name] = torch.rand(shape, generator=g) < 0.1
+        else:
+            out[t.name] = 0.5 + torch.rand(shape, generator=g)
+    return {k: v.to(DEVICE) for k, v in out.items()}
+
+
+def qkv(B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, H, Lq, D, generator=g)
+    k = torch.randn(B, Hkv, Lk, D, generator=g)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g)
+    return tuple(t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+def run_triton(p, q, k, v, tiles=(32, 32), lse=True, **args):
+    with dispatch.tile_override(*tiles):
+        return p(q, k, v, backend="triton", return_lse=lse, **args)
+
+
+def run_reference(p, q, k, v, lse=True, **args):
+    return p(q, k, v, backend="reference", return_lse=lse, **args)
+
+
+def assert_fp32_close(p, q, k, v, tiles=(32, 32), **args):
+    softmax = p.ir.normalizer == "softmax"
+    got = run_triton(p, q, k, v, tiles, lse=softmax, **args)
+    want = run_reference(p, q, k, v, lse=softmax, **args)
+    if not softmax:
+        got, want = (got, None), (want, None)
+    out, lse = got
+    ref_out, ref_lse = want
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    if softmax:
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        fin = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[fin], ref_lse[fin].float(), atol=2e-5, rtol=2e-5)
+    return out, lse
+
+
+def assert_low_precision_close(p, q, k, v, factor=4.0, tiles=(32, 32), **args):
+    """Error vs an fp64 reference must stay within `factor` × the low-precision reference's own
+    error (FlexAttention's criterion), plus a tiny floor for rows where that error is 0."""
+    truth = run_reference(p, q.double(), k.double(), v.double(), lse=False, **_to64(args))
+    ref = run_reference(p, q, k, v, lse=False, **args)
+    got = run_triton(p, q, k, v, tiles, lse=False, **args)
+    assert not torch.isnan(got).any()
+    ref_err = (ref.double() - truth).abs().max().item()
+    got_err = (got.double() - truth).abs().max().item()
+    eps = torch.finfo(q.dtype).eps
+    assert got_err <= factor * ref_err + eps, f"kernel error {got_err:.3g} vs reference {ref_err:.3g}"
+
+
+def _to64(args):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in args.items()}
+
+
+def pattern_cases():
+    cases = []
+    for name in attnc.std_names():
+        cases.append(pytest.param(("std", name), id=f"std-{name}"))
+    for f in sorted(os.listdir(EXAMPLES)) if os.path.isdir(EXAMPLES) else []:
+        if f.endswith(".attn"):
+            cases.append(pytest.param(("example", f), id=f"example-{f[:-5]}"))
+    return cases
+
+
+def load_case(case):
+    kind, name = case
+    if kind == "std":
+        return attnc.std(name)
+    return attnc.load(os.path.join(EXAMPLES, name))
+
+
+def case_arguments(p, B, H, Lq, Lk):
+    args = {k: v for k, v in ARGUMENTS.get(p.name, {}).items() if p.ir.param(k) is not None}
+    args.update(tensor_arguments(p, B, H, Lq, Lk, args))
+    return args
+
+
+# --------------------------------------------------------------------------- every pattern
+
+
+@pytest.mark.parametrize("case", pattern_cases())
+def test_every_pattern_fp32(case):
+    p = load_case(case)
+    B, H, L, tiles = 2, 2, 100, (32, 32)
+    if p.ir.topk is not None:  # tl.sort is slow in the interpreter: fewer, smaller tiles
+        B, H, L, tiles = 1, 2, 64, (16, 16)
+    q, k, v = qkv(B, H, H, L, L, 32)
+    assert_fp32_close(p, q, k, v, tiles=tiles, **case_arguments(p, B, H, L, L))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["causal", "alibi", "softcap", "document", "gaussian_mixture",
+                                  "topk", "sigmoid", "neighborhood_2d"])
+def test_low_precision(name, dtype):
+    p = attnc.std(name)
+    B, H, L, tiles = 1, 2, 100, (32, 32)
+    if p.ir.topk is not None:
+        B, H, L, tiles = 1, 1, 64, (16, 16)
+    q, k, v = qkv(B, H, H, L, L, 32, dtype=dtype, seed=1)
+    assert_low_precision_close(p, q, k, v, tiles=tiles, **case_arguments(p, B, H, L, L))
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("L", [1, 37, 128, 200])
+def test_lengths(L):
+    p = attnc.std("streaming")
+    q, k, v = qkv(1, 2, 2, L, L, 16)
+    assert_fp32_close(p, q, k, v, window=50, sinks=2)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(37, 100), (100, 37), (1, 200)])
+def test_q_len_differs_from_k_len(Lq, Lk):
+    p = attnc.compile("pattern bottom_right:\n    mask q + k_len - q_len >= k\n    score -= 0.01 * abs(q - k)\n")
+    q, k, v = qkv(1, 2, 2, Lq, Lk, 32)
+    assert_fp32_close(p, q, k, v, tiles=(16, 32))
+
+
+def test_gqa_four_to_one():
+    p = attnc.std("alibi")
+    B, H, Hkv, L = 1, 8, 2, 64
+    q, k, v = qkv(B, H, Hkv, L, L, 16)
+    slopes = torch.linspace(0.05, 0.5, H, device=DEVICE)
+    out, _ = assert_fp32_close(p, q, k, v, slopes=slopes)
+    # query head h reads kv head h // 4: heads 0..3 agree with a dense MHA over kv head 0
+    ref = attnc.std("alibi")(q[:, :4], k[:, :1].expand(-1, 4, -1, -1), v[:, :1].expand(-1, 4, -1, -1),
+                             slopes=slopes[:4], backend="reference")
+    torch.testing.assert_close(out[:, :4], ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("D,Dv", [(16, 16), (40, 24), (100, 64)])
+def test_head_dims(D, Dv):
+    p = attnc.std("causal")
+    q, k, v = qkv(1, 1, 1, 50, 50, D, Dv)
+    assert_fp32_close(p, q, k, v)
+
+
+def test_non_contiguous_inputs():
+    p = attnc.std("alibi")
+    B, H, L, D = 2, 2, 50, 32
+    g = torch.Generator().manual_seed(3)
+    # [B, L, H, D] storage viewed as [B, H, L, D]; k and v share one packed [B, L, 2, H, D] buffer
+    q = torch.randn(B, L, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    kv = torch.randn(B, L, 2, H, D, generator=g).to(DEVICE)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    slopes = torch.rand(2 * H, generator=g).to(DEVICE)[::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or slopes.is_contiguous())
+    assert_fp32_close(p, q, k, v, slopes=slopes)
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf():
+    p = attnc.compile("pattern late:\n    mask k <= q - 40\n")
+    q, k, v = qkv(1, 2, 2, 100, 100, 16)
+    out, lse = assert_fp32_close(p, q, k, v, tiles=(16, 16))
+    assert torch.all(out[:, :, :40] == 0)
+    assert torch.all(lse[:, :, :40] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 40:]).all()
+
+
+def test_everything_masked():
+    p = attnc.compile("pattern nothing:\n    mask k > q + 1000\n")
+    q, k, v = qkv(1, 1, 1, 37, 37, 16)
+    out, lse = run_triton(p, q, k, v)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_floor_division_and_modulo_of_negative_numbers():
+    src = ("pattern signs:\n"
+           "    score += 0.1 * ((q - k) // 3) + 0.01 * ((q - k) % 5) + 0.001 * ((k - q) // -4)\n"
+           "    mask (q - k) % 7 != 3 and (k - q) // 5 != -2\n")
+    p = attnc.compile(src)
+    q, k, v = qkv(1, 1, 1, 60, 60, 16)
+    assert_fp32_close(p, q, k, v, tiles=(16, 16))
+
+
+def test_functions_and_float_parameters():
+    src = ("pattern fancy(t: float = 0.5, c: float = 3.0):\n"
+           "    score = c * tanh(score / c) + softplus(score) * t - sigmoid(score) ** 2\n"
+           "    score += log(1.0 + abs(q - k)) * 0.1 - sqrt(1.0 + k) * 0.01 + exp2(-abs(q - k)) * t\n"
+           "    score -= (0.5 * abs(q - k) + 1.0) ** 1.5 * 0.01 + (floor(0.3 * k) + ceil(0.7 * q)) * 0.01\n"
+           "    mask max(q, k) - min(q, k) < 30 and not (q == k + 5)\n")
+    p = attnc.compile(src)
+    q, k, v = qkv(1, 2, 2, 70, 70, 16)
+    assert_fp32_close(p, q, k, v, tiles=(16, 32), t=0.3, c=2.5)
+
+
+def test_sum_is_unrolled():
+    p = attnc.compile("pattern s(n: int = 4):\n    score += sum(0.1 * i * (q - k) / (1 + q) for i in range(n))\n    mask q >= k\n")
+    q, k, v = qkv(1, 1, 1, 40, 40, 16)
+    assert_fp32_close(p, q, k, v, n=3)
+
+
+def test_topk_ties_are_kept():
+    # scores rounded to a coarse grid: many equal values straddle the threshold
+    p = attnc.compile("pattern tied(n: int = 5):\n    score = floor(score * 2.0) * 0.5\n    mask q >= k\n    select topk(n)\n")
+    q, k, v = qkv(1, 1, 1, 48, 48, 16, seed=5)
+    for n in (1, 5, 12):
+        assert_fp32_close(p, q, k, v, tiles=(16, 16), n=n)
+    q, k, v = qkv(1, 1, 1, 12, 12, 16, seed=5)
+    assert_fp32_close(p, q, k, v, tiles=(16, 16), n=16)  # more than any row has: keep all
+
+
+def test_topk_wider_than_tile():
+    p = attnc.std("topk")
+    q, k, v = qkv(1, 1, 1, 64, 64, 16, seed=6)
+    assert_fp32_close(p, q, k, v, tiles=(16, 16), top=20)  # the tile widens to 32 keys
+
+
+def test_sigmoid_with_mask_and_bias_of_indices():
+    p = attnc.compile("pattern sig(b0: float = -2.0):\n    mask q >= k\n    normalize sigmoid(bias = b0 - 0.01 * (q - k))\n")
+    q, k, v = qkv(1, 2, 2, 50, 50, 16)
+    assert_fp32_close(p, q, k, v, b0=-1.0)
+
+
+def test_tensor_indices_are_clamped_in_kernels():
+    # the reference rejects an out-of-range index; the kernel clamps it and never reads outside
+    p = attnc.compile("pattern t:\n    tensor w: float[8]\n    score += w[q % 8]\n")
+    q, k, v = qkv(1, 1, 1, 30, 30, 16)
+    w = torch.arange(8.0, device=DEVICE) * 0.1
+    assert_fp32_close(p, q, k, v, w=w)
+
+
+def test_block_layout_full_partial_and_empty_tiles(monkeypatch):
+    """A brute-force layout (FULL tiles skip the mask, EMPTY tiles are absent) gives the same
+    answer as the reference; a wrong FULL claim would show, which proves masks are skipped."""
+    p = attnc.std("document")
+    B, H, L, tiles = 2, 2, 100, (16, 16)
+    q, k, v = qkv(B, H, H, L, L, 16)
+    args = case_arguments(p, B, H, L, L)
+    monkeypatch.setattr(dispatch, "_layout", brute_force_layout)
+    assert_fp32_close(p, q, k, v, tiles=tiles, **args)
+    lay = brute_force_layout(p.ir, p.bind(q, k, v, args), L, L, dispatch.Tiles(*tiles), DEVICE)
+    assert lay.kv_full_num.sum() > 0 and lay.kv_partial_num.sum() > 0
+    # claiming every listed tile FULL must change the answer (the mask really is skipped)
+    monkeypatch.setattr(dispatch, "_layout", lambda *a: all_full(brute_force_layout(*a)))
+    out = run_triton(p, q, k, v, tiles, lse=False, **args)
+    assert not torch.allclose(out, run_reference(p, q, k, v, lse=False, **args), atol=1e-3)
+
+
+def dense_mask(ir, bound, device):
+    s = bound.sizes
+    env = _Env(s, bound.params, bound.tensors, torch.float32, device, 0, s["q_len"], s["batch"],
+               s["heads"], s["k_len"])
+    ev = _Evaluator(env)
+    keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+    for m in ir.masks:
+        keep = keep & ev.eval(m)
+    return keep.expand(s["batch"], s["heads"], s["q_len"], s["k_len"])
+
+
+def brute_force_layout(ir, bound, q_len, k_len, tiles, device):
+    keep = dense_mask(ir, bound, device)
+    B, H = keep.shape[:2]
+    bm, bn = tiles.block_m, tiles.block_n
+    nq, nk = math.ceil(q_len / bm), math.ceil(k_len / bn)
+    num = {c: torch.zeros(B, H, nq, dtype=torch.int32) for c in ("p", "f")}
+    idx = {c: torch.zeros(B, H, nq, nk, dtype=torch.int32) for c in ("p", "f")}
+    for i in range(nq):
+        for j in range(nk):
+            blk = keep[:, :, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            anyv, allv = blk.flatten(2).any(-1), blk.flatten(2).all(-1)
+            for c, sel in (("f", allv), ("p", anyv & ~allv)):
+                for b, h in sel.nonzero().tolist():
+                    idx[c][b, h, i, num[c][b, h, i]] = j
+                    num[c][b, h, i] += 1
+    return dispatch.TileLists(num["p"].to(device), idx["p"].to(device), num["f"].to(device),
+                              idx["f"].to(device))
+
+
+def all_full(lay):
+    """Move every PARTIAL tile to the FULL list (a deliberately wrong layout)."""
+    B, H, nq, nk = lay.kv_partial_idx.shape
+    num = torch.zeros_like(lay.kv_full_num)
+    idx = torch.zeros_like(lay.kv_full_idx)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nq):
+                tiles = sorted(lay.kv_partial_idx[b, h, i, :lay.kv_partial_num[b, h, i]].tolist()
+                               + lay.kv_full_idx[b, h, i, :lay.kv_full_num[b, h, i]].tolist())
+                num[b, h, i] = len(tiles)
+                idx[b, h, i, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
+    return dispatch.TileLists(torch.zeros_like(num), idx, num, idx)
+
+
+# --------------------------------------------------------------------------- recompilation
+
+
+def test_float_parameters_do_not_recompile_and_lengths_do_not_either():
+    p = attnc.compile("pattern warm(tau: float = 1.0, w: int = 30):\n    score /= tau\n    mask q - k < w\n")
+    q, k, v = qkv(1, 1, 1, 37, 37, 16)
+    assert_fp32_close(p, q, k, v, tau=1.0)
+    before = jit.STATS.generated
+    assert_fp32_close(p, q, k, v, tau=0.25)
+    assert_fp32_close(p, q, k, v, tau=3.0)
+    q2, k2, v2 = qkv(1, 1, 1, 100, 90, 16)
+    assert_fp32_close(p, q2, k2, v2, tau=2.0)
+    assert jit.STATS.generated == before, "a float parameter or a length caused a new kernel"
+    assert_fp32_close(p, q, k, v, tau=1.0, w=10)  # int parameters are specialized
+    assert jit.STATS.generated == before + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_float_parameter_reuses_the_triton_binary():
+    p = attnc.compile("pattern warm2(tau: float = 1.0):\n    score /= tau\n    mask q >= k\n")
+    q, k, v = qkv(1, 2, 2, 256, 256, 64, dtype=torch.float16)
+    p(q, k, v, tau=1.0, backend="triton")
+    compiled = jit.forward_kernel(p.ir, {})
+    fn = compiled.module.attn_fwd
+    count = sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in fn.device_caches.values())
+    for tau in (0.5, 2.0, 3.0):
+        p(q, k, v, tau=tau, backend="triton")
+    q, k, v = qkv(1, 2, 2, 300, 300, 64, dtype=torch.float16)
+    p(q, k, v, tau=0.7, backend="triton")
+    after = sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in fn.device_caches.values())
+    assert after == count
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "alibi", "topk"])
+def test_gpu_bf16_long(name):
+    p = attnc.std(name)
+    B, H, L = 2, 4, 1000
+    q, k, v = qkv(B, H, H, L, L, 128, dtype=torch.bfloat16)
+    args = {k_: v_ for k_, v_ in ARGUMENTS.get(name, {}).items()}
+    args.update(tensor_arguments(p, B, H, L, L, args))
+    truth = p(q.double(), k.double(), v.double(), backend="reference", **_to64(args))
+    ref = p(q, k, v, backend="reference", **args)
+    got = p(q, k, v, backend="triton", **args)
+    ref_err = (ref.double() - truth).abs().max().item()
+    assert (got.double() - truth).abs().max().item() <= 4 * ref_err + 1e-2
