@@ -91,32 +91,8 @@ def _check_backend(q: torch.Tensor) -> None:
             "triton is first imported), use CUDA tensors, or use backend='reference'.")
 
 
-@dataclass(frozen=True)
-class TileLists:
-    """The part of a block layout the forward kernel reads (see runtime/layout.py)."""
-
-    kv_partial_num: torch.Tensor
-    kv_partial_idx: torch.Tensor
-    kv_full_num: torch.Tensor
-    kv_full_idx: torch.Tensor
-
-
-def every_tile(ir: PatternIR, q_len: int, k_len: int, block_m: int, block_n: int, device) -> TileLists:
-    """The layout that assumes nothing: every tile PARTIAL (FULL when there is no mask)."""
-    nq, nk = triton_cdiv(q_len, block_m), triton_cdiv(k_len, block_n)
-    idx = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
-    num = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
-    none = torch.zeros_like(num)
-    if ir.masks:
-        return TileLists(num, idx, none, idx)
-    return TileLists(none, idx, num, idx)
-
-
 def _layout(ir: PatternIR, bound: Bound, q_len: int, k_len: int, tiles: Tiles, device):
-    try:
-        from .layout import build_layout
-    except ImportError:  # the block-sparsity analysis has not landed in this tree yet
-        return every_tile(ir, q_len, k_len, tiles.block_m, tiles.block_n, device)
+    from .layout import build_layout
     return build_layout(ir, bound, q_len, k_len, tiles.block_m, tiles.block_n, device)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import namedtuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -36,6 +37,9 @@ def _cache_dir(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- helpers
+
+#: the part of runtime.layout.BlockLayout the forward kernel reads
+TileLists = namedtuple("TileLists", "kv_partial_num kv_partial_idx kv_full_num kv_full_idx")
 
 #: arguments for stdlib / example patterns whose parameters have no default, sized for L <= 128
 ARGUMENTS = {
@@ -350,7 +354,7 @@ def brute_force_layout(ir, bound, q_len, k_len, tiles, device):
                 for b, h in sel.nonzero().tolist():
                     idx[c][b, h, i, num[c][b, h, i]] = j
                     num[c][b, h, i] += 1
-    return dispatch.TileLists(num["p"].to(device), idx["p"].to(device), num["f"].to(device),
+    return TileLists(num["p"].to(device), idx["p"].to(device), num["f"].to(device),
                               idx["f"].to(device))
 
 
@@ -366,7 +370,7 @@ def all_full(lay):
                                + lay.kv_full_idx[b, h, i, :lay.kv_full_num[b, h, i]].tolist())
                 num[b, h, i] = len(tiles)
                 idx[b, h, i, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
-    return dispatch.TileLists(torch.zeros_like(num), idx, num, idx)
+    return TileLists(torch.zeros_like(num), idx, num, idx)
 
 
 # --------------------------------------------------------------------------- recompilation
