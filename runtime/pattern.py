@@ -50,6 +50,12 @@ class Pattern:
         """A content hash of the pattern's IR: equal for structurally equal patterns."""
         return hashlib.sha256(canonical_text(self.ir).encode()).hexdigest()
 
+    def triton_source(self, **arguments) -> str:
+        """The generated forward Triton kernel, specialized on the int/bool parameters given here
+        (or their defaults); float parameters and tensors are runtime arguments of the kernel."""
+        from .jit import triton_source
+        return triton_source(self.ir, arguments)
+
     def ir_text(self) -> str:
         return format_pattern(self.ir)
 
