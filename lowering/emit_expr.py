@@ -86,9 +86,8 @@ def positive(n: Node, memo: dict) -> bool:
 
 @dataclass
 class Operands:
-    """The kernel arguments an expression reads, for the generated signature (sorted on use)."""
+    """The extra kernel arguments expressions read (sizes are always arguments), sorted."""
 
-    sizes: set[str] = field(default_factory=set)  # always kernel arguments; kept for reference
     params: set[str] = field(default_factory=set)
     tensors: dict[str, int] = field(default_factory=dict)  # name -> rank
 
@@ -153,7 +152,6 @@ class ExprPrinter:
         if op == "index":
             return _INDEX[n.value], _ATOM
         if op == "size":
-            self.operands.sizes.add(n.value)
             return n.value, _ATOM
         if op == "param":
             if n.dtype != "float":
