@@ -1,22 +1,32 @@
 """Hypothesis strategies for well-typed `.attn` patterns, built as ASTs.
 
-Used by the test suite (printer round trip, analysis soundness, differential fuzzing) and by
-`attnc fuzz`. Requires `hypothesis` (a test dependency). Generated patterns are designed to be
-*meaningful* as well as well-typed: tensor indices stay in range (`% n` or `clamp`), integer
-divisors are non-zero literals (possibly negative, to exercise floor semantics), `log`/`sqrt` see
-positive arguments, and float terms stay bounded so that kernels and the reference can be
-compared with tolerances.
+Used by the test suite (printer round trip, robustness, analysis soundness, differential fuzzing)
+and by `attnc fuzz` (runtime/fuzz.py). Requires `hypothesis` (a test dependency).
+
+Generated patterns are *meaningful* as well as well-typed, so that a disagreement between two
+backends is a bug and not noise:
+
+- tensor indices stay in range (`% n` for static extents, `clamp(i, 0, n - 1)` for sizes);
+- integer divisors are non-zero literals (possibly negative, to exercise floor semantics);
+- `log`/`sqrt` see positive arguments and `exp` non-positive ones; float terms stay bounded;
+- integer values stay far below 2**31 (kernels compute indices in int32, the reference in int64);
+- nothing converts a score-dependent float into an int or a bool (a rounding difference there
+  would flip a discrete decision), and float comparisons in masks use only dyadic constants.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hypothesis import strategies as st
 
 from . import ast as A
 
-INT_SIZES = ("q_len", "k_len", "heads", "kv_heads", "batch", "head_dim")
 FLOAT_FUNCS = ("exp", "tanh", "sigmoid", "softplus", "log", "sqrt", "exp2", "log2")
+COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
+DYADIC = (0.5, 1.0, 1.5, 2.0, 0.25, 3.0)  # exact in every float type, so comparisons agree
+#: tensor shapes a pattern may declare: names of sizes, or static extents given as digit strings
+TENSOR_DIMS = (("heads",), ("k_len",), ("batch", "k_len"), ("heads", "7"), ("batch", "q_len"),
+               ("q_len", "k_len"), ("kv_heads", "16"))
 
 
 @dataclass
@@ -26,10 +36,13 @@ class Ctx:
     ints: list[str] = field(default_factory=lambda: ["q", "k", "b", "h"])
     floats: list[str] = field(default_factory=list)
     bools: list[str] = field(default_factory=list)
-    tensors: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # name -> (elem, dim names)
-    dim_sizes: dict[str, int] = field(default_factory=dict)  # static extents of named dims
+    sizes: list[str] = field(default_factory=lambda: list(A.SIZE_NAMES))
+    tensors: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # name -> (elem, dims)
     score: bool = False
     loop_vars: list[str] = field(default_factory=list)
+
+    def tensors_of(self, elem: str) -> list[str]:
+        return [n for n, (e, _) in self.tensors.items() if e == elem]
 
 
 def _num(v):
@@ -45,14 +58,21 @@ def nonzero_divisor():
 
 
 @st.composite
+def int_leaf(draw, ctx: Ctx):
+    choice = draw(st.integers(0, 5))
+    if choice <= 2 and ctx.ints + ctx.loop_vars:
+        return A.Name(draw(st.sampled_from(ctx.ints + ctx.loop_vars)))
+    if choice == 3 and ctx.sizes:
+        return A.Name(draw(st.sampled_from(ctx.sizes)))
+    return draw(int_literal())
+
+
+@st.composite
 def int_expr(draw, ctx: Ctx, depth: int = 2):
-    leaves = ctx.ints + ctx.loop_vars
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
-        if draw(st.booleans()) and leaves:
-            return A.Name(draw(st.sampled_from(leaves)))
-        return draw(int_literal())
+        return draw(int_leaf(ctx))
     kind = draw(st.sampled_from(["add", "sub", "mul_const", "floordiv", "mod", "abs", "minmax", "clamp",
-                                 "ifexp", "load", "neg"]))
+                                 "ifexp", "load", "neg", "square", "floor", "sum"]))
     sub = lambda: draw(int_expr(ctx, depth - 1))  # noqa: E731
     if kind in ("add", "sub"):
         return A.Binary("+" if kind == "add" else "-", sub(), sub())
@@ -73,10 +93,34 @@ def int_expr(draw, ctx: Ctx, depth: int = 2):
         return A.IfExp(sub(), draw(bool_expr(ctx, depth - 1)), sub())
     if kind == "neg":
         return A.Unary("-", sub())
-    ints = [n for n, (elem, _) in ctx.tensors.items() if elem == "int"]
+    if kind == "square":  # int ** literal on a leaf only: values stay below 2**31
+        return A.Binary("**", draw(int_leaf(ctx)), A.Num(2))
+    if kind == "floor":  # float -> int through an exact product (dyadic factor)
+        f = draw(st.sampled_from(["floor", "ceil"]))
+        return A.Call(f, (A.Binary("*", sub(), A.Num(draw(st.sampled_from([0.5, 0.25, 1.5])))),))
+    if kind == "sum":
+        return draw(sum_of(ctx, depth, int_expr))
+    ints = ctx.tensors_of("int")
     if ints:
         return draw(tensor_load(ctx, draw(st.sampled_from(ints)), depth - 1))
     return sub()
+
+
+@st.composite
+def sum_of(draw, ctx: Ctx, depth: int, body_strategy):
+    """`sum(body for iN in range(n))`; the body sees the loop variable (and reads tensors with it
+    when the pattern has some)."""
+    if len(ctx.loop_vars) >= 2:
+        return draw(body_strategy(ctx, depth - 1))
+    var = f"i{len(ctx.loop_vars)}"
+    inner = replace(ctx, loop_vars=ctx.loop_vars + [var])
+    body = draw(body_strategy(inner, depth - 1))
+    int_params = [n for n in ctx.ints if n.startswith("p")]
+    if int_params and draw(st.booleans()):  # static: int parameters are known before the kernel runs
+        count = A.Call("min", (A.Name(draw(st.sampled_from(int_params))), A.Num(3)))
+    else:
+        count = A.Num(draw(st.integers(0, 3)))
+    return A.SumGen(body, var, count)
 
 
 @st.composite
@@ -84,10 +128,9 @@ def tensor_load(draw, ctx: Ctx, name: str, depth: int):
     _, dims = ctx.tensors[name]
     idx = []
     for d in dims:
-        extent = ctx.dim_sizes.get(d)
         e = draw(int_expr(ctx, max(depth, 0)))
-        if extent is not None:
-            e = A.Binary("%", e, _num(extent))
+        if d.isdigit():
+            e = A.Binary("%", e, A.Num(int(d)))
         else:
             e = A.Call("clamp", (e, A.Num(0), A.Binary("-", A.Name(d), A.Num(1))))
         idx.append(e)
@@ -101,8 +144,9 @@ def float_expr(draw, ctx: Ctx, depth: int = 2):
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
         if leaves and draw(st.booleans()):
             return A.Name(draw(st.sampled_from(leaves)))
-        return A.Num(draw(st.sampled_from([0.5, 1.0, 1.5, 2.0, 0.25, 3.0])))
-    kind = draw(st.sampled_from(["add", "sub", "mul", "div", "func", "from_int", "ifexp", "minmax", "load"]))
+        return A.Num(draw(st.sampled_from(DYADIC)))
+    kind = draw(st.sampled_from(["add", "sub", "mul", "div", "func", "from_int", "ifexp", "minmax", "load",
+                                 "square", "sum"]))
     sub = lambda: draw(float_expr(ctx, depth - 1))  # noqa: E731
     if kind in ("add", "sub", "mul"):
         return A.Binary({"add": "+", "sub": "-", "mul": "*"}[kind], sub(), sub())
@@ -122,10 +166,31 @@ def float_expr(draw, ctx: Ctx, depth: int = 2):
         return A.IfExp(sub(), draw(bool_expr(ctx, depth - 1)), sub())
     if kind == "minmax":
         return A.Call(draw(st.sampled_from(["min", "max"])), (sub(), sub()))
-    floats = [n for n, (elem, _) in ctx.tensors.items() if elem == "float"]
+    if kind == "square":  # a bounded base: tanh or sigmoid of anything, or a scaled-down int
+        base = draw(st.sampled_from(["tanh", "sigmoid"]))
+        return A.Binary("**", A.Call(base, (sub(),)), A.Num(draw(st.sampled_from([2, 3]))))
+    if kind == "sum":
+        return draw(sum_of(ctx, depth, float_expr))
+    floats = ctx.tensors_of("float")
     if floats:
         return draw(tensor_load(ctx, draw(st.sampled_from(floats)), depth - 1))
     return sub()
+
+
+@st.composite
+def exact_float_expr(draw, ctx: Ctx, depth: int = 1):
+    """Float expressions whose value is (nearly) exact in fp32: ints, float parameters and float
+    tensor reads combined by `+`, `-` and dyadic factors. Safe to compare with a dyadic constant."""
+    if depth <= 0 or draw(st.booleans()):
+        choice = draw(st.integers(0, 2))
+        params = [f for f in ctx.floats if f.startswith("p")]  # lets may be inexact
+        if choice == 0 and params:
+            return A.Name(draw(st.sampled_from(params)))
+        if choice == 1 and ctx.tensors_of("float"):
+            return draw(tensor_load(ctx, draw(st.sampled_from(ctx.tensors_of("float"))), 0))
+        return A.Binary("*", draw(int_expr(ctx, 1)), A.Num(draw(st.sampled_from([0.5, 0.25]))))
+    op = draw(st.sampled_from(["+", "-"]))
+    return A.Binary(op, draw(exact_float_expr(ctx, depth - 1)), draw(exact_float_expr(ctx, depth - 1)))
 
 
 @st.composite
@@ -136,11 +201,11 @@ def bool_expr(draw, ctx: Ctx, depth: int = 2):
             return A.Name(draw(st.sampled_from(ctx.bools)))
         if choice == 1:
             return A.Bool(draw(st.booleans()))
-        return A.Compare((draw(st.sampled_from(["<", "<=", ">", ">=", "==", "!="])),),
+        return A.Compare((draw(st.sampled_from(COMPARE_OPS)),),
                          (draw(int_expr(ctx, 1)), draw(int_expr(ctx, 1))))
-    kind = draw(st.sampled_from(["cmp", "cmp", "chain", "and", "or", "not", "load"]))
+    kind = draw(st.sampled_from(["cmp", "cmp", "chain", "and", "or", "not", "load", "fcmp"]))
     if kind == "cmp":
-        op = draw(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]))
+        op = draw(st.sampled_from(COMPARE_OPS))
         return A.Compare((op,), (draw(int_expr(ctx, depth - 1)), draw(int_expr(ctx, depth - 1))))
     if kind == "chain":
         return A.Compare(("<=", "<"), (draw(int_literal(-4, 0)), draw(int_expr(ctx, depth - 1)),
@@ -149,35 +214,44 @@ def bool_expr(draw, ctx: Ctx, depth: int = 2):
         return A.Binary(kind, draw(bool_expr(ctx, depth - 1)), draw(bool_expr(ctx, depth - 1)))
     if kind == "not":
         return A.Unary("not", draw(bool_expr(ctx, depth - 1)))
-    bools = [n for n, (elem, _) in ctx.tensors.items() if elem == "bool"]
+    if kind == "fcmp":
+        op = draw(st.sampled_from(["<", "<=", ">", ">="]))
+        return A.Compare((op,), (draw(exact_float_expr(ctx, 1)), _num(draw(st.sampled_from((0.5, 1.0, -2.0, 4.0))))))
+    bools = ctx.tensors_of("bool")
     if bools:
         return draw(tensor_load(ctx, draw(st.sampled_from(bools)), depth - 1))
     return draw(bool_expr(ctx, 0))
 
 
+def _param_default(typ: str):
+    return {"int": int_literal(0, 16), "float": st.sampled_from([0.5, 1.0, 2.0]).map(A.Num),
+            "bool": st.booleans().map(A.Bool)}[typ]
+
+
 @st.composite
 def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid: bool = True,
              allow_tensors: bool = True, depth: int = 2):
-    """A random well-typed `Pattern` AST."""
+    """A random well-typed `Pattern` AST.
+
+    Parameters p0.. (int / float / bool, always with a default), tensors t0.. (int ids, bool
+    flags, float tables over sizes or static extents), lets l0.., score statements, masks, and
+    sometimes `select topk(n)` and `normalize sigmoid(bias = ...)`."""
     ctx = Ctx()
     params, body = [], []
-    for i in range(draw(st.integers(0, 2))):
+    for i in range(draw(st.integers(0, 3))):
         typ = draw(st.sampled_from(["int", "float", "bool"]))
         pname = f"p{i}"
-        default = {"int": int_literal(0, 16), "float": st.sampled_from([0.5, 1.0, 2.0]).map(A.Num),
-                   "bool": st.booleans().map(A.Bool)}[typ]
-        params.append(A.Param(pname, typ, draw(default)))
+        params.append(A.Param(pname, typ, draw(_param_default(typ))))
         {"int": ctx.ints, "float": ctx.floats, "bool": ctx.bools}[typ].append(pname)
     if allow_tensors:
-        for i in range(draw(st.integers(0, 2))):
+        for i in range(draw(st.integers(0, 3))):
             elem = draw(st.sampled_from(["int", "float", "bool"]))
             tname = f"t{i}"
-            dims = draw(st.sampled_from([("heads",), ("batch", "k_len"), ("heads", "7"), ("batch", "q_len")]))
-            ctx.dim_sizes["7"] = 7
-            dim_exprs = tuple(A.Num(7) if d == "7" else A.Name(d) for d in dims)
+            dims = draw(st.sampled_from(TENSOR_DIMS))
+            dim_exprs = tuple(A.Num(int(d)) if d.isdigit() else A.Name(d) for d in dims)
             body.append(A.TensorDecl(tname, elem, dim_exprs))
             ctx.tensors[tname] = (elem, dims)
-    for i in range(draw(st.integers(0, 2))):
+    for i in range(draw(st.integers(0, 3))):
         typ = draw(st.sampled_from(["int", "float", "bool"]))
         gen = {"int": int_expr, "float": float_expr, "bool": bool_expr}[typ]
         body.append(A.Let(f"l{i}", draw(gen(ctx, depth))))
@@ -198,9 +272,12 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
     for _ in range(draw(st.integers(0, 3))):
         body.append(A.Mask(draw(bool_expr(ctx, depth))))
     if allow_topk and draw(st.integers(0, 5)) == 0:
-        body.append(A.Select("topk", (A.Arg(None, A.Num(draw(st.integers(1, 8)))),)))
+        n = draw(st.one_of(st.integers(1, 8), st.integers(9, 40)))
+        body.append(A.Select("topk", (A.Arg(None, A.Num(n)),)))
     if allow_sigmoid and draw(st.integers(0, 5)) == 0:
-        bias = draw(st.sampled_from([None, A.Unary("-", A.Call("log", (A.Name("k_len"),))), A.Num(0.5)]))
+        bias = draw(st.one_of(
+            st.sampled_from([None, A.Unary("-", A.Call("log", (A.Name("k_len"),))), A.Num(0.5)]),
+            float_expr(ctx, 1).map(lambda e: A.Binary("-", e, A.Num(2.0)))))
         body.append(A.Normalize("sigmoid", (A.Arg("bias", bias),) if bias is not None else ()))
     if not body:
         body.append(A.Mask(A.Compare((">=",), (A.Name("q"), A.Name("k")))))
