@@ -66,14 +66,17 @@ def _(q, k, v, tensors, key, scale, backend):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, tensors, key, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, *tensors)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tensors)
     ctx.key, ctx.scale, ctx.backend = key, scale, backend
     ctx.n_tensors = len(tensors)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, *tensors = ctx.saved_tensors
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
     pattern, _, params, names = _PATTERNS[ctx.key]
+    if ctx.backend == "triton":
+        return _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.dtype.is_floating_point) for t in (q, k, v, *tensors)]
         from .binding import sizes_for
@@ -93,6 +96,26 @@ def _backward(ctx, grad_out, grad_lse):
     result = [next(it) if t.requires_grad else None for t in leaves]
     result = [torch.zeros_like(t) if g is None and t.requires_grad else g for g, t in zip(result, leaves)]
     return result[0], result[1], result[2], result[3:], None, None, None
+
+
+def _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse):
+    """The generated backward kernels (runtime.backward) for a forward that ran them too."""
+    from ..lowering.derivative import differentiable_tensors
+    from .backward import attention_backward_op
+    pattern, _, _, names = _PATTERNS[ctx.key]
+    usable = set(differentiable_tensors(pattern.ir))
+    wrt = [n for n, t, need in zip(names, tensors, ctx.needs_input_grad[3:])
+           if t.dtype.is_floating_point and n in usable]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if pattern.ir.normalizer != "softmax":
+        grad_lse = None
+    got = attention_backward_op(q, k, v, out, lse, grad_out.contiguous(), grad_lse, tensors, ctx.key,
+                                ctx.scale, wrt)
+    by_name = dict(zip(wrt, got[3:]))
+    grads = [by_name[n] if n in by_name else (torch.zeros_like(t) if t.dtype.is_floating_point else None)
+             for n, t in zip(names, tensors)]
+    return got[0], got[1], got[2], grads, None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

@@ -107,12 +107,26 @@ def load_source(source: str) -> tuple[ModuleType, str]:
 def forward_kernel(ir: PatternIR, specialization: dict[str, object]) -> Compiled:
     """The compiled forward module for `ir` specialized on its int/bool parameters."""
     key = ("forward", ir, ir.path, tuple(sorted(specialization.items())))
+    return _cached(key, lambda: emit_forward(ir, specialization))
+
+
+def backward_kernel(ir: PatternIR, specialization: dict[str, object], wrt: tuple[str, ...] = ()) -> Compiled:
+    """The compiled backward module (dQ, dK, dV and the gradients of the float tensor arguments
+    named in `wrt`) for `ir` specialized on its int/bool parameters."""
+    from ..lowering.emit_backward import emit_backward
+    wrt = tuple(sorted(wrt))
+    key = ("backward", ir, ir.path, tuple(sorted(specialization.items())), wrt)
+    return _cached(key, lambda: emit_backward(ir, specialization, wrt))
+
+
+def _cached(key: tuple, emit) -> Compiled:
+    """The module for `key` from memory, else `emit()`ed, written (or found) on disk and imported."""
     with _LOCK:
         hit = _MEMORY.get(key)
         if hit is not None:
             STATS.memory_hits += 1
             return hit
-        kernel = emit_forward(ir, specialization)
+        kernel = emit()
         module, path = load_source(kernel.source)
         STATS.generated += 1
         compiled = Compiled(kernel, module, path)
