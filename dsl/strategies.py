@@ -230,7 +230,7 @@ def _param_default(typ: str):
 
 @st.composite
 def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid: bool = True,
-             allow_tensors: bool = True, depth: int = 2):
+             allow_tensors: bool = True, depth: int = 2, let_prefix: str = "l"):
     """A random well-typed `Pattern` AST.
 
     Parameters p0.. (int / float / bool, always with a default), tensors t0.. (int ids, bool
@@ -254,8 +254,8 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
     for i in range(draw(st.integers(0, 3))):
         typ = draw(st.sampled_from(["int", "float", "bool"]))
         gen = {"int": int_expr, "float": float_expr, "bool": bool_expr}[typ]
-        body.append(A.Let(f"l{i}", draw(gen(ctx, depth))))
-        {"int": ctx.ints, "float": ctx.floats, "bool": ctx.bools}[typ].append(f"l{i}")
+        body.append(A.Let(f"{let_prefix}{i}", draw(gen(ctx, depth))))
+        {"int": ctx.ints, "float": ctx.floats, "bool": ctx.bools}[typ].append(f"{let_prefix}{i}")
     ctx.score = True
     for _ in range(draw(st.integers(0, 3))):
         op = draw(st.sampled_from(["=", "+=", "-=", "*=", "/="]))
@@ -289,3 +289,28 @@ def modules(draw, **kwargs):
     n = draw(st.integers(1, 2))
     pats = tuple(draw(patterns(name=f"fuzzed{i}", **kwargs)) for i in range(n))
     return A.Module((), pats)
+
+
+#: stdlib patterns a generated module may `use`, with the int arguments it passes
+STD_USES = (("causal", ()), ("sliding_window", ("window",)), ("chunked", ("chunk",)), ("prefix_lm", ("prefix",)),
+            ("softcap", ()))
+
+
+@st.composite
+def fuzz_modules(draw, name: str = "fuzzed", depth: int = 2):
+    """A module whose pattern `name` is random and may `use` a helper pattern of the same file
+    (passing some of its parameters) and an imported stdlib pattern."""
+    imports, helpers, uses = [], [], []
+    if draw(st.integers(0, 3)) == 0:
+        helper = draw(patterns(name="helper", allow_topk=False, allow_sigmoid=False, allow_tensors=False,
+                               depth=1, let_prefix="hl"))
+        helpers.append(helper)
+        uses.append(A.Use("helper", tuple(A.Arg(p.name, draw(_param_default(p.type)))
+                                          for p in helper.params if draw(st.booleans()))))
+    if draw(st.integers(0, 3)) == 0:
+        std, args = draw(st.sampled_from(STD_USES))
+        imports.append(A.Import(f"std.{std}", None, False))
+        uses.append(A.Use(std, tuple(A.Arg(a, A.Num(draw(st.integers(1, 64)))) for a in args)))
+    main = draw(patterns(name=name, depth=depth))
+    order = draw(st.permutations(uses)) if uses else []
+    return A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))

@@ -50,7 +50,7 @@ from ..dsl import ast as A  # noqa: E402
 from ..dsl.diagnostics import SpecError  # noqa: E402
 from ..dsl.parser import parse  # noqa: E402
 from ..dsl.printer import print_module  # noqa: E402
-from ..dsl.strategies import DYADIC, patterns  # noqa: E402
+from ..dsl.strategies import DYADIC, fuzz_modules  # noqa: E402
 from .binding import sizes_for, static_value  # noqa: E402
 from .dispatch import choose_tiles, tile_override  # noqa: E402
 from .layout import build_layout  # noqa: E402
@@ -141,7 +141,8 @@ class Case:
 
 def _draw_param(draw, typ: str, default):
     if typ == "int":
-        return draw(st.one_of(st.integers(0, 48), st.integers(-4, -1))) if default is None or draw(st.booleans()) \
+        return draw(st.one_of(st.integers(0, 48), st.integers(-4, -1), st.integers(49, 300))) \
+            if default is None or draw(st.booleans()) \
             else default
     if typ == "float":
         return draw(st.sampled_from(DYADIC + (-0.5, -1.0))) if default is None or draw(st.booleans()) \
@@ -169,8 +170,7 @@ def _ast_params(module: A.Module, name: str):
 def cases(draw, profile: Profile = LONG, source: str | None = None, name: str | None = None):
     """Random cases: a generated pattern (or the given `source`/`name`) with random inputs."""
     if source is None:
-        pat = draw(patterns(name="fuzzed", depth=profile.depth))
-        module = A.Module((), (pat,))
+        module = draw(fuzz_modules(name="fuzzed", depth=profile.depth))
         source, name = print_module(module), "fuzzed"
         params = _ast_params(module, name)
     else:
@@ -588,7 +588,7 @@ def replay(sidecar, backend: str = "triton", properties=PROPERTIES) -> None:
     case, _ = load_reproducer(sidecar)
     try:
         module = parse(case.source, str(sidecar))
-        if case.name == "fuzzed" and len(module.patterns) == 1:
+        if case.name == "fuzzed":
             case.module = module  # a generated pattern: it must compile
     except SpecError:
         pass
