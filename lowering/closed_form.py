@@ -13,6 +13,12 @@ normal form: each term's literals `k ⋈ f(q)` (affine, or `(k + d) // c ⋈ g(q
 upper bounds on k; a bound is used only when it is monotone in q, so its extremes over the tile
 are its values at `q_lo` and `q_hi - 1`. Literals over q alone guard a term; any other literal is
 dropped from the cover (a superset stays sound) and disables the term's full interval.
+
+`derive` works on masks whose sizes are constants (the layout's view). `derive_symbolic` keeps
+the sizes (`q_len`, `k_len`, ...) as leaves, so one closed form serves every length: a kernel
+evaluates it per query tile against its runtime size arguments, and `ClosedForm.bind` fixes the
+sizes to compare it with a layout. Sizes enter the affine forms as variables (`size:NAME`) that
+are constant in q.
 """
 from __future__ import annotations
 
@@ -38,8 +44,27 @@ def _b(op, *args) -> Node:
     return Node(op, "bool", tuple(args))
 
 
-def _affine_node(coef_q: int, c: int) -> Node:
-    return _i("add", _i("mul", const(coef_q), _Q), const(c))
+_SIZE = "size:"
+
+
+def _size_atom(n: Node) -> str | None:
+    """Sizes as variables of affine forms (constant in q)."""
+    return _SIZE + n.value if n.op == "size" and n.dtype == "int" else None
+
+
+def _leaf(name: str) -> Node:
+    if name.startswith(_SIZE):
+        return Node("size", "int", (), name[len(_SIZE):])
+    return Node("index", "int", (), name)
+
+
+def _linear(coefs: dict[str, int], c: int) -> Node:
+    """sum(coef * leaf) + c over index names and `size:` names."""
+    out = const(c)
+    for name, co in sorted(coefs.items()):
+        if co:
+            out = _i("add", out, _i("mul", const(co), _leaf(name)))
+    return out
 
 
 def _div_floor(num: Node, m: int) -> Node:
@@ -88,12 +113,15 @@ def _canon(n: Node) -> Node:
     def rule(m: Node):
         if m.dtype != "int" or m.op not in ("add", "sub", "neg", "mul"):
             return None
-        aff = affine(m)
+        aff = affine(m, _size_atom)
         if aff is None:
             return None
         out = None
-        for name, c in sorted(aff[0].items()):
-            v = Node("index", "int", (), name)
+        for name, c in sorted(aff[0].items(), key=lambda kv: (kv[1] < 0, kv[0])):
+            v = _leaf(name)
+            if out is not None and c < 0:  # a - b rather than a + -b
+                out = _i("sub", out, v if c == -1 else _i("mul", const(-c), v))
+                continue
             term = v if c == 1 else _i("neg", v) if c == -1 else _i("mul", const(c), v)
             out = term if out is None else _i("add", out, term)
         if out is None:
@@ -104,14 +132,27 @@ def _canon(n: Node) -> Node:
 
 @dataclass(frozen=True)
 class ClosedForm:
-    """Key ranges per query tile as IR over `q_lo` / `q_hi` (see the module docstring)."""
+    """Key ranges per query tile as IR over `q_lo` / `q_hi` (see the module docstring).
+
+    From `derive_symbolic` the ranges also read sizes and `block_m`, `q_len`, `k_len` are None
+    until `bind` fixes them."""
 
     intervals: tuple[tuple[Node, Node], ...]
     full_intervals: tuple[tuple[Node, Node], ...]
     exact: bool          # every literal became a bound or a guard
-    block_m: int
-    q_len: int
-    k_len: int
+    block_m: int | None
+    q_len: int | None
+    k_len: int | None
+
+    def bind(self, block_m: int, sizes: dict[str, int]) -> "ClosedForm":
+        """This closed form with its size leaves replaced by `sizes` (which must hold q_len and
+        k_len, and any other size the ranges read)."""
+        table = {("size", n): const(int(v)) for n, v in sizes.items()}
+
+        def sub(pairs):
+            return tuple((simplify(substitute(lo, table)), simplify(substitute(hi, table))) for lo, hi in pairs)
+        return ClosedForm(sub(self.intervals), sub(self.full_intervals), self.exact, block_m,
+                          int(sizes["q_len"]), int(sizes["k_len"]))
 
     def evaluate(self, q_lo: int, q_hi: int):
         """(cover, full): lists of (lo, hi) ints for the in-range queries [q_lo, q_hi)."""
@@ -128,6 +169,22 @@ class ClosedForm:
     def tile_ranges(self, q_tile: int):
         q_lo = q_tile * self.block_m
         return self.evaluate(q_lo, min(q_lo + self.block_m, self.q_len))
+
+    def key_tiles(self, q_tile: int, block_n: int) -> tuple[list[int], list[int]]:
+        """(partial, full) key tiles of query tile `q_tile`, in the order and by the arithmetic
+        of the closed-form kernel: cover interval i visits tiles `[lo // BN, ceil(hi / BN))`
+        not visited by an earlier interval; a visited tile skips the mask when some full
+        interval holds all of its in-range keys."""
+        cover, full = self.tile_ranges(q_tile)
+        ranges = [(lo // block_n, -(-hi // block_n) if hi > lo else lo // block_n) for lo, hi in cover]
+        partial, full_tiles = [], []
+        for i, (a, b) in enumerate(ranges):
+            for j in range(a, b):
+                if any(a2 <= j < b2 for a2, b2 in ranges[:i]):
+                    continue
+                k0, k1 = j * block_n, min((j + 1) * block_n, self.k_len)
+                (full_tiles if any(lo <= k0 and k1 <= hi for lo, hi in full) else partial).append(j)
+        return partial, full_tiles
 
     def tile_classes(self, block_n: int) -> list[list[int]]:
         """0/1/2 per (query tile, key tile) as a kernel driven by the closed form would see it."""
@@ -149,22 +206,23 @@ class ClosedForm:
 
 
 def _k_bounds(node: Node, pos: bool):
-    """(lowers, uppers, guard) for one literal: inclusive bounds on k as functions of q, or a
-    q-only affine guard (coef, L, U); None when the literal is not of a supported shape."""
-    kind = _classify_literal(node, pos)
+    """(lowers, uppers, guard) for one literal: inclusive bounds on k as functions of q (and
+    sizes), or a guard `(coefs, L, U)` meaning L <= sum(coef * leaf) <= U over q and sizes;
+    None when the literal is not of a supported shape."""
+    kind = _classify_literal(node, pos, _size_atom)
     if kind[0] == "affine":
         _, key, L, U = kind
-        co = dict(key)
-        if set(co) - {"q", "k"}:
+        rest = dict(key)
+        ck = rest.pop("k", 0)
+        if any(v != "q" and not v.startswith(_SIZE) for v in rest):
             return None
-        ck, cq = co.get("k", 0), co.get("q", 0)
         if ck == 0:
-            return [], [], (cq, L, U)
-        m = abs(ck)
-        lo_num, hi_num = (L, U) if ck > 0 else (-U, -L)   # bounds on m*k + sign*cq*q
-        s = cq if ck > 0 else -cq
-        lows = [] if lo_num == -float("inf") else [_div_ceil(_affine_node(-s, int(lo_num)), m)]
-        ups = [] if hi_num == float("inf") else [_div_floor(_affine_node(-s, int(hi_num)), m)]
+            return [], [], (rest, L, U)
+        m, sg = abs(ck), (1 if ck > 0 else -1)
+        lo_num, hi_num = (L, U) if ck > 0 else (-U, -L)   # bounds on m*k + sg*rest
+        neg = {v: -sg * c for v, c in rest.items()}
+        lows = [] if lo_num == -float("inf") else [_div_ceil(_linear(neg, int(lo_num)), m)]
+        ups = [] if hi_num == float("inf") else [_div_floor(_linear(neg, int(hi_num)), m)]
         return lows, ups, None
     if kind[0] == "generic" and pos and node.op in ("lt", "le", "gt", "ge", "eq"):
         mirror = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}
@@ -189,7 +247,38 @@ def _k_bounds(node: Node, pos: bool):
 
 
 def derive(masks: tuple[Node, ...], block_m: int, q_len: int, k_len: int) -> ClosedForm | None:
-    """The closed form of specialized masks, or None when they do not bound k by q."""
+    """The closed form of specialized masks (sizes constant), or None when they do not bound k
+    by q."""
+    got = _derive(masks, const(k_len))
+    return None if got is None else ClosedForm(*got, block_m, q_len, k_len)
+
+
+def derive_symbolic(masks: tuple[Node, ...]) -> ClosedForm | None:
+    """The closed form of masks whose parameters are constants but whose sizes are not: the
+    ranges read size leaves (`k_len`, ...), so they hold for every length. None as `derive`."""
+    k_end = Node("size", "int", (), "k_len")
+    if all(m.op == "const" and m.value is True for m in masks):  # no mask: every key, no mask work
+        return ClosedForm(((const(0), k_end),), ((const(0), k_end),), True, None, None, None)
+    got = _derive(masks, k_end)
+    return None if got is None else ClosedForm(*got, None, None, None)
+
+
+def _guard_ends(coefs: dict[str, int], L, U, q_last: Node):
+    """(some, every) conditions of a guard `L <= sum(coef * leaf) <= U` over the tile: it holds
+    for some query of the tile / for every query of the tile."""
+    g = _linear(coefs, 0)
+    at_lo, at_last = _at(g, Q_LO), _at(g, q_last)
+    g_min, g_max = (at_lo, at_last) if coefs.get("q", 0) >= 0 else (at_last, at_lo)
+    out = []
+    if L != -float("inf"):
+        out.append((_b("ge", g_max, const(int(L))), _b("ge", g_min, const(int(L)))))
+    if U != float("inf"):
+        out.append((_b("le", g_min, const(int(U))), _b("le", g_max, const(int(U)))))
+    return out
+
+
+def _derive(masks: tuple[Node, ...], k_end: Node):
+    """(cover, full, exact) of the masks, with `k_end` the one-past-last key; or None."""
     masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
     for m in masks:
         if not index_deps(m) <= {"q", "k"} or any(n.op in ("load", "score", "loopvar", "sum") for n in walk(m)):
@@ -205,7 +294,7 @@ def derive(masks: tuple[Node, ...], block_m: int, q_len: int, k_len: int) -> Clo
         lows, ups, guards, full_ok = [], [], [], True
         dead = False
         for node, pos in term:
-            kind = _classify_literal(node, pos)
+            kind = _classify_literal(node, pos, _size_atom)
             if kind[0] == "const":
                 dead = dead or not kind[1]
                 continue
@@ -230,20 +319,16 @@ def derive(masks: tuple[Node, ...], block_m: int, q_len: int, k_len: int) -> Clo
             a, b = _at(f, Q_LO), _at(f, q_last)
             ends.append((a, b) if d >= 0 else (b, a))   # (min over tile, max over tile)
         nl = len(lows)
-        c_lo, c_hi, f_lo, f_hi = const(0), const(k_len), const(0), const(k_len)
+        c_lo, c_hi, f_lo, f_hi = const(0), k_end, const(0), k_end
         for mn, mx in ends[:nl]:
             c_lo, f_lo = _i("max", c_lo, mn), _i("max", f_lo, mx)
         for mn, mx in ends[nl:]:
             c_hi, f_hi = _i("min", c_hi, _i("add", mx, const(1))), _i("min", f_hi, _i("add", mn, const(1)))
-        for cq, L, U in guards:  # cq > 0 (normalized): cq*q in [L, U]
-            lo_ok = [] if L == -float("inf") else [(_b("ge", _i("mul", const(cq), q_last), const(int(L))),
-                                                    _b("ge", _i("mul", const(cq), Q_LO), const(int(L))))]
-            hi_ok = [] if U == float("inf") else [(_b("le", _i("mul", const(cq), Q_LO), const(int(U))),
-                                                   _b("le", _i("mul", const(cq), q_last), const(int(U))))]
-            for some, every in lo_ok + hi_ok:
+        for coefs, L, U in guards:
+            for some, every in _guard_ends(coefs, L, U, q_last):
                 c_hi = Node("where", "int", (some, c_hi, c_lo))
                 f_hi = Node("where", "int", (every, f_hi, f_lo))
         cover.append((_canon(c_lo), _canon(c_hi)))
         if full_ok:
             full.append((_canon(f_lo), _canon(f_hi)))
-    return ClosedForm(tuple(cover), tuple(full), exact, block_m, q_len, k_len)
+    return tuple(cover), tuple(full), exact
