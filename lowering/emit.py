@@ -14,8 +14,9 @@ from importlib import resources
 
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
+from .closed_form import MAX_INTERVALS, Q_HI, Q_LO, ClosedForm, derive_symbolic
 from .emit_expr import ExprPrinter, Line, Operands
-from .ir import PatternIR, const
+from .ir import Node, PatternIR, const, walk
 from .simplify import simplify, substitute
 
 _HOLE = re.compile(r"\{\{([A-Z_][A-Z0-9_]*)\}\}")
@@ -54,6 +55,9 @@ class Kernel:
     arguments: tuple[str, ...]  # names after the fixed arguments, in signature order
     line_spans: dict[int, Span]  # 1-based generated line -> span of the spec text it came from
     topk: int
+    #: the key ranges the kernel computes per query tile (sizes as leaves); None when the kernel
+    #: reads a block layout's index tensors instead
+    closed_form: ClosedForm | None = None
 
 
 def specialize(ir: PatternIR, values: dict[str, object]) -> PatternIR:
@@ -77,6 +81,43 @@ def _render(lines: list[Line], comments: dict[str, Span]) -> str:
             comments.setdefault(mark.strip()[2:], ln.span)
         out.append(ln.text + mark)
     return "\n".join(out)
+
+
+#: the leaves closed-form key ranges may read in a kernel: the tile's query bounds and sizes
+_RANGE_LEAVES = ("const", "size")
+
+
+def kernel_closed_form(masks: tuple[Node, ...]) -> ClosedForm | None:
+    """The closed form a kernel can evaluate per query tile: key ranges over `q_lo`, `q_hi` and
+    the runtime sizes only (no parameters or tensors: those would need kernel arguments)."""
+    cf = derive_symbolic(masks)
+    if cf is None or len(cf.intervals) > MAX_INTERVALS:
+        return None
+    for lo, hi in cf.intervals + cf.full_intervals:
+        for n in walk(lo) + walk(hi):
+            if not n.args and n.op not in _RANGE_LEAVES and n not in (Q_LO, Q_HI):
+                return None
+            if n.op in ("load", "score", "sum", "loopvar"):
+                return None
+    return cf
+
+
+def _key_range_lines(cf: ClosedForm | None) -> list[Line]:
+    """`lo0 = ...` .. `fhi3 = ...` for `_key_ranges`; slots past the closed form's are empty.
+    `q_lo` / `q_hi` print as the kernel's local names (nonnegative, like sizes)."""
+    as_locals = {("index", "q_lo"): Node("size", "int", (), "q_lo"),
+                 ("index", "q_hi"): Node("size", "int", (), "q_hi")}
+    printer = ExprPrinter(Operands(), "r")
+    for prefix, pairs in (("", cf.intervals if cf else ()), ("f", cf.full_intervals if cf else ())):
+        for i in range(MAX_INTERVALS):
+            if i < len(pairs):
+                lo, hi = (simplify(substitute(x, as_locals)) for x in pairs[i])
+                printer.statement(f"{prefix}lo{i}", lo)
+                printer.statement(f"{prefix}hi{i}", hi)
+            else:
+                printer.lines.append(Line(f"{prefix}lo{i} = 0", None))
+                printer.lines.append(Line(f"{prefix}hi{i} = 0", None))
+    return printer.lines
 
 
 def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
@@ -114,6 +155,7 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
                                           "is compiled", "use a literal or an int parameter")
         topk = int(n.value)
 
+    closed = kernel_closed_form(ir.masks)
     args = operands.names()
     holes = {
         "PATTERN": ir.name,
@@ -126,6 +168,9 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(ir.normalizer == "sigmoid"),
         "TOPK": str(topk),
+        "CLOSED_FORM": repr(closed is not None),
+        "N_COVER": str(len(closed.intervals) if closed else 0),
+        "KEY_RANGES": _render(_key_range_lines(closed), comments),
     }
     source = fill(skeleton("forward"), holes, "forward.py.in")
     line_spans = {}
@@ -133,4 +178,4 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
         m = _MARK.search(line)
         if m and m.group(1) in comments:
             line_spans[no] = comments[m.group(1)]
-    return Kernel(source, tuple(args), line_spans, topk)
+    return Kernel(source, tuple(args), line_spans, topk, closed)

@@ -3,9 +3,14 @@
 `triton_attention` is what `Pattern.__call__(backend="triton")` calls. On CUDA tensors the kernel
 is compiled by Triton; on CPU tensors it runs under Triton's interpreter, which needs
 `TRITON_INTERPRET=1` in the environment before the kernel module is imported.
+
+A kernel generated with a closed form (`Kernel.closed_form`) computes its key tiles itself: no
+layout is built or passed. `LAUNCHES` counts forward launches per path ('closed_form' or
+'layout').
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -32,6 +37,8 @@ class Tiles:
 
 
 _OVERRIDE = threading.local()
+#: forward launches per path, for tests and benchmarks
+LAUNCHES: collections.Counter = collections.Counter()
 
 
 @contextlib.contextmanager
@@ -96,6 +103,19 @@ def _layout(ir: PatternIR, bound: Bound, q_len: int, k_len: int, tiles: Tiles, d
     return build_layout(ir, bound, q_len, k_len, tiles.block_m, tiles.block_n, device)
 
 
+def _layout_arguments(ir: PatternIR, bound: Bound, q_len: int, k_len: int, tiles: Tiles, device) -> list:
+    """The layout's index tensors and their strides, as `attn_fwd` takes them."""
+    layout = _layout(ir, bound, q_len, k_len, tiles, device)
+    pnum, pidx = layout.kv_partial_num, layout.kv_partial_idx
+    fnum, fidx = layout.kv_full_num, layout.kv_full_idx
+    if pidx.shape != fidx.shape or pnum.shape != fnum.shape:
+        raise RuntimeError(f"internal: partial/full layout shapes differ: {tuple(pidx.shape)} vs "
+                           f"{tuple(fidx.shape)}")
+    if pnum.stride() != fnum.stride() or pidx.stride() != fidx.stride():
+        pnum, fnum, pidx, fidx = (t.contiguous() for t in (pnum, fnum, pidx, fidx))
+    return [pnum, pidx, fnum, fidx, *_strides(pnum, 3), *_strides(pidx, 4)]
+
+
 def _strides(t: torch.Tensor, rank: int) -> list[int]:
     """Strides with size-1 dimensions broadcast (stride 0)."""
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(rank)]
@@ -153,20 +173,17 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
         return out, lse
 
     tiles = choose_tiles(q.device, D, Dv, topk)
-    layout = _layout(ir, bound, Lq, Lk, tiles, q.device)
-    pnum, pidx = layout.kv_partial_num, layout.kv_partial_idx
-    fnum, fidx = layout.kv_full_num, layout.kv_full_idx
-    if pidx.shape != fidx.shape or pnum.shape != fnum.shape:
-        raise RuntimeError(f"internal: partial/full layout shapes differ: {tuple(pidx.shape)} vs "
-                           f"{tuple(fidx.shape)}")
-    if pnum.stride() != fnum.stride() or pidx.stride() != fidx.stride():
-        pnum, fnum, pidx, fidx = (t.contiguous() for t in (pnum, fnum, pidx, fidx))
+    if compiled.kernel.closed_form is not None:
+        # the kernel computes its key tiles per query tile: no layout at all
+        path, layout_args = "closed_form", [None, None, None, None, 0, 0, 0, 0, 0, 0, 0]
+    else:
+        path, layout_args = "layout", _layout_arguments(ir, bound, Lq, Lk, tiles, q.device)
     lse_arg = lse if lse is not None else out
     lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
     grid = (triton_cdiv(Lq, tiles.block_m), B * H)
     args = [q, k, v, out, lse_arg,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
-            pnum, pidx, fnum, fidx, *_strides(pnum, 3), *_strides(pidx, 4),
+            *layout_args,
             float(scale), B, H, Hkv, Lq, Lk, D, Dv,
             *_extra_arguments(compiled.kernel.arguments, bound)]
     meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, _next_pow2(D)),
@@ -174,6 +191,7 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if q.device.type == "cuda":
         meta.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    LAUNCHES[path] += 1
     try:
         compiled.module.attn_fwd[grid](*args, **meta)
     except SpecError:
