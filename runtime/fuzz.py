@@ -364,41 +364,48 @@ def exact_classes(keep: torch.Tensor, block_m: int, block_n: int) -> torch.Tenso
     return torch.where(~any_true, 0, torch.where(~any_false, 2, 1)).to(torch.int8)
 
 
-def _unsound(got: torch.Tensor, exact: torch.Tensor, what: str, case: Case):
+def _unsound(got: torch.Tensor, exact: torch.Tensor, what: str):
     bad = ((got == 0) & (exact != 0)) | ((got == 2) & (exact != 2))
     if bool(bad.any()):
         where = bad.nonzero()[:4].tolist()
         names = {0: "EMPTY", 1: "PARTIAL", 2: "FULL"}
         detail = "; ".join(f"[b={b},h={h}] tile ({i},{j}) {names[int(got[b, h, i, j])]} but really "
                            f"{names[int(exact[b, h, i, j])]}" for b, h, i, j in where)
-        raise PropertyFailure("layout", f"{what} is unsound ({int(bad.sum())} tiles; tiles "
-                                        f"{case.block_m}x{case.block_n}): {detail}")
+        raise PropertyFailure("layout", f"{what} is unsound ({int(bad.sum())} tiles): {detail}")
+
+
+#: tile shapes no kernel uses but `Pattern.layout(block=...)` accepts; one is checked per case
+ODD_TILES = ((24, 40), (48, 8), (1, 7), (100, 3))
 
 
 def check_layout(case: Case, pattern) -> None:
+    """The layout at the case's tile shape, and at one odd tile shape, is sound."""
     q, k, v, args = inputs(case, pattern)
     try:
         bound = pattern.bind(q, k, v, args)
         keep = _dense_mask(pattern, bound, q, k, 1.0 / case.head_dim ** 0.5)
     except (SpecError, ValueError) as e:
         raise Rejected(f"reference mask: {_first_line(e)}") from None
-    try:
-        lay = build_layout(pattern.ir, bound, case.q_len, case.k_len, case.block_m, case.block_n, "cpu")
-    except SpecError as e:
-        raise PropertyFailure("layout", f"build_layout refused a valid case:\n{e}") from None
-    except Exception as e:  # noqa: BLE001
-        raise _crash("layout", "build_layout", e) from None
-    exact = exact_classes(keep, case.block_m, case.block_n)
-    B, H = keep.shape[:2]
-    if lay.classes.shape[2:] != exact.shape[2:] or lay.classes.shape[0] not in (1, B) or \
-            lay.classes.shape[1] not in (1, H):
-        raise PropertyFailure("layout", f"classes have shape {list(lay.classes.shape)}, expected "
-                                        f"[1 or {B}, 1 or {H}, {exact.shape[2]}, {exact.shape[3]}]")
-    _unsound(lay.classes.expand(B, H, -1, -1), exact, "the block layout", case)
-    cf = lay.closed_form
-    if cf is not None:
-        cls = torch.tensor(cf.tile_classes(case.block_n), dtype=torch.int8).view(1, 1, *exact.shape[2:])
-        _unsound(cls.expand(B, H, -1, -1), exact, "the closed-form key ranges", case)
+    odd = ODD_TILES[case.seed % len(ODD_TILES)]
+    for block_m, block_n in ((case.block_m, case.block_n), odd):
+        try:
+            lay = build_layout(pattern.ir, bound, case.q_len, case.k_len, block_m, block_n, "cpu")
+        except SpecError as e:
+            raise PropertyFailure("layout", f"build_layout refused a valid case:\n{e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise _crash("layout", "build_layout", e) from None
+        exact = exact_classes(keep, block_m, block_n)
+        B, H = keep.shape[:2]
+        if lay.classes.shape[2:] != exact.shape[2:] or lay.classes.shape[0] not in (1, B) or \
+                lay.classes.shape[1] not in (1, H):
+            raise PropertyFailure("layout", f"classes have shape {list(lay.classes.shape)}, expected "
+                                            f"[1 or {B}, 1 or {H}, {exact.shape[2]}, {exact.shape[3]}]")
+        tiles = f"{block_m}x{block_n}"
+        _unsound(lay.classes.expand(B, H, -1, -1), exact, f"the block layout ({tiles} tiles)")
+        cf = lay.closed_form
+        if cf is not None:
+            cls = torch.tensor(cf.tile_classes(block_n), dtype=torch.int8).view(1, 1, *exact.shape[2:])
+            _unsound(cls.expand(B, H, -1, -1), exact, f"the closed-form key ranges ({tiles} tiles)")
 
 
 #: (factor on the same-dtype reference's error, floor relative to the output's magnitude)
