@@ -624,10 +624,9 @@ def kernel_backend_ready() -> bool:
             try:
                 probe(x, x, x, backend="triton")
                 _READY.append(True)
-            except Exception as e:  # noqa: BLE001 - the interpreter was switched on too late
-                if "outside of the scope of a kernel" not in str(e):
-                    raise
-                _READY.append(False)
+            except Exception as e:  # noqa: BLE001
+                # switched on too late; any other error is the backend's, for the fuzzer to report
+                _READY.append("outside of the scope of a kernel" not in str(e))
     return _READY[0]
 
 
