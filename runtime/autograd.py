@@ -91,7 +91,10 @@ def _backward(ctx, grad_out, grad_lse):
             outputs.append(torch.where(finite, lse, torch.zeros_like(lse)))
             grads.append(torch.where(finite, grad_lse.to(lse.dtype), torch.zeros_like(lse)))
         wrt = [t for t in leaves if t.requires_grad]
-        got = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+        # an output the pattern cut off from every input (e.g. through `floor(score)`) has no graph
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                  allow_unused=True) if pairs else [None] * len(wrt)
     it = iter(got)
     result = [next(it) if t.requires_grad else None for t in leaves]
     result = [torch.zeros_like(t) if g is None and t.requires_grad else g for g, t in zip(result, leaves)]
@@ -104,8 +107,8 @@ def _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse):
     from .backward import attention_backward_op
     pattern, _, _, names = _PATTERNS[ctx.key]
     usable = set(differentiable_tensors(pattern.ir))
-    wrt = [n for n, t, need in zip(names, tensors, ctx.needs_input_grad[3:])
-           if t.dtype.is_floating_point and n in usable]
+    needs = ctx.needs_input_grad[3]  # one flag per tensor of the list
+    wrt = [n for n, t, need in zip(names, tensors, needs) if need and n in usable]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if pattern.ir.normalizer != "softmax":
@@ -113,8 +116,8 @@ def _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse):
     got = attention_backward_op(q, k, v, out, lse, grad_out.contiguous(), grad_lse, tensors, ctx.key,
                                 ctx.scale, wrt)
     by_name = dict(zip(wrt, got[3:]))
-    grads = [by_name[n] if n in by_name else (torch.zeros_like(t) if t.dtype.is_floating_point else None)
-             for n, t in zip(names, tensors)]
+    grads = [by_name[n] if n in by_name else (torch.zeros_like(t) if need else None)
+             for n, t, need in zip(names, tensors, needs)]
     return got[0], got[1], got[2], grads, None, None, None
 
 
