@@ -48,7 +48,9 @@ BOTTOM_RIGHT_STREAM = ("pattern brs(w: int = 20, s: int = 3):\n    mask q + k_le
 WINDOW_SINKS = "pattern ws(w: int = 17, s: int = 5):\n    mask abs(q - k) < w or k < s\n"
 BAND = "pattern band:\n    mask k >= q - 9 and k <= q + 6\n    mask k < k_len - 3\n"
 
-#: (id, pattern (stdlib name or source), arguments, q_len, k_len, tiles, exact)
+#: (id, pattern (stdlib name or source), arguments, q_len, k_len, tiles, exact). An exact closed
+#: form is the default path; a key-range-only one (a `%` literal dropped) is forced here, to test
+#: the kernel with overlapping cover intervals and no full interval.
 CASES = [
     ("causal-37", "causal", {}, 37, 37, (16, 16), True),
     ("causal-100", "causal", {}, 100, 100, (32, 32), True),
@@ -119,6 +121,19 @@ def test_closed_form_kernel(case, monkeypatch):
     p = pattern(spec)
     B, H = 1, 2
     q, k, v = qkv(B, H, Lq, Lk)
+    if not exact:  # key-range-only closed forms are not used by default (see kernel_closed_form)
+        assert jit.forward_kernel(p.ir, jit.specialization(p.ir, args)).kernel.closed_form is None
+        real = emit.kernel_closed_form
+        monkeypatch.setattr(emit, "kernel_closed_form", lambda masks: real(masks, exact_only=False))
+        jit.clear_memory_cache()
+    try:
+        _check_case(p, q, k, v, args, Lq, Lk, tiles, exact, B, H, monkeypatch)
+    finally:
+        if not exact:  # drop the forced kernels
+            jit.clear_memory_cache()
+
+
+def _check_case(p, q, k, v, args, Lq, Lk, tiles, exact, B, H, monkeypatch):
     compiled = jit.forward_kernel(p.ir, jit.specialization(p.ir, args))
     cf = compiled.kernel.closed_form
     assert cf is not None and "CLOSED_FORM = tl.constexpr(True)" in compiled.kernel.source
@@ -234,7 +249,8 @@ def test_which_stdlib_patterns_take_the_closed_form_path():
         masks = emit.specialize(p.ir, jit.specialization(p.ir, needs.get(name, {}))).masks
         if emit.kernel_closed_form(masks) is not None:
             closed.add(name)
-    assert closed == set(attnc.std_names()) - {"document", "longformer", "neighborhood_2d"}
+    assert closed == set(attnc.std_names()) - {"document", "longformer", "neighborhood_2d",
+                                               "dilated", "strided", "strided_fixed"}
 
 
 def test_gqa_and_batches_on_the_closed_form_path():
