@@ -388,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="R", help="calls to time (default 1)")
     p.set_defaults(func=cmd_run)
 
+    sub.add_parser("fuzz", add_help=False,
+                   help="differential fuzzing: random patterns (or FILE's) vs the reference; "
+                        "`attnc fuzz --help` for its options")
+
     p = sub.add_parser("emit", help="print the generated Triton kernel source")
     _add_pattern_args(p)
     p.set_defaults(func=cmd_emit)
@@ -395,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fuzz"]:  # its own option parser, prog "attnc fuzz"
+        from .runtime.fuzz import main as fuzz_main
+        return fuzz_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

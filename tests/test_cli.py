@@ -252,3 +252,11 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert test_cmd in ci
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_fuzz_subcommand_is_wired(capsys):
+    from attnc.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["fuzz", "--help"])
+    assert e.value.code == 0
+    assert "attnc fuzz" in capsys.readouterr().out
