@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -523,7 +524,7 @@ def check_case(case: Case, properties=PROPERTIES, backend: str = "triton", stats
             stats.unsupported[str(e)] += 1
             raise
         except Rejected as e:
-            stats.rejected[str(e)[:120]] += 1
+            stats.rejected[re.sub(r"\d+", "N", str(e))[:120]] += 1
             raise
         finally:
             stats.seconds[prop] += time.perf_counter() - start
@@ -690,7 +691,7 @@ def main(argv=None) -> int:
     if args.file:
         try:
             source = Path(args.file).read_text(encoding="utf-8")
-            name = _compiled(source, args.name).name
+            name = compile_pattern(source, args.name, path=args.file).name  # errors name the file
         except (OSError, SpecError) as e:
             print(f"attnc fuzz: {e}", file=sys.stderr)
             return 2
