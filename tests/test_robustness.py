@@ -20,12 +20,12 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 
 def _only_spec_errors(text: str):
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         attnc.compile(text, path="fuzz.attn")
     except SpecError as e:
         assert str(e)  # renders
-    assert time.perf_counter() - start < 1.0, "input took over a second"
+    assert time.process_time() - start < 1.0, "input took over a second of CPU time"
 
 
 @SETTINGS
@@ -95,6 +95,6 @@ def test_exponentially_shared_lets_stay_linear():
     p = attnc.compile("pattern p:\n    let x0 = q - k\n" + lets + "    mask x59 >= 0\n")
     import torch
     q = torch.randn(1, 1, 8, 4)
-    start = time.perf_counter()
+    start = time.process_time()
     assert p.digest and p(q, q, q).shape == (1, 1, 8, 4)
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
