@@ -12,6 +12,11 @@ backends is a bug and not noise:
 - integer values stay far below 2**31 (kernels compute indices in int32, the reference in int64);
 - nothing converts a score-dependent float into an int or a bool (a rounding difference there
   would flip a discrete decision), and float comparisons in masks use only dyadic constants.
+
+Hypothesis shrinks integers toward 0 and sampled lists toward their first element, so leaves,
+`+` and "no" are what a choice shrinks to: optional constructs (`select`, `normalize`, `use`,
+the `sum` wrapper) are drawn when an integer is at its *maximum*, and a shrunk failure keeps one
+only when it is needed.
 """
 from __future__ import annotations
 
@@ -264,17 +269,17 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
             value = A.Binary("+", A.Num(1.0), A.Call("abs", (value,)))
         if op == "=" and draw(st.booleans()):
             value = A.Binary("+", A.Name("score"), value)
-        if draw(st.integers(0, 4)) == 0:
+        if draw(st.integers(0, 4)) == 4:
             value = A.SumGen(A.Binary("*", value, A.Binary("*", A.Name("j"), A.Num(0.5))), "j",
                              A.Num(draw(st.integers(1, 3))))
         body.append(A.ScoreStmt(op, value))
     ctx.score = False
     for _ in range(draw(st.integers(0, 3))):
         body.append(A.Mask(draw(bool_expr(ctx, depth))))
-    if allow_topk and draw(st.integers(0, 5)) == 0:
+    if allow_topk and draw(st.integers(0, 5)) == 5:
         n = draw(st.one_of(st.integers(1, 8), st.integers(9, 40)))
         body.append(A.Select("topk", (A.Arg(None, A.Num(n)),)))
-    if allow_sigmoid and draw(st.integers(0, 5)) == 0:
+    if allow_sigmoid and draw(st.integers(0, 5)) == 5:
         bias = draw(st.one_of(
             st.sampled_from([None, A.Unary("-", A.Call("log", (A.Name("k_len"),))), A.Num(0.5)]),
             float_expr(ctx, 1).map(lambda e: A.Binary("-", e, A.Num(2.0)))))
@@ -301,13 +306,13 @@ def fuzz_modules(draw, name: str = "fuzzed", depth: int = 2):
     """A module whose pattern `name` is random and may `use` a helper pattern of the same file
     (passing some of its parameters) and an imported stdlib pattern."""
     imports, helpers, uses = [], [], []
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 3)) == 3:
         helper = draw(patterns(name="helper", allow_topk=False, allow_sigmoid=False, allow_tensors=False,
                                depth=1, let_prefix="hl"))
         helpers.append(helper)
         uses.append(A.Use("helper", tuple(A.Arg(p.name, draw(_param_default(p.type)))
                                           for p in helper.params if draw(st.booleans()))))
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 3)) == 3:
         std, args = draw(st.sampled_from(STD_USES))
         imports.append(A.Import(f"std.{std}", None, False))
         uses.append(A.Use(std, tuple(A.Arg(a, A.Num(draw(st.integers(1, 64)))) for a in args)))

@@ -86,6 +86,9 @@ class Profile:
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     tiles: tuple[tuple[int, int], ...] = SUPPORTED_TILES
     depth: int = 2
+    #: under Triton's interpreter (slow), the most tiles one case may visit (batch x heads x
+    #: query tiles x key tiles); a case over it takes the smallest supported tiles that fit
+    interpreter_tile_budget: int = 600
 
 
 #: the long run and the command line
@@ -179,13 +182,19 @@ def cases(draw, profile: Profile = LONG, source: str | None = None, name: str | 
         params = [(p.name, p.type, p.default) for p in _compiled(source, name).ir.params]
     kv = draw(st.sampled_from(profile.kv_heads))
     head_dim = draw(st.sampled_from(profile.head_dims))
-    block_m, block_n = draw(st.sampled_from(profile.tiles))
+    batch, heads = draw(st.sampled_from(profile.batches)), kv * draw(st.sampled_from(profile.gqa_ratios))
+    q_len, k_len = draw(st.integers(1, profile.max_len)), draw(st.integers(1, profile.max_len))
+    tiles = draw(st.sampled_from(profile.tiles))
+    if not torch.cuda.is_available():
+        def visits(t):
+            return batch * heads * -(-q_len // t[0]) * -(-k_len // t[1])
+        if visits(tiles) > profile.interpreter_tile_budget:
+            fit = [t for t in profile.tiles if visits(t) <= profile.interpreter_tile_budget]
+            tiles = min(fit, key=lambda t: t[0] * t[1]) if fit else max(profile.tiles, key=lambda t: t[0] * t[1])
     return Case(
-        source=source, name=name, module=module,
-        batch=draw(st.sampled_from(profile.batches)), heads=kv * draw(st.sampled_from(profile.gqa_ratios)),
-        kv_heads=kv, q_len=draw(st.integers(1, profile.max_len)), k_len=draw(st.integers(1, profile.max_len)),
-        head_dim=head_dim, v_dim=draw(st.one_of(st.just(head_dim), st.sampled_from(profile.head_dims))),
-        dtype=draw(st.sampled_from(profile.dtypes)), block_m=block_m, block_n=block_n,
+        source=source, name=name, module=module, batch=batch, heads=heads, kv_heads=kv, q_len=q_len,
+        k_len=k_len, head_dim=head_dim, v_dim=draw(st.one_of(st.just(head_dim), st.sampled_from(profile.head_dims))),
+        dtype=draw(st.sampled_from(profile.dtypes)), block_m=tiles[0], block_n=tiles[1],
         seed=draw(st.integers(0, 2 ** 16)),
         params={n: _draw_param(draw, typ, default) for n, typ, default in params})
 
