@@ -246,7 +246,9 @@ class Stats:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    while e.__cause__ is not None:  # Triton's interpreter wraps the real error several times
+        e = e.__cause__
+    text = f"{type(e).__name__}: {e}".strip()
     if isinstance(e, SpecError):
         text = e.message
     return (text.splitlines() or [type(e).__name__])[0][:160]
@@ -254,7 +256,7 @@ def _first_line(e: BaseException) -> str:
 
 def _crash(prop: str, what: str, e: BaseException) -> PropertyFailure:
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])
-    return PropertyFailure(prop, f"{what} raised {type(e).__name__}: {_first_line(e)}\n{tb}")
+    return PropertyFailure(prop, f"{what} raised {_first_line(e)}\n{tb}")
 
 
 # ----------------------------------------------------------------------------- properties
@@ -319,7 +321,7 @@ def check_robustness(case: Case, tries: int = 4) -> None:
         except SpecError as e:
             str(e)
         except Exception as e:  # noqa: BLE001
-            raise PropertyFailure("robustness", f"mutated text raised {type(e).__name__}: {_first_line(e)}\n"
+            raise PropertyFailure("robustness", f"mutated text raised {_first_line(e)}\n"
                                                 f"--- mutated text ---\n{mutated}") from None
         if time.perf_counter() - start > 1.0:
             raise PropertyFailure("robustness", f"mutated text took over a second:\n{mutated}")

@@ -51,6 +51,9 @@ def test_cheap_properties_fixed_seed():
 
 
 KERNEL_EXAMPLES = 120
+#: seed 0 found the open bug in tests/corpus/kernel-scalar-float-compare-and-mask.*, which is
+#: pinned there as a strict xfail; this profile runs another seed so that it keeps checking the rest
+KERNEL_SEED = 1
 
 
 def test_kernel_property_fixed_seed(tmp_path):
@@ -58,11 +61,11 @@ def test_kernel_property_fixed_seed(tmp_path):
     if fuzz.kernel_backend_ready():
         stats = fuzz.Stats()
         found = fuzz.search(fuzz.cases(fuzz.CI_KERNEL), ("compile", "kernel"), "triton",
-                            max_examples=KERNEL_EXAMPLES, seed=0, stats=stats)
+                            max_examples=KERNEL_EXAMPLES, seed=KERNEL_SEED, stats=stats)
         assert found is None, f"{found[1]}\n--- minimal case ({found[0].describe()}) ---\n{found[0].source}"
         assert stats.passed["kernel"] >= KERNEL_EXAMPLES // 2, stats.line()
         return
-    r = _child("--profile", "ci-kernel", "--examples", str(KERNEL_EXAMPLES), "--seed", "0",
+    r = _child("--profile", "ci-kernel", "--examples", str(KERNEL_EXAMPLES), "--seed", str(KERNEL_SEED),
                "--corpus", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
 
