@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
-from .ir import Node, const, transform, walk
+from .ir import COMPARISONS, Node, const, transform, walk
 from .simplify import simplify, substitute
 
 # Python operator precedence, higher binds tighter (comparisons chain, so they never nest bare).
@@ -107,6 +107,11 @@ class Line:
     span: Span | None
 
 
+def _per_program(n: Node) -> bool:
+    """True when `n` is one value per program (reads no position and no score)."""
+    return not any(m.op == "score" or (m.op == "index" and m.value in ("q", "k")) for m in walk(n))
+
+
 class ExprPrinter:
     """Prints IR DAGs as a list of assignment lines; a subexpression used twice gets a temporary."""
 
@@ -187,7 +192,12 @@ class ExprPrinter:
         if op in _BIN:
             sym, prec = _BIN[op]
             left_prec = prec + 1 if prec == _CMP else prec  # comparisons must not chain
-            return f"{self._wrap(n.args[0], left_prec)} {sym} {self._wrap(n.args[1], prec + 1)}", prec
+            text = f"{self._wrap(n.args[0], left_prec)} {sym} {self._wrap(n.args[1], prec + 1)}"
+            if op in COMPARISONS and n.args[0].dtype == "float" and _per_program(n):
+                # Triton's interpreter keeps a *scalar* float comparison's result in float storage,
+                # so a later `&`/`|`/`~` with it fails; `!= 0` gives real booleans (a no-op compiled)
+                return f"({text}) != 0", _CMP
+            return text, prec
         raise SpecError(n.span, f"internal: no Triton lowering for IR op `{op}`")
 
     def _wrap(self, n: Node, need: int) -> str:
