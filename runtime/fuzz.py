@@ -10,7 +10,11 @@ properties of issue 6 on one case:
 - ``layout``     the block layout (and its closed form) is sound against the dense mask;
 - ``kernel``     the generated kernel agrees with an fp64 reference: outputs and LSE within a
                  tolerance scaled by the same-dtype reference's own error, identical fully
-                 masked rows.
+                 masked rows;
+- ``grad``       the generated backward kernels agree with autograd through the fp64 reference:
+                 dQ, dK, dV and float tensor-argument gradients of a random linear loss on the
+                 output and LSE, within the same dtype-scaled tolerance (rows decided by a near
+                 top-k tie carry no loss).
 
 Hypothesis generates the cases (`cases()`) and shrinks a failure over the pattern AST and the
 inputs; `save_reproducer` writes the minimal case as `NAME.attn` + `NAME.json` (the corpus
@@ -57,7 +61,7 @@ from .dispatch import choose_tiles, tile_override  # noqa: E402
 from .layout import build_layout  # noqa: E402
 from .maskview import evaluate_masks, final_score, masks_read_score, random_tensor_arguments  # noqa: E402
 
-PROPERTIES = ("compile", "roundtrip", "robustness", "layout", "kernel")
+PROPERTIES = ("compile", "roundtrip", "robustness", "layout", "kernel", "grad")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -514,6 +518,67 @@ def check_kernel(case: Case, pattern, backend: str = "triton", stats: Stats | No
                                             f"{ref_err:.3g} + {2e-5 * (1 + lmag):.3g}")
 
 
+def _grads(pattern, q, k, v, args, backend, softmax, tiles, w, u):
+    """Gradients of sum(out * w) + sum(lse * u) (finite LSE only) with respect to q, k, v and the
+    float tensor arguments, in that order (tensor arguments sorted by name)."""
+    names = sorted(n for n, t in args.items() if isinstance(t, torch.Tensor) and t.is_floating_point())
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    targs = dict(args)
+    for n in names:
+        targs[n] = args[n].detach().clone().requires_grad_(True)
+        leaves.append(targs[n])
+    got = _call(pattern, *leaves[:3], targs, backend, softmax, tiles)
+    out, lse = got if softmax else (got, None)
+    loss = (out.double() * w).sum()
+    if lse is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).double() * u).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)], ["q", "k", "v", *names]
+
+
+def check_grad(case: Case, pattern, backend: str = "triton", stats: Stats | None = None) -> None:
+    """Generated backward kernels vs autograd through the fp64 reference: dQ, dK, dV and the
+    gradients of float tensor arguments, within the same-dtype reference's own error (scaled)."""
+    q, k, v, args = inputs(case, pattern)
+    softmax = pattern.ir.normalizer == "softmax"
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    args64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in args.items()}
+    bound64 = pattern.bind(q64, k64, v64, args64)
+    scale = 1.0 / case.head_dim ** 0.5
+    rows = ~_fragile_rows(pattern, bound64, q64, k64, scale)  # near top-k ties may pick other keys
+    g = torch.Generator().manual_seed(case.seed + 1)
+    B, H, Lq = q.shape[:3]
+    w = torch.randn(B, H, Lq, v.shape[-1], generator=g, dtype=torch.float64) * rows[..., None]
+    u = torch.randn(B, H, Lq, generator=g, dtype=torch.float64) * rows
+    try:
+        truth, names = _grads(pattern, q64, k64, v64, args64, "reference", softmax, None, w, u)
+        ref, _ = _grads(pattern, q, k, v, args, "reference", softmax, None, w, u)
+    except (SpecError, ValueError) as e:
+        raise Rejected(f"reference: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001
+        raise _crash("grad", "the reference backward", e) from None
+    if not all(torch.isfinite(t).all() for t in truth):
+        raise Rejected("the fp64 reference gradient is not finite")
+    try:
+        got, _ = _grads(pattern, q, k, v, args, backend, softmax, (case.block_m, case.block_n), w, u)
+    except SpecError as e:
+        msg = e.message
+        if "internal" in msg or "Triton could not compile" in msg:
+            raise PropertyFailure("grad", f"the {backend} backward failed:\n{e}") from None
+        raise Unsupported(msg.splitlines()[0][:120]) from None
+    except Exception as e:  # noqa: BLE001
+        raise _crash("grad", f"the {backend} backward", e) from None
+    factor, floor = TOLERANCE[case.dtype]
+    for name, a, r, t in zip(names, got, ref, truth):
+        if torch.isnan(a).any():
+            raise PropertyFailure("grad", f"d{name} has NaN")
+        magnitude = float(t.abs().max()) if t.numel() else 0.0
+        got_err, ref_err = _max_err(a, t, None), _max_err(r, t, None)
+        if got_err > factor * ref_err + floor * (1 + magnitude):
+            raise PropertyFailure("grad", f"d{name} error {got_err:.3g} exceeds {factor} x reference error "
+                                          f"{ref_err:.3g} + {floor * (1 + magnitude):.3g}")
+
+
 def check_case(case: Case, properties=PROPERTIES, backend: str = "triton", stats: Stats | None = None) -> None:
     """Run `properties` on one case. Raises PropertyFailure on a bug, Rejected when the pattern's
     semantics refuses the case; returns None when every property holds."""
@@ -524,7 +589,8 @@ def check_case(case: Case, properties=PROPERTIES, backend: str = "triton", stats
     stats.passed["compile"] += 1
     steps = [("roundtrip", lambda: check_roundtrip(case)), ("robustness", lambda: check_robustness(case)),
              ("layout", lambda: check_layout(case, pattern)),
-             ("kernel", lambda: check_kernel(case, pattern, backend, stats))]
+             ("kernel", lambda: check_kernel(case, pattern, backend, stats)),
+             ("grad", lambda: check_grad(case, pattern, backend, stats))]
     for prop, step in steps:
         if prop not in properties:
             continue
@@ -706,7 +772,7 @@ def main(argv=None) -> int:
         except (OSError, SpecError) as e:
             print(f"attnc fuzz: {e}", file=sys.stderr)
             return 2
-    props = PROPERTIES if args.backend == "triton" else tuple(p for p in PROPERTIES if p != "kernel")
+    props = PROPERTIES if args.backend == "triton" else tuple(p for p in PROPERTIES if p not in ("kernel", "grad"))
     if source is not None:
         props = tuple(p for p in props if p != "robustness")
     seed = args.seed if args.seed is not None else int(time.time()) % 100000

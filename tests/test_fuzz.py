@@ -70,6 +70,23 @@ def test_kernel_property_fixed_seed(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+GRAD_EXAMPLES, GRAD_SEED = 40, 2
+
+
+def test_grad_property_fixed_seed(tmp_path):
+    """Generated backward kernels vs autograd through the fp64 reference (issue 5's fuzz profile)."""
+    if fuzz.kernel_backend_ready():
+        stats = fuzz.Stats()
+        found = fuzz.search(fuzz.cases(fuzz.CI_KERNEL), ("compile", "grad"), "triton",
+                            max_examples=GRAD_EXAMPLES, seed=GRAD_SEED, stats=stats)
+        assert found is None, f"{found[1]}\n--- minimal case ({found[0].describe()}) ---\n{found[0].source}"
+        assert stats.passed["grad"] >= GRAD_EXAMPLES // 2, stats.line()
+        return
+    r = _child("--profile", "ci-kernel", "--examples", str(GRAD_EXAMPLES), "--seed", str(GRAD_SEED),
+               "--corpus", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # --------------------------------------------------------------------------- the corpus
 
 def _corpus():
