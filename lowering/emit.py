@@ -125,12 +125,19 @@ def _key_range_lines(cf: ClosedForm | None) -> list[Line]:
     return printer.lines
 
 
-def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
-    """Generate the forward kernel module for `ir` with int/bool parameters fixed."""
-    ir = specialize(ir, specialization)
-    operands = Operands()
-    comments: dict[str, Span] = {}
+@dataclass(frozen=True)
+class PatternCode:
+    """The pattern-specific code every kernel shares: the bodies of `_score_mod`, `_mask_mod`
+    and `_bias_mod`, and the static top-k count (0 without `select`)."""
 
+    score: list[Line]
+    mask: list[Line]
+    bias: list[Line]
+    topk: int
+
+
+def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
+    """Print a specialized pattern's score statements, masks and sigmoid bias."""
     score = ExprPrinter(operands, "s")
     for stmt in ir.scores:
         score.statement("score", stmt)
@@ -142,16 +149,12 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
             continue
         mask.statement(f"keep{i}", m)
         names.append(f"keep{i}")
-    if names:
-        mask.lines.append(Line("return " + " & ".join(names), None))
-    else:
-        mask.lines.append(Line("return q >= 0", None))
+    mask.lines.append(Line("return " + (" & ".join(names) if names else "q >= 0"), None))
     bias = ExprPrinter(operands, "c")
     if ir.normalizer == "sigmoid":
         bias.statement("bias", ir.bias if ir.bias is not None else const(0.0))
     else:
         bias.lines.append(Line("bias = 0.0", None))
-
     topk = 0
     if ir.topk is not None:
         n = simplify(ir.topk)
@@ -159,6 +162,17 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
             raise SpecError(ir.topk.span, "the count of `select topk` must be known when the kernel "
                                           "is compiled", "use a literal or an int parameter")
         topk = int(n.value)
+    return PatternCode(score.lines, mask.lines, bias.lines, topk)
+
+
+def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
+    """Generate the forward kernel module for `ir` with int/bool parameters fixed."""
+    ir = specialize(ir, specialization)
+    operands = Operands()
+    comments: dict[str, Span] = {}
+
+    code = pattern_code(ir, operands)
+    topk = code.topk
 
     closed = kernel_closed_form(ir.masks)
     args = operands.names()
@@ -166,9 +180,9 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
         "PATTERN": ir.name,
         "SOURCE": ir.path,
         "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
-        "SCORE_MOD": _render(score.lines, comments) or "pass",
-        "MASK_MOD": _render(mask.lines, comments),
-        "BIAS_MOD": _render(bias.lines, comments),
+        "SCORE_MOD": _render(code.score, comments) or "pass",
+        "MASK_MOD": _render(code.mask, comments),
+        "BIAS_MOD": _render(code.bias, comments),
         "MOD_ARGS": "".join(", " + a for a in args),
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(ir.normalizer == "sigmoid"),

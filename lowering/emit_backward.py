@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
-from .emit import _MARK, _render, fill, skeleton, specialize
+from .emit import _MARK, _render, fill, pattern_code, skeleton, specialize
 from .emit_expr import _ATOM, ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .simplify import simplify, substitute
@@ -153,25 +153,9 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
     operands = Operands()
     comments: dict[str, Span] = {}
 
-    # the forward's score, mask and bias code, printed the same way as emit_forward prints it
-    score = ExprPrinter(operands, "s")
-    for stmt in ir.scores:
-        score.statement("score", stmt)
-        score.forget_score_temps()
-    mask = ExprPrinter(operands, "m")
-    names = []
-    for i, m in enumerate(ir.masks):
-        if m.op == "const" and m.value is True:
-            continue
-        mask.statement(f"keep{i}", m)
-        names.append(f"keep{i}")
-    mask.lines.append(Line("return " + (" & ".join(names) if names else "q >= 0"), None))
-    bias_pr = ExprPrinter(operands, "c")
+    code = pattern_code(ir, operands)  # the forward's score, mask and bias code, printed alike
     sigmoid = ir.normalizer == "sigmoid"
-    if sigmoid:
-        bias_pr.statement("bias", ir.bias if ir.bias is not None else const(0.0))
-    else:
-        bias_pr.lines.append(Line("bias = 0.0", None))
+    topk = code.topk
 
     grads = pattern_grads(ir)
     bias_grad = statement_grad(ir.bias) if sigmoid and ir.bias is not None else None
@@ -182,14 +166,6 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
     for name in wrt:
         if name not in operands.tensors:
             raise ValueError(f"internal: tensor `{name}` does not reach the score of `{ir.name}`")
-
-    topk = 0
-    if ir.topk is not None:
-        k = simplify(ir.topk)
-        if k.op != "const":
-            raise SpecError(ir.topk.span, "the count of `select topk` must be known when the kernel "
-                                          "is compiled", "use a literal or an int parameter")
-        topk = int(k.value)
 
     args = operands.names()
     setup = []
@@ -203,9 +179,9 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         "SOURCE": ir.path,
         "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
         "WRT": ", ".join(wrt) or "none",
-        "SCORE_MOD": _render(score.lines, comments) or "pass",
-        "MASK_MOD": _render(mask.lines, comments),
-        "BIAS_MOD": _render(bias_pr.lines, comments),
+        "SCORE_MOD": _render(code.score, comments) or "pass",
+        "MASK_MOD": _render(code.mask, comments),
+        "BIAS_MOD": _render(code.bias, comments),
         "SCORE_GRAD": _render(plain.lines, comments),
         "SCORE_GRAD_ACC": _render(acc.lines, comments),
         "MOD_ARGS": "".join(", " + a for a in args),

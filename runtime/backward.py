@@ -19,13 +19,12 @@ from typing import Optional
 
 import torch
 
-from ..dsl.diagnostics import SpecError
 from ..lowering.derivative import differentiable_tensors
 from ..lowering.ir import walk
 from . import dispatch
 from .binding import Bound
 from .dispatch import (MAX_HEAD_DIM, SUPPORTED_DTYPES, Tiles, _check_backend, _extra_arguments,
-                       _next_pow2, _strides, choose_tiles, spec_error_for, triton_cdiv)
+                       _next_pow2, _strides, choose_tiles, launch, triton_cdiv)
 from .jit import backward_kernel
 
 def backward_tiles(device: torch.device, head_dim: int, v_dim: int, topk: int,
@@ -52,20 +51,6 @@ def _lists(num_p, idx_p, num_f, idx_f) -> list:
     if num_p.stride() != num_f.stride() or idx_p.stride() != idx_f.stride():
         num_p, idx_p, num_f, idx_f = (t.contiguous() for t in (num_p, idx_p, num_f, idx_f))
     return [num_p, idx_p, num_f, idx_f, *_strides(num_p, 3), *_strides(idx_p, 4)]
-
-
-def _launch(compiled, fn, grid, args, meta, tiles: Tiles, device):
-    if device.type == "cuda":
-        meta = dict(meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    try:
-        fn[grid](*args, **meta)
-    except SpecError:
-        raise
-    except Exception as e:
-        err = spec_error_for(e, compiled)
-        if err is None:
-            raise
-        raise err from e
 
 
 def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bound: Bound,
@@ -128,7 +113,7 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
         args = [q, k, kth, *q.stride(), *k.stride(), *kth.stride(),
                 *_lists(lay_dq.kv_partial_num, lay_dq.kv_partial_idx, lay_dq.kv_full_num,
                         lay_dq.kv_full_idx), *sizes, *extra]
-        _launch(compiled, module.attn_bwd_kth, (triton_cdiv(Lq, t_dq.block_m), B * H), args,
+        launch(compiled, module.attn_bwd_kth, (triton_cdiv(Lq, t_dq.block_m), B * H), args,
                 dict(common, BLOCK_M=t_dq.block_m, BLOCK_N=t_dq.block_n), t_dq, q.device)
 
     grid_dq = (triton_cdiv(Lq, t_dq.block_m), B * H)
@@ -143,7 +128,7 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *stat_strides,
             *_lists(lay_dq.kv_partial_num, lay_dq.kv_partial_idx, lay_dq.kv_full_num,
                     lay_dq.kv_full_idx), *sizes, Dv, *extra, *(buffers[n] for n in grad_names)]
-    _launch(compiled, module.attn_bwd_dq, grid_dq, args,
+    launch(compiled, module.attn_bwd_dq, grid_dq, args,
             dict(meta, BLOCK_M=t_dq.block_m, BLOCK_N=t_dq.block_n, DETERMINISTIC=deterministic),
             t_dq, q.device)
     if deterministic:
@@ -156,7 +141,7 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
             *stat_strides,
             *_lists(lay_kv.q_partial_num, lay_kv.q_partial_idx, lay_kv.q_full_num,
                     lay_kv.q_full_idx), *sizes, Dv, *extra]
-    _launch(compiled, module.attn_bwd_dkdv, (triton_cdiv(Lk, t_kv.block_n), B * Hkv), args,
+    launch(compiled, module.attn_bwd_dkdv, (triton_cdiv(Lk, t_kv.block_n), B * Hkv), args,
             dict(meta, BLOCK_M=t_kv.block_m, BLOCK_N=t_kv.block_n), t_kv, q.device)
     return result()
 

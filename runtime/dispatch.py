@@ -189,11 +189,18 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
     meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, _next_pow2(D)),
                 BLOCK_DV=max(16, _next_pow2(Dv)), RETURN_LSE=return_lse,
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if q.device.type == "cuda":
-        meta.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     LAUNCHES[path] += 1
+    launch(compiled, compiled.module.attn_fwd, grid, args, meta, tiles, q.device)
+    return out, lse
+
+
+def launch(compiled: Compiled, fn, grid, args, meta: dict, tiles: Tiles, device: torch.device) -> None:
+    """Run one generated kernel; a failure inside generated code becomes a SpecError at the spec
+    line that produced it (see `spec_error_for`)."""
+    if device.type == "cuda":
+        meta = dict(meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     try:
-        compiled.module.attn_fwd[grid](*args, **meta)
+        fn[grid](*args, **meta)
     except SpecError:
         raise
     except Exception as e:
@@ -201,7 +208,6 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
         if err is None:
             raise
         raise err from e
-    return out, lse
 
 
 def triton_cdiv(a: int, b: int) -> int:
