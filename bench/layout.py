@@ -41,7 +41,6 @@ def _width_height(n: int):
 
 
 def _attnc(case: str, n: int):
-    import torch
     import attnc
     from attnc.runtime import layout as L
     if case == "sliding_window":
@@ -86,9 +85,7 @@ def _flex(case: str, n: int, compiled: bool):
     base = _rss_mb()
     kw = dict(B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu", BLOCK_SIZE=BLOCK)
     if compiled:
-        t = time.perf_counter()
         fn(mask_mod, **kw)   # compile once; the steady-state call is what a training loop pays
-        first = time.perf_counter() - t
     base = _rss_mb()
     times = []
     for _ in range(3 if n <= 16384 else 1):

@@ -1,6 +1,8 @@
-"""Shared pytest set-up: the `--update-golden` option, a `golden` fixture, GPU-test skipping."""
+"""Shared pytest set-up: the `--update-golden` option, a `golden` fixture, GPU-test skipping, and
+a private kernel cache for the whole session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,18 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite golden files under tests/golden/ with the current output")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_kernel_cache(tmp_path_factory):
+    """Generated kernels go to a fresh cache directory, never to the user's ~/.cache/attnc."""
+    old = os.environ.get("ATTNC_CACHE_DIR")
+    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ATTNC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNC_CACHE_DIR"] = old
 
 
 def pytest_collection_modifyitems(config, items):

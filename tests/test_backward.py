@@ -23,17 +23,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache_dir(tmp_path_factory):
-    old = os.environ.get("ATTNC_CACHE_DIR")
-    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ATTNC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNC_CACHE_DIR"] = old
-
-
 # --------------------------------------------------------------------------- helpers
 
 #: parameters for stdlib patterns without defaults (or with defaults too large for L <= 64)

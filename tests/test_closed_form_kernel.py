@@ -31,17 +31,6 @@ pytestmark = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache_dir(tmp_path_factory):
-    old = os.environ.get("ATTNC_CACHE_DIR")
-    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cf-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ATTNC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNC_CACHE_DIR"] = old
-
-
 BOTTOM_RIGHT = "pattern br:\n    mask q + k_len - q_len >= k\n"
 BOTTOM_RIGHT_STREAM = ("pattern brs(w: int = 20, s: int = 3):\n    mask q + k_len - q_len >= k\n"
                        "    mask q + k_len - q_len - k < w or k < s\n")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.lowering.derivative import SEED, differentiable_tensors, pattern_grads
+from attnc.lowering.derivative import differentiable_tensors, pattern_grads
 from attnc.lowering.ir import Node
 from attnc.lowering.simplify import substitute
 from attnc.runtime.reference import _Env, _Evaluator

@@ -25,17 +25,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache_dir(tmp_path_factory):
-    old = os.environ.get("ATTNC_CACHE_DIR")
-    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ATTNC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNC_CACHE_DIR"] = old
-
-
 # --------------------------------------------------------------------------- helpers
 
 #: the part of runtime.layout.BlockLayout the forward kernel reads

@@ -1,5 +1,4 @@
 """autograd.Function / custom-op wiring, torch.compile without graph breaks, nn.Module."""
-import pytest
 import torch
 
 import attnc
