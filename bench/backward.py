@@ -13,19 +13,17 @@ timing, every gradient of both backends is compared (max |Δ| printed, relative 
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import importlib.util
 import math
 import os
-import platform
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import attnc  # noqa: E402
+from common import add_throughput, fmt, parse_args, print_header  # noqa: E402
 
 PATTERNS = ("causal", "sliding_window", "document", "alibi_causal", "gaussian_mixture", "neighborhood_2d")
 LEARNABLE = {"gaussian_mixture": ("alpha", "sigma")}
@@ -95,18 +93,10 @@ def run(args) -> list[dict]:
                     row["flex_ms"] = fwd.timed(theirs, args.smoke)
                 except Exception as e:  # e.g. a Flex version without gradients for captured tensors
                     row["flex_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            for key in ("attnc", "flex"):
-                ms = row.get(f"{key}_ms")
-                if ms is not None and ms == ms:
-                    row[f"{key}_tflops_dense"] = flops_dense / ms / 1e9
-                    row[f"{key}_tflops_tiles"] = flops_tiles / ms / 1e9
+            add_throughput(row, ("attnc", "flex"), flops_dense, flops_tiles)
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
-
-
-def _f(x, spec):
-    return "—" if x is None or x != x else format(x, spec)
 
 
 HEADER = ("| pattern | N | density | attnc ms | attnc TFLOP/s (tiles / dense) | Flex ms | "
@@ -118,36 +108,17 @@ def format_row(r: dict) -> str:
     a, f = r.get("attnc_ms"), r.get("flex_ms")
     speed = f / a if a and f and a == a and f == f else None
     note = f" {r['flex_note']}" if "flex_note" in r else ""
-    return (f"| {r['pattern']} | {r['N']} | {r['density']:.3f} | {_f(a, '.3f')} | "
-            f"{_f(r.get('attnc_tflops_tiles'), '.1f')} / {_f(r.get('attnc_tflops_dense'), '.1f')} | "
-            f"{_f(f, '.3f')} | {_f(r.get('flex_tflops_dense'), '.1f')} | {_f(speed, '.2f')}× | "
-            f"{_f(r.get('flex_err'), '.2e')} ({_f(r.get('ref_err'), '.2e')}){note} |")
+    return (f"| {r['pattern']} | {r['N']} | {r['density']:.3f} | {fmt(a, '.3f')} | "
+            f"{fmt(r.get('attnc_tflops_tiles'), '.1f')} / {fmt(r.get('attnc_tflops_dense'), '.1f')} | "
+            f"{fmt(f, '.3f')} | {fmt(r.get('flex_tflops_dense'), '.1f')} | {fmt(speed, '.2f')}× | "
+            f"{fmt(r.get('flex_err'), '.2e')} ({fmt(r.get('ref_err'), '.2e')}){note} |")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384])
-    ap.add_argument("--patterns", type=lambda s: s.split(","), default=list(PATTERNS))
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny CPU run under TRITON_INTERPRET=1: checks gradients, times nothing")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--smoke needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
-            return 2
-        args.n, args.batch, args.heads, args.head_dim = [64], 1, 2, 16
-    elif not torch.cuda.is_available():
-        print("bench/backward.py needs a CUDA GPU (none found); nothing measured. "
-              "Use --smoke under TRITON_INTERPRET=1 for a CPU correctness run.")
-        return 0
-    import triton
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
-    print(f"# forward+backward, {datetime.date.today()}, {device_name}, torch {torch.__version__}, "
-          f"triton {triton.__version__}, attnc {attnc.__version__}, python {platform.python_version()}")
-    print(f"# B={args.batch} H={args.heads} D={args.head_dim} bf16\n")
+    args = parse_args(__doc__.splitlines()[0], PATTERNS, (64, 1, 2, 16), "gradients", argv)
+    if isinstance(args, int):
+        return args
+    print_header("forward+backward", args)
     print(HEADER)
     run(args)
     return 0

@@ -12,18 +12,17 @@ Every backend's output is checked against attnc's before timing (max abs differe
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import math
 import os
-import platform
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attnc  # noqa: E402
+from common import add_throughput, fmt, parse_args, print_header  # noqa: E402
 from attnc.runtime import dispatch  # noqa: E402
 from attnc.runtime.layout import build_layout  # noqa: E402
 
@@ -154,18 +153,10 @@ def run(args) -> list[dict]:
                 sdpa = torch.nn.functional.scaled_dot_product_attention
                 row["sdpa_err"] = (sdpa(q, k, v, **case.sdpa).float() - out.float()).abs().max().item()
                 row["sdpa_ms"] = timed(lambda: sdpa(q, k, v, **case.sdpa), args.smoke)
-            for key in ("attnc", "flex", "sdpa"):
-                ms = row.get(f"{key}_ms")
-                if ms is not None and ms == ms:
-                    row[f"{key}_tflops_dense"] = flops_dense / ms / 1e9
-                    row[f"{key}_tflops_tiles"] = flops_tiles / ms / 1e9
+            add_throughput(row, ("attnc", "flex", "sdpa"), flops_dense, flops_tiles)
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
-
-
-def _f(x, spec):
-    return "—" if x is None or x != x else format(x, spec)
 
 
 HEADER = ("| pattern | N | density | attnc ms | attnc TFLOP/s (tiles / dense) | Flex ms | Flex TFLOP/s "
@@ -174,37 +165,18 @@ HEADER = ("| pattern | N | density | attnc ms | attnc TFLOP/s (tiles / dense) | 
 
 
 def format_row(r: dict) -> str:
-    return (f"| {r['pattern']} | {r['N']} | {r['density']:.3f} | {_f(r.get('attnc_ms'), '.3f')} | "
-            f"{_f(r.get('attnc_tflops_tiles'), '.1f')} / {_f(r.get('attnc_tflops_dense'), '.1f')} | "
-            f"{_f(r.get('flex_ms'), '.3f')} | {_f(r.get('flex_tflops_dense'), '.1f')} | "
-            f"{_f(r.get('sdpa_ms'), '.3f')} | {_f(r.get('sdpa_tflops_dense'), '.1f')} | "
-            f"{_f(r.get('flex_err'), '.2e')} / {_f(r.get('sdpa_err'), '.2e')} |")
+    return (f"| {r['pattern']} | {r['N']} | {r['density']:.3f} | {fmt(r.get('attnc_ms'), '.3f')} | "
+            f"{fmt(r.get('attnc_tflops_tiles'), '.1f')} / {fmt(r.get('attnc_tflops_dense'), '.1f')} | "
+            f"{fmt(r.get('flex_ms'), '.3f')} | {fmt(r.get('flex_tflops_dense'), '.1f')} | "
+            f"{fmt(r.get('sdpa_ms'), '.3f')} | {fmt(r.get('sdpa_tflops_dense'), '.1f')} | "
+            f"{fmt(r.get('flex_err'), '.2e')} / {fmt(r.get('sdpa_err'), '.2e')} |")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384])
-    ap.add_argument("--patterns", type=lambda s: s.split(","), default=list(PATTERNS))
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny CPU run under TRITON_INTERPRET=1: checks agreement, times nothing")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--smoke needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
-            return 2
-        args.n, args.batch, args.heads, args.head_dim = [256], 1, 2, 32
-    elif not torch.cuda.is_available():
-        print("bench/forward.py needs a CUDA GPU (none found); nothing measured. "
-              "Use --smoke under TRITON_INTERPRET=1 for a CPU correctness run.")
-        return 0
-    import triton
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
-    print(f"# forward, {datetime.date.today()}, {device_name}, torch {torch.__version__}, "
-          f"triton {triton.__version__}, attnc {attnc.__version__}, python {platform.python_version()}")
-    print(f"# B={args.batch} H={args.heads} D={args.head_dim} bf16\n")
+    args = parse_args(__doc__.splitlines()[0], PATTERNS, (256, 1, 2, 32), "agreement", argv)
+    if isinstance(args, int):
+        return args
+    print_header("forward", args)
     print(HEADER)
     run(args)
     return 0
