@@ -1,0 +1,240 @@
+"""Generated kernels compile for real NVIDIA targets, without a GPU.
+
+Everything else runs the kernels under Triton's interpreter, which never takes the branch a GPU
+takes (`for` loops over loaded bounds, native bf16 / fp16 `tl.dot`, constexpr specializations,
+num_warps / num_stages). Here each case builds the launches the CUDA backend would make
+(`runtime/aot.py`: CUDA tile shapes, the launch's arguments and constexprs, specialized as
+Triton's JIT would) and runs Triton's whole NVIDIA pipeline for `GPUTarget("cuda", 90 | 80, 32)`:
+
+    Python AST -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (the ptxas shipped with Triton)
+
+and checks that every stage produced output, that the PTX names the target, and that the kernel
+fits the target's shared memory per block. Not checked: register use (known only when a driver
+loads the cubin) and numerical results (the interpreter tests cover those).
+
+The compiles run in child processes without TRITON_INTERPRET (the generated modules read it at
+import and would compile their interpreter branches), with private attnc and Triton caches, one
+per core (`ATTNC_GPU_COMPILE_JOBS` overrides). By default a representative set runs (about 1.5
+minutes on 2 cores); `ATTNC_GPU_COMPILE=full` runs every stdlib pattern in every dtype, both
+directions, on both targets (about an hour on 2 cores). See docs/testing.md.
+
+Run as a script (`python tests/test_gpu_compile.py < cases.json`), this file is the child: it
+compiles the JSON list of cases on stdin and prints one JSON result per line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+FULL = os.environ.get("ATTNC_GPU_COMPILE", "") == "full"
+#: the call every case compiles for: GQA (4 query heads over 2 kv heads), lengths off the tiles
+SHAPE = dict(batch=2, heads=4, kv_heads=2, q_len=200, k_len=200, head_dim=64, v_dim=64)
+STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")
+
+# --------------------------------------------------------------------------- cases (parent side)
+
+
+def _case(pattern, direction="fwd", dtype="bf16", cap=90, return_lse=True, head_dim=64,
+          v_dim=None, wrt=(), deterministic=False, bug=None):
+    case = dict(pattern=pattern, direction=direction, dtype=dtype, cap=cap,
+                head_dim=head_dim, v_dim=v_dim or head_dim)
+    name = f"{direction}-{pattern}-{dtype}-sm{cap}"
+    if head_dim != 64 or case["v_dim"] != head_dim:
+        name += f"-d{head_dim}" + (f"v{case['v_dim']}" if case["v_dim"] != head_dim else "")
+    if direction == "fwd":
+        case["return_lse"] = return_lse
+        name += "-lse" if return_lse else ""
+    else:
+        case["wrt"], case["deterministic"] = sorted(wrt), deterministic
+        name += "".join(f"-d{w}" for w in sorted(wrt)) + ("-det" if deterministic else "")
+    case["id"] = name
+    case["bug"] = bug
+    return case
+
+
+def _cases():
+    import attnc
+    from attnc.lowering.derivative import differentiable_tensors
+    names = attnc.std_names()
+    sigmoid = {n for n in names if attnc.std(n).ir.normalizer != "softmax"}
+    grads = {n: tuple(differentiable_tensors(attnc.std(n).ir)) for n in names}
+    lse = lambda n: n not in sigmoid
+
+    # the representative set: every pattern forward in bf16 on sm_90 (closed-form and layout
+    # paths), the other dtypes, head dims and LSE modes on a few, the backward with top-k,
+    # sigmoid, tensor gradients and the deterministic mode, and sm_80
+    cases = [_case(n, return_lse=lse(n)) for n in names]
+    cases += [_case("causal", return_lse=False), _case("document", return_lse=False),
+              _case("alibi", dtype="fp16", return_lse=False), _case("sliding_window", dtype="fp16"),
+              _case("causal", dtype="fp32"), _case("document", dtype="fp32", return_lse=False),
+              _case("causal", head_dim=128), _case("dilated", head_dim=256),
+              _case("streaming", v_dim=128),
+              _case("causal", "bwd"), _case("document", "bwd"), _case("sigmoid", "bwd"),
+              _case("topk", "bwd"), _case("softcap", "bwd", dtype="fp16"),
+              _case("alibi", "bwd", wrt=grads["alibi"]),
+              _case("relative_bias", "bwd", wrt=grads["relative_bias"], deterministic=True),
+              _case("gaussian_mixture", "bwd", wrt=grads["gaussian_mixture"]),
+              _case("gaussian_mixture", "bwd", wrt=grads["gaussian_mixture"], deterministic=True),
+              _case("causal", "bwd", dtype="fp32"),
+              _case("causal", cap=80), _case("document", cap=80), _case("topk", cap=80),
+              _case("causal", dtype="fp32", cap=80),
+              _case("gaussian_mixture", "bwd", cap=80, wrt=grads["gaussian_mixture"])]
+    if FULL:
+        for n in names:
+            for dtype in ("bf16", "fp16", "fp32"):
+                for cap in (90, 80):
+                    for r in ({True, False} if lse(n) else {False}):
+                        cases.append(_case(n, dtype=dtype, cap=cap, return_lse=r))
+                    bug = None
+                    if n == "topk" and dtype == "fp32" and cap == 80:
+                        bug = ("attn_bwd_dkdv at the forward's 128x64 tiles, 3 stages needs "
+                               "232448 bytes of shared memory; sm_80 allows 166912")
+                    cases.append(_case(n, "bwd", dtype=dtype, cap=cap, wrt=grads[n], bug=bug))
+                    if grads[n]:
+                        cases.append(_case(n, "bwd", dtype=dtype, cap=cap, wrt=grads[n],
+                                           deterministic=True))
+            for d, dv in ((128, 128), (256, 256), (64, 128), (96, 32)):
+                cases.append(_case(n, head_dim=d, v_dim=dv, return_lse=lse(n)))
+                cases.append(_case(n, "bwd", head_dim=d, v_dim=dv, wrt=grads[n]))
+    from test_kernels import ARGUMENTS  # the parameter values the interpreter tests use
+    unique = {}
+    for c in cases:
+        ir = attnc.std(c["pattern"]).ir
+        c["arguments"] = {k: v for k, v in ARGUMENTS.get(c["pattern"], {}).items()
+                          if ir.param(k) is not None}
+        unique.setdefault(c["id"], c)
+    return list(unique.values())
+
+
+def _params():
+    import pytest
+    return [pytest.param(c, id=c["id"], marks=[pytest.mark.xfail(strict=True, reason=c["bug"])]
+                         if c["bug"] else []) for c in _cases()]
+
+
+def _cost(case) -> float:
+    """A rough relative compile time (fp32 dots and backward kernels are the slow ones)."""
+    return (8 if case["dtype"] == "fp32" else 1) * (3 if case["direction"] == "bwd" else 1)
+
+
+def compile_in_children(cases, workdir, jobs: int | None = None) -> dict[str, dict]:
+    """Compile `cases` in `jobs` child processes without TRITON_INTERPRET; {id: result}."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["ATTNC_CACHE_DIR"] = os.path.join(workdir, "attnc")
+    env["TRITON_CACHE_DIR"] = os.path.join(workdir, "triton")
+    jobs = jobs or int(os.environ.get("ATTNC_GPU_COMPILE_JOBS", 0)) or os.cpu_count() or 1
+    ordered = sorted(cases, key=_cost, reverse=True)
+    shares = [ordered[i::jobs] for i in range(min(jobs, len(ordered)))]
+    children = [subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for _ in shares]
+    for child, share in zip(children, shares):
+        child.stdin.write(json.dumps(share))
+        child.stdin.close()
+    results = {}
+    for child in children:
+        out = child.stdout.read()
+        err = child.stderr.read()
+        code = child.wait()
+        for line in out.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                results[r["id"]] = r
+        if code != 0:
+            for c in cases:
+                results.setdefault(c["id"], {"id": c["id"], "ok": False,
+                                             "error": f"child exited {code}: {err[-3000:]}"})
+    return results
+
+
+# --------------------------------------------------------------------------- the tests
+
+if __name__ != "__main__":
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def compiled(request, tmp_path_factory):
+        selected = [item.callspec.params["case"] for item in request.session.items
+                    if item.module is sys.modules[__name__] and hasattr(item, "callspec")
+                    and "case" in item.callspec.params]
+        start = time.monotonic()
+        results = compile_in_children(selected, str(tmp_path_factory.mktemp("gpu-compile")))
+        seconds = time.monotonic() - start
+        print(f"\ncompiled {len(selected)} cases for GPU targets in {seconds:.0f} s "
+              f"({'full' if FULL else 'representative'} set)")
+        return results
+
+    @pytest.mark.parametrize("case", _params())
+    def test_compiles_for_gpu(case, compiled):
+        r = compiled.get(case["id"])
+        assert r is not None, f"no result for {case['id']}"
+        assert r["ok"], f"{case['id']} does not compile for sm_{case['cap']}:\n{r['error']}"
+
+    def test_both_forward_paths_are_covered(compiled):
+        """The representative set reaches the closed-form and the layout-index forward."""
+        paths = {r["path"] for r in compiled.values() if r.get("ok") and r.get("path")}
+        assert paths == {"closed_form", "layout"}
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def _compile_case(case) -> dict:
+    import torch
+
+    import attnc
+    from attnc.runtime import aot
+    from attnc.runtime.maskview import random_tensor_arguments
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case["dtype"]]
+    p = attnc.std(case["pattern"])
+    shape = dict(SHAPE, head_dim=case["head_dim"], v_dim=case["v_dim"])
+    args = dict(case["arguments"])
+    params = {q.name: args.get(q.name, q.default) for q in p.params}
+    sizes = {k: shape[k] for k in ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")}
+    args.update(random_tensor_arguments(p.ir, sizes, params,
+                                        generator=torch.Generator().manual_seed(0)))
+    if case["direction"] == "fwd":
+        launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"])
+    else:
+        launches = aot.backward_launches(p, shape, dtype, args, tuple(case["wrt"]),
+                                         case["deterministic"])
+    kernels = []
+    for launch in launches:
+        kernel = aot.compile_launch(launch, case["cap"])
+        missing = [s for s in STAGES if not kernel.asm.get(s)]
+        if missing:
+            raise RuntimeError(f"{launch.name}: no output from stages {missing}")
+        if f".target sm_{case['cap']}" not in kernel.asm["ptx"]:
+            raise RuntimeError(f"{launch.name}: the PTX is not for sm_{case['cap']}")
+        kernels.append(dict(name=launch.name, shared=kernel.metadata.shared))
+    path = None
+    if case["direction"] == "fwd":
+        from attnc.runtime.jit import forward_kernel
+        spec = {q.name: params[q.name] for q in p.params if q.type in ("int", "bool")}
+        path = "closed_form" if forward_kernel(p.ir, spec).kernel.closed_form else "layout"
+    return dict(kernels=kernels, path=path)
+
+
+def _child() -> None:
+    import traceback
+    cases = json.load(sys.stdin)
+    for case in cases:
+        start = time.monotonic()
+        try:
+            result = dict(ok=True, error=None, **_compile_case(case))
+        except Exception as e:  # reported to the parent, which fails the case with it
+            tail = "".join(traceback.format_exception(e)[-6:])
+            result = dict(ok=False, error=f"{type(e).__name__}: {str(e)[-3000:]}\n{tail[-3000:]}")
+        result.update(id=case["id"], seconds=round(time.monotonic() - start, 1))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("tests/test_gpu_compile.py as a script must run without TRITON_INTERPRET=1")
+    _child()
