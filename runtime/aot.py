@@ -75,7 +75,7 @@ def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     compiled = forward_kernel(ir, spec)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    tiles = choose_tiles(_CUDA, D, Dv, compiled.kernel.topk)
+    tiles = choose_tiles(_CUDA, D, Dv, compiled.kernel.topk, dtype)
     if compiled.kernel.closed_form is not None:
         layout_args = [None, None, None, None, 0, 0, 0, 0, 0, 0, 0]
     else:
@@ -108,7 +108,7 @@ def backward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     reads_score = any(n.op == "score" for m in ir.masks for n in walk(m))
-    t_dq, t_kv = backward_tiles(_CUDA, D, Dv, topk, reads_score)
+    t_dq, t_kv = backward_tiles(_CUDA, D, Dv, topk, reads_score, dtype)
     stats = torch.empty((B, H, Lq), dtype=torch.float32)
     dq, dk, dv, do = (torch.empty_like(x) for x in (q, k, v, torch.empty((B, H, Lq, Dv), dtype=dtype)))
     common = dict(BLOCK_D=max(16, _next_pow2(D)), INPUT_PRECISION=_precision(dtype), FP64=False)

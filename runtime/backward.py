@@ -28,11 +28,11 @@ from .dispatch import (MAX_HEAD_DIM, SUPPORTED_DTYPES, Tiles, _check_backend, _e
 from .jit import backward_kernel
 
 def backward_tiles(device: torch.device, head_dim: int, v_dim: int, topk: int,
-                   reads_score: bool) -> tuple[Tiles, Tiles]:
+                   reads_score: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[Tiles, Tiles]:
     """(dQ-pass tiles, dK/dV-pass tiles). Where a keep decision reads the score (`select topk`,
     a mask on `score`), both passes use the forward's tiles, so every score is formed by the
     same dot as in the forward and the keep sets agree bit for bit."""
-    fwd = choose_tiles(device, head_dim, v_dim, topk)
+    fwd = choose_tiles(device, head_dim, v_dim, topk, dtype)
     forced = getattr(dispatch._OVERRIDE, "tiles", None) is not None
     if device.type != "cuda" or topk or reads_score or forced:
         return fwd, fwd
@@ -99,7 +99,7 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
     stat_strides = list(lse.stride())
 
     reads_score = any(n.op == "score" for m in ir.masks for n in walk(m))
-    t_dq, t_kv = backward_tiles(q.device, D, Dv, topk, reads_score)
+    t_dq, t_kv = backward_tiles(q.device, D, Dv, topk, reads_score, q.dtype)
     common = dict(BLOCK_D=max(16, _next_pow2(D)),
                   INPUT_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
                   FP64=fp64)

@@ -88,11 +88,7 @@ def _cases():
                 for cap in (90, 80):
                     for r in ({True, False} if lse(n) else {False}):
                         cases.append(_case(n, dtype=dtype, cap=cap, return_lse=r))
-                    bug = None
-                    if n == "topk" and dtype == "fp32" and cap == 80:
-                        bug = ("attn_bwd_dkdv at the forward's 128x64 tiles, 3 stages needs "
-                               "232448 bytes of shared memory; sm_80 allows 166912")
-                    cases.append(_case(n, "bwd", dtype=dtype, cap=cap, wrt=grads[n], bug=bug))
+                    cases.append(_case(n, "bwd", dtype=dtype, cap=cap, wrt=grads[n]))
                     if grads[n]:
                         cases.append(_case(n, "bwd", dtype=dtype, cap=cap, wrt=grads[n],
                                            deterministic=True))
