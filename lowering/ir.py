@@ -140,6 +140,7 @@ class PatternIR:
     normalizer: str = "softmax"
     bias: Node | None = None
     path: str = field(default="<string>", compare=False)
+    span: Span | None = field(default=None, compare=False, repr=False)  # the pattern's name
 
     def param(self, name: str) -> ParamDecl | None:
         return next((p for p in self.params if p.name == name), None)
@@ -159,4 +160,4 @@ class PatternIR:
             tuple(TensorSpec(t.name, t.elem, tuple(fn(d) for d in t.dims), t.span) for t in self.tensors),
             tuple(fn(s) for s in self.scores), tuple(fn(m) for m in self.masks),
             fn(self.topk) if self.topk is not None else None, self.normalizer,
-            fn(self.bias) if self.bias is not None else None, self.path)
+            fn(self.bias) if self.bias is not None else None, self.path, self.span)

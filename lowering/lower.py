@@ -241,5 +241,5 @@ def lower_pattern(ref: PatternRef) -> PatternIR:
         decls.append(ParamDecl(prm.name, prm.type, default_value(prm), prm.span))
     body = _Lowerer(ref, params).run()
     ir = PatternIR(p.name, tuple(decls), tuple(body.tensors.values()), tuple(body.scores),
-                   tuple(body.masks), body.topk, body.normalizer, body.bias, ref.module.source.path)
+                   tuple(body.masks), body.topk, body.normalizer, body.bias, ref.module.source.path, p.span)
     return ir.map(simplify)

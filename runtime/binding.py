@@ -79,7 +79,7 @@ def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, whe
             near = closest(key, known)
             hint = f"did you mean `{near}`?" if near else \
                 ("it takes: " + ", ".join(sorted(known)) if known else "it takes no arguments")
-            raise ArgumentError(None, f"pattern `{ir.name}` has no parameter or tensor `{key}`", hint)
+            raise ArgumentError(ir.span, f"pattern `{ir.name}` has no parameter or tensor `{key}`", hint)
     params: dict[str, object] = {}
     for p in ir.params:
         if p.name in arguments:

@@ -43,7 +43,7 @@ SPEC_ERRORS = {
 # name -> (keyword arguments, expected exception type, (line, col) or None)
 CALL_ERRORS = {
     "call_missing_parameter": (lambda: dict(slopes=torch.ones(2)), ArgumentError, (1, 18)),
-    "call_unknown_keyword": (lambda: dict(window=4, windw=4, slopes=torch.ones(2)), ArgumentError, None),
+    "call_unknown_keyword": (lambda: dict(window=4, windw=4, slopes=torch.ones(2)), ArgumentError, (1, 9)),
     "call_tensor_shape": (lambda: dict(window=4, slopes=torch.ones(3)), ValueError, None),
     "call_tensor_dtype": (lambda: dict(window=4, slopes=torch.ones(2, dtype=torch.int64)), ValueError, None),
 }
