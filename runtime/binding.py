@@ -26,9 +26,20 @@ class Bound:
 
     def table(self) -> dict[tuple[str, str], Node]:
         """Substitution table for sizes and parameters, for specializing IR."""
-        t = {("size", k): const(v) for k, v in self.sizes.items()}
-        t.update({("param", k): const(v) for k, v in self.params.items()})
-        return t
+        return constant_table(self.sizes, self.params)
+
+
+def constant_table(sizes: dict[str, int], params: dict) -> dict[tuple[str, str], Node]:
+    """The `substitute` table that fixes sizes and parameters to these values (None = unset)."""
+    table = {("size", k): const(v) for k, v in sizes.items()}
+    table.update({("param", k): const(v) for k, v in params.items() if v is not None})
+    return table
+
+
+def tensor_shapes(ir: PatternIR, sizes: dict[str, int], params: dict) -> dict[str, list[int]]:
+    """The concrete shape of every tensor argument for these sizes and parameter values."""
+    table = constant_table(sizes, params)
+    return {t.name: [int(static_value(d, table)) for d in t.dims] for t in ir.tensors}
 
 
 def sizes_for(q_shape, k_shape, v_shape=None) -> dict[str, int]:
@@ -90,17 +101,14 @@ def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, whe
         else:
             raise ArgumentError(p.span, f"pattern `{ir.name}` needs a value for parameter `{p.name}`",
                                 f"pass it as a keyword: `{p.name}=...`")
-    table = {("size", k): const(v) for k, v in sizes.items()}
-    table.update({("param", k): const(v) for k, v in params.items()})
+    shapes = tensor_shapes(ir, sizes, params)
     tensors: dict[str, torch.Tensor] = {}
     for t in ir.tensors:
         if t.name not in arguments:
             dims = ", ".join(_dim_text(d) for d in t.dims)
             raise ArgumentError(t.span, f"pattern `{ir.name}` needs the tensor `{t.name}` "
                                         f"({t.elem}[{dims}])", f"pass it as a keyword: `{t.name}=...`")
-        value = arguments[t.name]
-        shape = [static_value(d, table) for d in t.dims]
-        tensors[t.name] = _check_tensor(t, value, shape, device)
+        tensors[t.name] = _check_tensor(t, arguments[t.name], shapes[t.name], device)
     return Bound(dict(sizes), params, tensors)
 
 

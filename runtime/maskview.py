@@ -9,16 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..lowering.ir import PatternIR, uses
-from .binding import Bound, static_value
+from .binding import Bound, tensor_shapes
 from .reference import _Env, _Evaluator, compute_dtype
-
-
-def tensor_shapes(ir: PatternIR, sizes: dict[str, int], params: dict) -> dict[str, list[int]]:
-    """The concrete shape of every tensor argument for these sizes and parameter values."""
-    from ..lowering.ir import const
-    table = {("size", k): const(v) for k, v in sizes.items()}
-    table.update({("param", k): const(v) for k, v in params.items()})
-    return {t.name: [int(static_value(d, table)) for d in t.dims] for t in ir.tensors}
 
 
 def random_tensor_arguments(ir: PatternIR, sizes: dict[str, int], params: dict, *,

@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..dsl.diagnostics import SpecError
-from ..lowering.ir import Node, PatternIR, const, walk
+from ..lowering.ir import Node, PatternIR, walk
 
 #: elements of one [B, H, chunk, k_len] score block; bounds the interpreter's memory
 CHUNK_ELEMENTS = 1 << 22
@@ -74,10 +74,8 @@ class _Evaluator:
 
     def static(self, n: Node):
         """The Python value of an expression over sizes and parameters (sum ranges, topk)."""
-        from .binding import static_value
-        table = {("size", k): const(v) for k, v in self.env.sizes.items()}
-        table.update({("param", k): const(v) for k, v in self.env.params.items()})
-        return static_value(n, table)
+        from .binding import constant_table, static_value
+        return static_value(n, constant_table(self.env.sizes, self.env.params))
 
     def _const(self, value, dtype):
         return torch.tensor(value, dtype=dtype, device=self.env.device)

@@ -49,16 +49,13 @@ ARGUMENTS = {
 def make_arguments(p, B, H, Lq, seed=0):
     """Int/bool parameters from ARGUMENTS and plausible tensors: sorted small ids, sparse flags,
     floats in [0.5, 1.5) that require grad."""
-    from attnc.lowering.ir import const
-    from attnc.runtime.binding import sizes_for, static_value
+    from attnc.runtime.binding import sizes_for, tensor_shapes
     g = torch.Generator().manual_seed(seed)
     args = {k: v for k, v in ARGUMENTS.get(p.name, {}).items() if p.ir.param(k) is not None}
     sizes = sizes_for((B, H, Lq, 16), (B, H, Lq, 16))
-    table = {("size", k): const(v) for k, v in sizes.items()}
-    table.update({("param", pp.name): const(args.get(pp.name, pp.default)) for pp in p.params
-                  if args.get(pp.name, pp.default) is not None})
+    shapes = tensor_shapes(p.ir, sizes, {pp.name: args.get(pp.name, pp.default) for pp in p.params})
     for t in p.tensors:
-        shape = [int(static_value(d, table)) for d in t.dims]
+        shape = shapes[t.name]
         if t.elem == "int":
             x = torch.cumsum((torch.rand(shape, generator=g) < 0.1).to(torch.int64), dim=-1)
         elif t.elem == "bool":

@@ -55,16 +55,13 @@ ARGUMENTS = {
 
 def tensor_arguments(p, B, H, Lq, Lk, args, seed=0):
     """Plausible tensors for a pattern: sorted small ids, sparse flags, floats in [0.5, 1.5)."""
-    from attnc.runtime.binding import sizes_for, static_value
-    from attnc.lowering.ir import const
+    from attnc.runtime.binding import sizes_for, tensor_shapes
     g = torch.Generator().manual_seed(seed)
     sizes = sizes_for((B, H, Lq, 32), (B, max(1, H), Lk, 32))
-    params = {pp.name: args.get(pp.name, pp.default) for pp in p.params}
-    table = {("size", k): const(v) for k, v in sizes.items()}
-    table.update({("param", k): const(v) for k, v in params.items() if v is not None})
+    shapes = tensor_shapes(p.ir, sizes, {pp.name: args.get(pp.name, pp.default) for pp in p.params})
     out = {}
     for t in p.tensors:
-        shape = [int(static_value(d, table)) for d in t.dims]
+        shape = shapes[t.name]
         if t.elem == "int":
             steps = torch.rand(shape, generator=g) < 0.06
             out[t.name] = torch.cumsum(steps.to(torch.int64), dim=-1)
