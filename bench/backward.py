@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import add_throughput, fmt, parse_args, print_header  # noqa: E402
+from common import add_throughput, bench_main, fmt  # noqa: E402
 
 PATTERNS = ("causal", "sliding_window", "document", "alibi_causal", "gaussian_mixture", "neighborhood_2d")
 LEARNABLE = {"gaussian_mixture": ("alpha", "sigma")}
@@ -115,13 +115,7 @@ def format_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], PATTERNS, (64, 1, 2, 16), "gradients", argv)
-    if isinstance(args, int):
-        return args
-    print_header("forward+backward", args)
-    print(HEADER)
-    run(args)
-    return 0
+    return bench_main(__doc__, PATTERNS, (64, 1, 2, 16), "gradients", "forward+backward", HEADER, run, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ def parse_args(description: str, patterns, smoke: tuple, what: str, argv=None):
     return args
 
 
+def bench_main(doc: str, patterns, smoke: tuple, what: str, kind: str, header: str, run, argv=None) -> int:
+    """A throughput benchmark's `main`: options, the header line, the table from `run(args)`."""
+    args = parse_args(doc.splitlines()[0], patterns, smoke, what, argv)
+    if isinstance(args, int):
+        return args
+    print_header(kind, args)
+    print(header)
+    run(args)
+    return 0
+
+
 def print_header(kind: str, args) -> None:
     """The device, date and versions line every result table starts with."""
     import triton

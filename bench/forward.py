@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attnc  # noqa: E402
-from common import add_throughput, fmt, parse_args, print_header  # noqa: E402
+from common import add_throughput, bench_main, fmt  # noqa: E402
 from attnc.runtime import dispatch  # noqa: E402
 from attnc.runtime.layout import build_layout  # noqa: E402
 
@@ -173,13 +173,7 @@ def format_row(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], PATTERNS, (256, 1, 2, 32), "agreement", argv)
-    if isinstance(args, int):
-        return args
-    print_header("forward", args)
-    print(HEADER)
-    run(args)
-    return 0
+    return bench_main(__doc__, PATTERNS, (256, 1, 2, 32), "agreement", "forward", HEADER, run, argv)
 
 
 if __name__ == "__main__":

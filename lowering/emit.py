@@ -73,6 +73,16 @@ def _marker(span: Span | None) -> str:
     return f"  # {os.path.basename(span.source.path).replace(' ', '_')}:{span.line}"
 
 
+def line_spans(source: str, comments: dict[str, Span]) -> dict[int, Span]:
+    """Generated line number -> the spec span its `# file.attn:LINE` comment names."""
+    out = {}
+    for no, line in enumerate(source.splitlines(), 1):
+        m = _MARK.search(line)
+        if m and m.group(1) in comments:
+            out[no] = comments[m.group(1)]
+    return out
+
+
 def _render(lines: list[Line], comments: dict[str, Span]) -> str:
     out = []
     for ln in lines:
@@ -192,9 +202,4 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
         "KEY_RANGES": _render(_key_range_lines(closed), comments),
     }
     source = fill(skeleton("forward"), holes, "forward.py.in")
-    line_spans = {}
-    for no, line in enumerate(source.splitlines(), 1):
-        m = _MARK.search(line)
-        if m and m.group(1) in comments:
-            line_spans[no] = comments[m.group(1)]
-    return Kernel(source, tuple(args), line_spans, topk, closed)
+    return Kernel(source, tuple(args), line_spans(source, comments), topk, closed)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
-from .emit import _MARK, _render, fill, pattern_code, skeleton, specialize
+from .emit import _render, fill, line_spans, pattern_code, skeleton, specialize
 from .emit_expr import _ATOM, ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .simplify import simplify, substitute
@@ -192,9 +192,4 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         "TOPK": str(topk),
     }
     source = fill(skeleton("backward"), holes, "backward.py.in")
-    line_spans = {}
-    for no, line in enumerate(source.splitlines(), 1):
-        m = _MARK.search(line)
-        if m and m.group(1) in comments:
-            line_spans[no] = comments[m.group(1)]
-    return BackwardKernel(source, tuple(args), wrt, line_spans, topk)
+    return BackwardKernel(source, tuple(args), wrt, line_spans(source, comments), topk)

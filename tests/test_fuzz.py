@@ -56,18 +56,23 @@ KERNEL_EXAMPLES = 120
 KERNEL_SEED = 1
 
 
-def test_kernel_property_fixed_seed(tmp_path):
-    """Generated kernels vs the fp64 reference on small shapes (Triton's interpreter is slow)."""
+def _fixed_seed_profile(prop: str, examples: int, seed: int, corpus) -> None:
+    """`examples` ci-kernel cases at `seed` through the property `prop` ("kernel" or "grad")."""
     if fuzz.kernel_backend_ready():
         stats = fuzz.Stats()
-        found = fuzz.search(fuzz.cases(fuzz.CI_KERNEL), ("compile", "kernel"), "triton",
-                            max_examples=KERNEL_EXAMPLES, seed=KERNEL_SEED, stats=stats)
+        found = fuzz.search(fuzz.cases(fuzz.CI_KERNEL), ("compile", prop), "triton",
+                            max_examples=examples, seed=seed, stats=stats)
         assert found is None, f"{found[1]}\n--- minimal case ({found[0].describe()}) ---\n{found[0].source}"
-        assert stats.passed["kernel"] >= KERNEL_EXAMPLES // 2, stats.line()
+        assert stats.passed[prop] >= examples // 2, stats.line()
         return
-    r = _child("--profile", "ci-kernel", "--examples", str(KERNEL_EXAMPLES), "--seed", str(KERNEL_SEED),
-               "--corpus", str(tmp_path))
+    r = _child("--profile", "ci-kernel", "--examples", str(examples), "--seed", str(seed),
+               "--corpus", str(corpus))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kernel_property_fixed_seed(tmp_path):
+    """Generated kernels vs the fp64 reference on small shapes (Triton's interpreter is slow)."""
+    _fixed_seed_profile("kernel", KERNEL_EXAMPLES, KERNEL_SEED, tmp_path)
 
 
 GRAD_EXAMPLES, GRAD_SEED = 40, 2
@@ -75,16 +80,7 @@ GRAD_EXAMPLES, GRAD_SEED = 40, 2
 
 def test_grad_property_fixed_seed(tmp_path):
     """Generated backward kernels vs autograd through the fp64 reference (issue 5's fuzz profile)."""
-    if fuzz.kernel_backend_ready():
-        stats = fuzz.Stats()
-        found = fuzz.search(fuzz.cases(fuzz.CI_KERNEL), ("compile", "grad"), "triton",
-                            max_examples=GRAD_EXAMPLES, seed=GRAD_SEED, stats=stats)
-        assert found is None, f"{found[1]}\n--- minimal case ({found[0].describe()}) ---\n{found[0].source}"
-        assert stats.passed["grad"] >= GRAD_EXAMPLES // 2, stats.line()
-        return
-    r = _child("--profile", "ci-kernel", "--examples", str(GRAD_EXAMPLES), "--seed", str(GRAD_SEED),
-               "--corpus", str(tmp_path))
-    assert r.returncode == 0, r.stdout + r.stderr
+    _fixed_seed_profile("grad", GRAD_EXAMPLES, GRAD_SEED, tmp_path)
 
 
 # --------------------------------------------------------------------------- the corpus
