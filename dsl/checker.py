@@ -245,8 +245,6 @@ class Checker:
         positional = list(target.pattern.params)
         for i, a in enumerate(s.args):
             if a.name is None:
-                if given and any(g for g in given if g not in [p.name for p in positional[:i]]):
-                    pass
                 if i >= len(positional):
                     self.error(a.span, f"`{s.target}` takes {len(positional)} parameters, {len(s.args)} given")
                     continue

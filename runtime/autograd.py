@@ -16,7 +16,8 @@ import torch
 from .binding import Bound
 
 _LOCK = threading.Lock()
-_PATTERNS: dict[str, tuple[object, dict, dict, list[str]]] = {}
+#: key -> (pattern, parameter values, tensor argument names in op order)
+_PATTERNS: dict[str, tuple[object, dict, list[str]]] = {}
 
 
 def _key(pattern, bound: Bound) -> str:
@@ -29,12 +30,12 @@ def register(pattern, bound: Bound) -> tuple[str, list[str]]:
     key = _key(pattern, bound)
     names = sorted(bound.tensors)
     with _LOCK:
-        _PATTERNS.setdefault(key, (pattern, dict(bound.sizes), dict(bound.params), names))
+        _PATTERNS.setdefault(key, (pattern, dict(bound.params), names))
     return key, names
 
 
 def _forward(key, q, k, v, tensors, scale, backend):
-    pattern, _, params, names = _PATTERNS[key]
+    pattern, params, names = _PATTERNS[key]
     from .binding import sizes_for
     bound = Bound(sizes_for(q.shape, k.shape), params, dict(zip(names, tensors)))
     if backend == "triton":
@@ -74,7 +75,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
-    pattern, _, params, names = _PATTERNS[ctx.key]
+    pattern, params, names = _PATTERNS[ctx.key]
     if ctx.backend == "triton":
         return _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse)
     with torch.enable_grad():
@@ -105,7 +106,7 @@ def _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse):
     """The generated backward kernels (runtime.backward) for a forward that ran them too."""
     from ..lowering.derivative import differentiable_tensors
     from .backward import attention_backward_op
-    pattern, _, _, names = _PATTERNS[ctx.key]
+    pattern, _, names = _PATTERNS[ctx.key]
     usable = set(differentiable_tensors(pattern.ir))
     needs = ctx.needs_input_grad[3]  # one flag per tensor of the list
     wrt = [n for n, t, need in zip(names, tensors, needs) if need and n in usable]

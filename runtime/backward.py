@@ -156,7 +156,7 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         wrt: str) -> list[torch.Tensor]:
     from .autograd import _PATTERNS
     from .binding import sizes_for
-    pattern, _, params, names = _PATTERNS[key]
+    pattern, params, names = _PATTERNS[key]
     bound = Bound(sizes_for(q.shape, k.shape), params, dict(zip(names, tensors)))
     want = [n for n in wrt.split(",") if n]
     dq, dk, dv, grads = triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse,
@@ -169,7 +169,7 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 def _(q, k, v, out, lse, grad_out, grad_lse, tensors, key, scale, wrt):
     want = [n for n in wrt.split(",") if n]
     from .autograd import _PATTERNS
-    names = _PATTERNS[key][3]
+    names = _PATTERNS[key][2]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
         torch.empty_like(t) for n, t in zip(names, tensors) if n in want]
 
