@@ -33,6 +33,8 @@ SPEC_ERRORS = {
     "duplicate_pattern": (4, 9),
     "empty_file": (1, 1),
     "no_pattern": (1, 1),
+    "int_overflow": (2, 18),
+    "ambiguous_let": (8, 14),
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
@@ -42,6 +44,9 @@ CALL_ERRORS = {
     "call_unknown_keyword": (lambda: dict(window=4, windw=4, slopes=torch.ones(2)), ArgumentError, (1, 9)),
     "call_tensor_shape": (lambda: dict(window=4, slopes=torch.ones(3)), ValueError, None),
     "call_tensor_dtype": (lambda: dict(window=4, slopes=torch.ones(2, dtype=torch.int64)), ValueError, None),
+    # run-time errors of the reference, in their own files
+    "call_index_out_of_range": (lambda: dict(t=torch.ones(2)), attnc.SpecError, (3, 16)),
+    "call_division_by_zero": (lambda: dict(), attnc.SpecError, (2, 10)),
 }
 
 
