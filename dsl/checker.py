@@ -243,7 +243,12 @@ class Checker:
         other = self.pattern_info(target)
         given = set()
         positional = list(target.pattern.params)
+        seen_keyword = False
         for i, a in enumerate(s.args):
+            if a.name is None and seen_keyword:
+                self.error(a.span, "a positional argument cannot follow a keyword argument",
+                           f"name it, e.g. `{positional[i].name if i < len(positional) else 'name'}=...`")
+            seen_keyword = seen_keyword or a.name is not None
             if a.name is None:
                 if i >= len(positional):
                     self.error(a.span, f"`{s.target}` takes {len(positional)} parameters, {len(s.args)} given")

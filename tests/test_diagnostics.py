@@ -35,6 +35,7 @@ SPEC_ERRORS = {
     "no_pattern": (1, 1),
     "int_overflow": (2, 18),
     "ambiguous_let": (8, 14),
+    "use_positional_after_keyword": (5, 20),
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
