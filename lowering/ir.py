@@ -48,8 +48,8 @@ class Node:
         return h
 
     def __repr__(self) -> str:
-        from .printer import format_node
-        return format_node(self)
+        from .printer import format_expr
+        return format_expr(self)
 
     def with_args(self, args: tuple["Node", ...]) -> "Node":
         if args == self.args:

@@ -1,11 +1,62 @@
-"""A compact, deterministic text form of IR expressions and patterns (for tests and debugging)."""
+"""A compact, deterministic text form of IR expressions and patterns (for tests and debugging).
+
+Inlined lets make the IR a DAG: a sub-expression used twice is one node with two parents, and
+printing it as a tree doubles it at every level. The tree printers therefore name each large
+sub-expression that occurs more than once (`t0`, `t1`, ... children first) and print it once,
+so their output stays about as large as the DAG.
+"""
 from __future__ import annotations
+
+from collections import Counter
+
+from .ir import walk
 
 _SYM = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
         "and": "and", "or": "or", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 
 
-def format_node(n) -> str:
+#: a repeated sub-expression is named when its inline text would have more nodes than this
+SHARE_THRESHOLD = 12
+
+
+def shared_names(roots) -> dict:
+    """{node: name} for the sub-expressions of `roots` worth naming: structurally repeated (two
+    or more parents, or a parent and a root) and over SHARE_THRESHOLD nodes when inlined."""
+    uses: Counter = Counter()
+    order, seen = [], set()
+    for r in roots:
+        uses[r] += 1
+        for n in walk(r):
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+                uses.update(n.args)
+    names: dict = {}
+    size: dict = {}
+    for n in order:  # children first
+        size[n] = 1 + sum(1 if a in names else size[a] for a in n.args)
+        if uses[n] > 1 and n.args and size[n] > SHARE_THRESHOLD:
+            names[n] = f"t{len(names)}"
+    return names
+
+
+def format_expr(n) -> str:
+    """`n` as text, repeated large sub-expressions named: `expr where t0 = ..., t1 = ...`."""
+    names = shared_names([n])
+    if not names:
+        return format_node(n)
+    defs = ", ".join(f"{name} = {format_node(m, names, define=True)}" for m, name in names.items())
+    return f"{format_node(n, names)} where {defs}"
+
+
+def format_node(n, names: dict | None = None, define: bool = False) -> str:
+    """`n` as a tree; a node in `names` prints as its name (unless it is the one being defined)."""
+    if names and not define and n in names:
+        return names[n]
+    if names:
+        sub = lambda a: format_node(a, names)  # noqa: E731
+    else:
+        sub = format_node
     if n.op == "const":
         return repr(n.value).lower() if isinstance(n.value, bool) else repr(n.value)
     if n.op in ("index", "size", "loopvar"):
@@ -15,31 +66,37 @@ def format_node(n) -> str:
     if n.op == "score":
         return "score"
     if n.op == "load":
-        return f"{n.value}[{', '.join(format_node(a) for a in n.args)}]"
+        return f"{n.value}[{', '.join(sub(a) for a in n.args)}]"
     if n.op in _SYM:
-        return f"({format_node(n.args[0])} {_SYM[n.op]} {format_node(n.args[1])})"
+        return f"({sub(n.args[0])} {_SYM[n.op]} {sub(n.args[1])})"
     if n.op == "where":
         c, a, b = n.args
-        return f"({format_node(a)} if {format_node(c)} else {format_node(b)})"
+        return f"({sub(a)} if {sub(c)} else {sub(b)})"
     if n.op == "sum":
-        return f"sum({format_node(n.args[1])} for {n.value} in range({format_node(n.args[0])}))"
+        return f"sum({sub(n.args[1])} for {n.value} in range({sub(n.args[0])}))"
     if n.op == "cast":
-        return f"float({format_node(n.args[0])})"
-    return f"{n.op}({', '.join(format_node(a) for a in n.args)})"
+        return f"float({sub(n.args[0])})"
+    return f"{n.op}({', '.join(sub(a) for a in n.args)})"
 
 
 def format_pattern(p) -> str:
     lines = [f"pattern {p.name}(" + ", ".join(f"{x.name}: {x.type}" + (f" = {x.default!r}" if x.default is not None else "")
                                              for x in p.params) + ")"]
+    roots = [d for t in p.tensors for d in t.dims] + list(p.scores) + list(p.masks)
+    roots += [r for r in (p.topk, p.bias) if r is not None]
+    names = shared_names(roots)
+    fmt = lambda n: format_node(n, names)  # noqa: E731
     for t in p.tensors:
-        lines.append(f"  tensor {t.name}: {t.elem}[{', '.join(format_node(d) for d in t.dims)}]")
+        lines.append(f"  tensor {t.name}: {t.elem}[{', '.join(fmt(d) for d in t.dims)}]")
+    for m, name in names.items():
+        lines.append(f"  let {name} = {format_node(m, names, define=True)}")
     for s in p.scores:
-        lines.append(f"  score = {format_node(s)}")
+        lines.append(f"  score = {fmt(s)}")
     for m in p.masks:
-        lines.append(f"  mask {format_node(m)}")
+        lines.append(f"  mask {fmt(m)}")
     if p.topk is not None:
-        lines.append(f"  select topk({format_node(p.topk)})")
-    lines.append(f"  normalize {p.normalizer}" + (f"(bias = {format_node(p.bias)})" if p.bias is not None else ""))
+        lines.append(f"  select topk({fmt(p.topk)})")
+    lines.append(f"  normalize {p.normalizer}" + (f"(bias = {fmt(p.bias)})" if p.bias is not None else ""))
     return "\n".join(lines)
 
 
@@ -52,7 +109,6 @@ def canonical_text(p) -> str:
     lines: list[str] = []
 
     def num(n) -> int:
-        from .ir import walk
         for m in walk(n):
             if m not in ids:
                 args = ",".join(f"%{ids[a]}" for a in m.args)

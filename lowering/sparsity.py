@@ -28,7 +28,7 @@ import torch
 from .intervals import INF, Evaluator, Iv, point, residue_hits
 from .ir import COMPARISONS, Node, walk
 from .normal_form import DNF_CAP, Term, affine, comparison_bounds, dnf, normalize_form
-from .printer import format_node
+from .printer import format_expr
 from .simplify import simplify, substitute
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -37,7 +37,7 @@ MAX_SPLIT = 8
 
 
 def text(n: Node) -> str:
-    return format_node(n).replace("$", "")
+    return format_expr(n).replace("$", "")
 
 
 def specialize(masks, table) -> tuple[Node, ...]:

@@ -113,8 +113,8 @@ def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, whe
 
 
 def _dim_text(d: Node) -> str:
-    from ..lowering.printer import format_node
-    return format_node(d).replace("$", "")
+    from ..lowering.printer import format_expr
+    return format_expr(d).replace("$", "")
 
 
 def _check_scalar(ir, p, value):

@@ -30,3 +30,21 @@ def test_precedence_is_preserved():
     m = parse(src)
     assert parse(print_module(m)) == m
     assert print_module(parse(print_module(m))) == print_module(m)
+
+
+def _doubling_lets(levels: int) -> str:
+    """Each let uses the previous one three times: the inlined tree has ~3**levels nodes."""
+    lines = ["pattern deep:", "    let a0 = q - k"]
+    lines += [f"    let a{i} = a{i - 1} * a{i - 1} + a{i - 1}" for i in range(1, levels + 1)]
+    lines += [f"    score += a{levels} % 7", f"    mask a{levels} % 3 != 1"]
+    return "\n".join(lines) + "\n"
+
+
+def test_ir_printers_name_shared_subexpressions_instead_of_repeating_them():
+    import attnc
+    p = attnc.compile(_doubling_lets(24), path="deep.attn")
+    text = p.ir_text()
+    assert len(text) < 4000 and "let t0 = " in text
+    assert len(repr(p.ir.masks[0])) < 4000 and " where t0 = " in repr(p.ir.masks[0])
+    # small patterns print as trees, without names
+    assert "let" not in attnc.std("sliding_window").ir_text()
