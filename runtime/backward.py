@@ -23,34 +23,42 @@ from ..lowering.derivative import differentiable_tensors
 from ..lowering.ir import walk
 from . import dispatch
 from .binding import Bound
-from .dispatch import (MAX_HEAD_DIM, SUPPORTED_DTYPES, Tiles, _check_backend, _extra_arguments,
-                       _next_pow2, _strides, choose_tiles, launch, triton_cdiv)
-from .jit import backward_kernel
+from .dispatch import (MAX_HEAD_DIM, SUPPORTED_DTYPES, Launch, Tiles, _check_backend,
+                       _extra_arguments, _layout, _next_pow2, choose_tiles, input_precision,
+                       launch_meta, layout_lists, run_launch, triton_cdiv)
+from .jit import Compiled, backward_kernel
 
 def backward_tiles(device: torch.device, head_dim: int, v_dim: int, topk: int,
                    reads_score: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[Tiles, Tiles]:
     """(dQ-pass tiles, dK/dV-pass tiles). Where a keep decision reads the score (`select topk`,
     a mask on `score`), both passes use the forward's tiles, so every score is formed by the
-    same dot as in the forward and the keep sets agree bit for bit."""
+    same dot as in the forward and the keep sets agree bit for bit.
+
+    The CUDA shapes are the ones without register spills (or the fewest) when compiled for sm_90
+    by the Triton in use: `python bench/static.py` shows registers, spills, shared memory and
+    the MMA instructions of each kernel (bench/RESULTS.md has the figures)."""
     fwd = choose_tiles(device, head_dim, v_dim, topk, dtype)
     forced = getattr(dispatch._OVERRIDE, "tiles", None) is not None
     if device.type != "cuda" or topk or reads_score or forced:
         return fwd, fwd
     d = max(head_dim, v_dim)
-    if d <= 128:
-        return Tiles(128, 32, 4, 3), Tiles(32, 128, 4, 3)
-    return Tiles(64, 32, 4, 2), Tiles(32, 64, 4, 2)
+    if d <= 64:
+        t_dq, t_kv = Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 3)
+    elif d <= 128:
+        t_dq, t_kv = Tiles(128, 32, 8, 3), Tiles(32, 128, 8, 3)
+    else:
+        t_dq, t_kv = Tiles(64, 32, 8, 2), Tiles(32, 64, 8, 2)
+    if dtype.itemsize >= 4:  # as in choose_tiles: 4-byte tiles double each stage's shared memory
+        t_dq, t_kv = (Tiles(t.block_m, t.block_n, t.num_warps, min(t.num_stages, 2))
+                      for t in (t_dq, t_kv))
+    return t_dq, t_kv
 
 
-def _layout(ir, bound, q_len, k_len, tiles: Tiles, device):
-    from .layout import build_layout
-    return build_layout(ir, bound, q_len, k_len, tiles.block_m, tiles.block_n, device)
-
-
-def _lists(num_p, idx_p, num_f, idx_f) -> list:
-    if num_p.stride() != num_f.stride() or idx_p.stride() != idx_f.stride():
-        num_p, idx_p, num_f, idx_f = (t.contiguous() for t in (num_p, idx_p, num_f, idx_f))
-    return [num_p, idx_p, num_f, idx_f, *_strides(num_p, 3), *_strides(idx_p, 4)]
+def key_major(topk: int, reads_score: bool) -> bool:
+    """Whether the dK/dV pass forms its score tiles keys-first (`KEY_MAJOR` in the skeleton):
+    only when no keep decision reads the score, since the transposed dot may round differently
+    from the forward's and flip a decision at a tie."""
+    return not (topk or reads_score)
 
 
 def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bound: Bound,
@@ -68,27 +76,22 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
         deterministic = torch.are_deterministic_algorithms_enabled()
     ir = pattern.ir
     B, H, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Lk, Dv = k.shape[2], v.shape[3]
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got q/k {D}, v {Dv}")
     differentiable = set(differentiable_tensors(ir))
     grad_names = tuple(sorted(n for n in wrt if n in differentiable))
     spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
     compiled = backward_kernel(ir, spec, grad_names)
-    kernel, module = compiled.kernel, compiled.module
-    topk = kernel.topk
 
     acc = torch.float64 if fp64 else torch.float32
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    grads = {n: torch.zeros(bound.tensors[n].shape, dtype=acc, device=q.device) for n in grad_names}
-    result = lambda: (dq, dk, dv, {n: g.to(bound.tensors[n].dtype) for n, g in grads.items()})
     if Lq == 0 or Lk == 0 or B * H == 0:
-        return result()
+        return dq, dk, dv, {n: torch.zeros_like(bound.tensors[n]) for n in grad_names}
     if grad_out is None:
         grad_out = torch.zeros_like(out)
 
-    softmax = ir.normalizer == "softmax"
-    if softmax:
+    if ir.normalizer == "softmax":
         lse = lse.to(acc).contiguous()
         delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
         if grad_lse is not None:  # d lse / d s = P: folds into delta
@@ -96,54 +99,71 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
         delta = delta.contiguous()
     else:
         lse = delta = torch.zeros((B, H, Lq), dtype=acc, device=q.device)
-    stat_strides = list(lse.stride())
 
-    reads_score = any(n.op == "score" for m in ir.masks for n in walk(m))
-    t_dq, t_kv = backward_tiles(q.device, D, Dv, topk, reads_score, q.dtype)
-    common = dict(BLOCK_D=max(16, _next_pow2(D)),
-                  INPUT_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-                  FP64=fp64)
-    extra = _extra_arguments(kernel.arguments, bound)
-    sizes = [float(scale), B, H, Hkv, Lq, Lk, D]
-
-    kth = lse
-    lay_dq = _layout(ir, bound, Lq, Lk, t_dq, q.device)
-    if topk:
-        kth = torch.empty((B, H, Lq), dtype=acc, device=q.device)
-        args = [q, k, kth, *q.stride(), *k.stride(), *kth.stride(),
-                *_lists(lay_dq.kv_partial_num, lay_dq.kv_partial_idx, lay_dq.kv_full_num,
-                        lay_dq.kv_full_idx), *sizes, *extra]
-        launch(compiled, module.attn_bwd_kth, (triton_cdiv(Lq, t_dq.block_m), B * H), args,
-                dict(common, BLOCK_M=t_dq.block_m, BLOCK_N=t_dq.block_n), t_dq, q.device)
-
-    grid_dq = (triton_cdiv(Lq, t_dq.block_m), B * H)
-    programs = grid_dq[0] * grid_dq[1]
-    buffers = {}
+    launches, buffers = backward_launches(compiled, ir, bound, q, k, v, grad_out, lse, delta,
+                                          dq, dk, dv, grad_names, deterministic, scale, q.device)
+    for L in launches:
+        run_launch(compiled, L)
+    grads = {}
     for n in grad_names:
-        numel = bound.tensors[n].numel()
-        buffers[n] = (torch.zeros((programs, numel), dtype=acc, device=q.device) if deterministic
-                      else grads[n])
-    meta = dict(common, BLOCK_DV=max(16, _next_pow2(Dv)))
-    args = [q, k, v, grad_out, lse, delta, kth, dq,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *stat_strides,
-            *_lists(lay_dq.kv_partial_num, lay_dq.kv_partial_idx, lay_dq.kv_full_num,
-                    lay_dq.kv_full_idx), *sizes, Dv, *extra, *(buffers[n] for n in grad_names)]
-    launch(compiled, module.attn_bwd_dq, grid_dq, args,
-            dict(meta, BLOCK_M=t_dq.block_m, BLOCK_N=t_dq.block_n, DETERMINISTIC=deterministic),
-            t_dq, q.device)
-    if deterministic:
-        for n in grad_names:
-            grads[n] = buffers[n].sum(0).view(bound.tensors[n].shape)
+        shape, dtype = bound.tensors[n].shape, bound.tensors[n].dtype
+        grads[n] = (buffers[n].sum(0).view(shape) if deterministic else buffers[n]).to(dtype)
+    return dq, dk, dv, grads
 
-    lay_kv = lay_dq if t_kv == t_dq else _layout(ir, bound, Lq, Lk, t_kv, q.device)
+
+def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, lse, delta,
+                      dq, dk, dv, grad_names: tuple[str, ...], deterministic: bool, scale: float,
+                      target: torch.device) -> tuple[list[Launch], dict]:
+    """The launches of one backward call on `target` (q's device, or CUDA for `runtime/aot.py`,
+    which passes CPU tensors of the call's shapes), in order: `attn_bwd_kth` (top-k only),
+    `attn_bwd_dq`, `attn_bwd_dkdv`; and {name: buffer} for the tensor-argument gradients,
+    zeroed, in lse's dtype: the gradient's shape, or [programs, numel] slices to sum when
+    deterministic. `lse` and `delta` are [B, H, Lq], contiguous."""
+    module, topk = compiled.module, compiled.kernel.topk
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    reads_score = any(n.op == "score" for m in ir.masks for n in walk(m))
+    t_dq, t_kv = backward_tiles(target, D, Dv, topk, reads_score, q.dtype)
+    common = dict(BLOCK_D=max(16, _next_pow2(D)), INPUT_PRECISION=input_precision(q.dtype),
+                  FP64=q.dtype == torch.float64)
+    extra = _extra_arguments(compiled.kernel.arguments, bound)
+    sizes = [float(scale), B, H, Hkv, Lq, Lk, D]
+    stats = list(lse.stride())
+    launches = []
+
+    lay = _layout(ir, bound, Lq, Lk, t_dq, q.device)
+    q_tiles = layout_lists(lay.kv_partial_num, lay.kv_partial_idx, lay.kv_full_num, lay.kv_full_idx)
+    grid_dq = (triton_cdiv(Lq, t_dq.block_m), B * H)
+    kth = lse
+    if topk:
+        kth = torch.empty((B, H, Lq), dtype=lse.dtype, device=q.device)
+        args = [q, k, kth, *q.stride(), *k.stride(), *kth.stride(), *q_tiles, *sizes, *extra]
+        launches.append(Launch("attn_bwd_kth", module.attn_bwd_kth, grid_dq, tuple(args),
+                               launch_meta(target, t_dq, **common), t_dq))
+
+    programs = grid_dq[0] * grid_dq[1]
+    buffers = {n: torch.zeros((programs, bound.tensors[n].numel()) if deterministic
+                              else bound.tensors[n].shape, dtype=lse.dtype, device=q.device)
+               for n in grad_names}
+    args = [q, k, v, grad_out, lse, delta, kth, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *stats,
+            *q_tiles, *sizes, Dv, *extra, *(buffers[n] for n in grad_names)]
+    launches.append(Launch("attn_bwd_dq", module.attn_bwd_dq, grid_dq, tuple(args),
+                           launch_meta(target, t_dq, **common, BLOCK_DV=max(16, _next_pow2(Dv)),
+                                       DETERMINISTIC=deterministic), t_dq))
+
+    if t_kv != t_dq:
+        lay = _layout(ir, bound, Lq, Lk, t_kv, q.device)
     args = [q, k, v, grad_out, lse, delta, kth, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            *stat_strides,
-            *_lists(lay_kv.q_partial_num, lay_kv.q_partial_idx, lay_kv.q_full_num,
-                    lay_kv.q_full_idx), *sizes, Dv, *extra]
-    launch(compiled, module.attn_bwd_dkdv, (triton_cdiv(Lk, t_kv.block_n), B * Hkv), args,
-            dict(meta, BLOCK_M=t_kv.block_m, BLOCK_N=t_kv.block_n), t_kv, q.device)
-    return result()
+            *stats,
+            *layout_lists(lay.q_partial_num, lay.q_partial_idx, lay.q_full_num, lay.q_full_idx),
+            *sizes, Dv, *extra]
+    launches.append(Launch("attn_bwd_dkdv", module.attn_bwd_dkdv,
+                           (triton_cdiv(Lk, t_kv.block_n), B * Hkv), tuple(args),
+                           launch_meta(target, t_kv, **common, BLOCK_DV=max(16, _next_pow2(Dv)),
+                                       KEY_MAJOR=key_major(topk, reads_score)), t_kv))
+    return launches, buffers
 
 
 # ------------------------------------------------------------------ the custom op

@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,28 @@ class Tiles:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the generated JIT function, its grid, positional arguments and keyword
+    constexprs (num_warps / num_stages included for a CUDA target). `run_launch` runs it;
+    `runtime/aot.py` compiles it for a GPU target without a GPU."""
+
+    name: str
+    fn: object
+    grid: tuple
+    args: tuple
+    meta: dict = field(hash=False, compare=False)
+    tiles: Tiles = None
+
+
+def launch_meta(target: torch.device, tiles: Tiles, **constexprs) -> dict:
+    """The keyword arguments of a launch: constexprs, tile shape, and on CUDA warps and stages."""
+    meta = dict(constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)
+    if target.type == "cuda":
+        meta.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return meta
 
 
 _OVERRIDE = threading.local()
@@ -109,16 +131,14 @@ def _layout(ir: PatternIR, bound: Bound, q_len: int, k_len: int, tiles: Tiles, d
     return build_layout(ir, bound, q_len, k_len, tiles.block_m, tiles.block_n, device)
 
 
-def _layout_arguments(ir: PatternIR, bound: Bound, q_len: int, k_len: int, tiles: Tiles, device) -> list:
-    """The layout's index tensors and their strides, as `attn_fwd` takes them."""
-    layout = _layout(ir, bound, q_len, k_len, tiles, device)
-    pnum, pidx = layout.kv_partial_num, layout.kv_partial_idx
-    fnum, fidx = layout.kv_full_num, layout.kv_full_idx
+def layout_lists(pnum, pidx, fnum, fidx) -> list:
+    """A layout's PARTIAL and FULL tile lists and their strides, as the kernels take them: counts
+    [Bd, Hd, n] and indices [Bd, Hd, n, m], size-1 dimensions broadcast (stride 0)."""
     if pidx.shape != fidx.shape or pnum.shape != fnum.shape:
         raise RuntimeError(f"internal: partial/full layout shapes differ: {tuple(pidx.shape)} vs "
                            f"{tuple(fidx.shape)}")
     if pnum.stride() != fnum.stride() or pidx.stride() != fidx.stride():
-        pnum, fnum, pidx, fidx = (t.contiguous() for t in (pnum, fnum, pidx, fidx))
+        pnum, pidx, fnum, fidx = (t.contiguous() for t in (pnum, pidx, fnum, fidx))
     return [pnum, pidx, fnum, fidx, *_strides(pnum, 3), *_strides(pidx, 4)]
 
 
@@ -158,7 +178,7 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
         raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got "
                          f"{q.dtype}; use backend='reference' for {q.dtype}")
     B, H, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Lk, Dv = k.shape[2], v.shape[3]
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got q/k {D}, v {Dv}")
     ir = pattern.ir
@@ -178,35 +198,53 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
             lse.fill_(float("-inf"))
         return out, lse
 
-    tiles = choose_tiles(q.device, D, Dv, topk, q.dtype)
+    L, path = forward_launch(compiled, ir, bound, q, k, v, out, lse, scale, q.device)
+    LAUNCHES[path] += 1
+    run_launch(compiled, L)
+    return out, lse
+
+
+def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out, lse, scale: float,
+                   target: torch.device) -> tuple[Launch, str]:
+    """The forward launch for a call on `target` (q's device, or CUDA for `runtime/aot.py`,
+    which passes CPU tensors of the call's shapes) and its path: 'closed_form' or 'layout'.
+    `lse` is None unless the call returns it."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    tiles = choose_tiles(target, D, Dv, compiled.kernel.topk, q.dtype)
     if compiled.kernel.closed_form is not None:
         # the kernel computes its key tiles per query tile: no layout at all
         path, layout_args = "closed_form", [None, None, None, None, 0, 0, 0, 0, 0, 0, 0]
     else:
-        path, layout_args = "layout", _layout_arguments(ir, bound, Lq, Lk, tiles, q.device)
+        lay = _layout(ir, bound, Lq, Lk, tiles, q.device)
+        path = "layout"
+        layout_args = layout_lists(lay.kv_partial_num, lay.kv_partial_idx, lay.kv_full_num,
+                                   lay.kv_full_idx)
     lse_arg = lse if lse is not None else out
     lse_strides = list(lse.stride()) if lse is not None else [0, 0, 0]
-    grid = (triton_cdiv(Lq, tiles.block_m), B * H)
     args = [q, k, v, out, lse_arg,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse_strides,
             *layout_args,
             float(scale), B, H, Hkv, Lq, Lk, D, Dv,
             *_extra_arguments(compiled.kernel.arguments, bound)]
-    meta = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, _next_pow2(D)),
-                BLOCK_DV=max(16, _next_pow2(Dv)), RETURN_LSE=return_lse,
-                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    LAUNCHES[path] += 1
-    launch(compiled, compiled.module.attn_fwd, grid, args, meta, tiles, q.device)
-    return out, lse
+    meta = launch_meta(target, tiles, BLOCK_D=max(16, _next_pow2(D)),
+                       BLOCK_DV=max(16, _next_pow2(Dv)), RETURN_LSE=lse is not None,
+                       INPUT_PRECISION=input_precision(q.dtype))
+    grid = (triton_cdiv(Lq, tiles.block_m), B * H)
+    return Launch("attn_fwd", compiled.module.attn_fwd, grid, tuple(args), meta, tiles), path
 
 
-def launch(compiled: Compiled, fn, grid, args, meta: dict, tiles: Tiles, device: torch.device) -> None:
+def input_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s precision: exact ("ieee") for 4- and 8-byte inputs; 16-bit inputs are exact in
+    tensor cores anyway ("tf32" only names the default)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def run_launch(compiled: Compiled, launch: Launch) -> None:
     """Run one generated kernel; a failure inside generated code becomes a SpecError at the spec
     line that produced it (see `spec_error_for`)."""
-    if device.type == "cuda":
-        meta = dict(meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     try:
-        fn[grid](*args, **meta)
+        launch.fn[launch.grid](*launch.args, **launch.meta)
     except SpecError:
         raise
     except Exception as e:

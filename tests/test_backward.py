@@ -267,13 +267,13 @@ def test_deterministic_mode_matches_atomics(name):
 
 def test_deterministic_algorithms_switch_the_mode(monkeypatch):
     seen = []
-    real = backward.launch
+    real = backward.run_launch
 
-    def spy(compiled, fn, grid, args, meta, tiles, device):
-        seen.append(meta.get("DETERMINISTIC"))
-        return real(compiled, fn, grid, args, meta, tiles, device)
+    def spy(compiled, launch):
+        seen.append(launch.meta.get("DETERMINISTIC"))
+        return real(compiled, launch)
 
-    monkeypatch.setattr(backward, "launch", spy)
+    monkeypatch.setattr(backward, "run_launch", spy)
     p = attnc.std("alibi")
     q, k, v = qkv(1, 2, 2, 20, 20, 16)
     slopes = torch.rand(2, device=DEVICE, requires_grad=True)
