@@ -9,8 +9,9 @@ Triton's JIT would) and runs Triton's whole NVIDIA pipeline for `GPUTarget("cuda
     Python AST -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (the ptxas shipped with Triton)
 
 and checks that every stage produced output, that the PTX names the target, and that the kernel
-fits the target's shared memory per block. Not checked: register use (known only when a driver
-loads the cubin) and numerical results (the interpreter tests cover those).
+fits the target's shared memory per block; on sm_90, 16-bit dots must be `wgmma`, never `mma.sync`
+(`aot.kernel_statistics`). Not asserted: register counts and spills (Triton-version dependent;
+`bench/static.py` reports them) and numerical results (the interpreter tests cover those).
 
 The compiles run in child processes without TRITON_INTERPRET (the generated modules read it at
 import and would compile their interpreter branches), with private attnc and Triton caches, one
@@ -157,6 +158,7 @@ if __name__ != "__main__":
         selected = [item.callspec.params["case"] for item in request.session.items
                     if item.module is sys.modules[__name__] and hasattr(item, "callspec")
                     and "case" in item.callspec.params]
+        selected = list({c["id"]: c for c in selected}.values())  # two tests share each case
         start = time.monotonic()
         results = compile_in_children(selected, str(tmp_path_factory.mktemp("gpu-compile")))
         seconds = time.monotonic() - start
@@ -169,6 +171,17 @@ if __name__ != "__main__":
         r = compiled.get(case["id"])
         assert r is not None, f"no result for {case['id']}"
         assert r["ok"], f"{case['id']} does not compile for sm_{case['cap']}:\n{r['error']}"
+
+    @pytest.mark.parametrize("case", [c for c in _params() if c.values[0]["cap"] == 90
+                                      and c.values[0]["dtype"] in ("bf16", "fp16")
+                                      and not c.values[0]["bug"]])
+    def test_hopper_dots_are_wgmma(case, compiled):
+        """16-bit dots on sm_90 compile to warpgroup MMA; an `mma.sync` means a dot fell back
+        to the Ampere path (a register transpose before a dot did that to the dK/dV pass)."""
+        r = compiled.get(case["id"])
+        assert r is not None and r["ok"], f"{case['id']} did not compile"
+        for k in r["kernels"]:
+            assert k["wgmma"] > 0 and k["mma_sync"] == 0, f"{case['id']} {k}"
 
     def test_both_forward_paths_are_covered(compiled):
         """The representative set reaches the closed-form and the layout-index forward."""
@@ -207,7 +220,7 @@ def _compile_case(case) -> dict:
             raise RuntimeError(f"{launch.name}: no output from stages {missing}")
         if f".target sm_{case['cap']}" not in kernel.asm["ptx"]:
             raise RuntimeError(f"{launch.name}: the PTX is not for sm_{case['cap']}")
-        kernels.append(dict(name=launch.name, shared=kernel.metadata.shared))
+        kernels.append(dict(name=launch.name, **aot.kernel_statistics(kernel)))
     path = None
     if case["direction"] == "fwd":
         from attnc.runtime.jit import forward_kernel
