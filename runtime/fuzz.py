@@ -619,8 +619,10 @@ def hypothesis_settings(max_examples: int, derandomize: bool = False) -> setting
 
 
 def search(strategy, properties=PROPERTIES, backend: str = "triton", max_examples: int = 100,
-           seed: int = 0, stats: Stats | None = None):
-    """Run hypothesis on `strategy`; return (minimal failing case, PropertyFailure) or None."""
+           seed: int = 0, stats: Stats | None = None, deadline: float | None = None):
+    """Run hypothesis on `strategy`; return (minimal failing case, PropertyFailure) or None.
+    Past `deadline` (a time.monotonic() value) new cases are skipped unchecked, unless a failure
+    is being shrunk, so a budget overruns by at most one case."""
     stats = stats if stats is not None else Stats()
     failures: list = []
 
@@ -628,6 +630,8 @@ def search(strategy, properties=PROPERTIES, backend: str = "triton", max_example
     @hypothesis_settings(max_examples)
     @given(strategy)
     def run(case):
+        if deadline is not None and not failures and time.monotonic() > deadline:
+            reject()
         try:
             check_case(case, properties, backend, stats)
         except Rejected:
@@ -789,7 +793,8 @@ def main(argv=None) -> int:
     i, failed = 0, 0
     while time.monotonic() - start < args.seconds and \
             (args.max_patterns is None or len(stats.patterns) < args.max_patterns):
-        found = search(cases(profile, source, name), props, args.backend, batch, seed * 100003 + i, stats)
+        found = search(cases(profile, source, name), props, args.backend, batch, seed * 100003 + i, stats,
+                       deadline=start + args.seconds)
         i += 1
         print(f"[{time.monotonic() - start:7.0f} s] {stats.line()}", flush=True)
         if found is not None:

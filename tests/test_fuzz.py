@@ -212,3 +212,13 @@ def test_supported_tiles_come_from_dispatch():
     from attnc.runtime.dispatch import choose_tiles
     t = choose_tiles(torch.device("cpu"), 64, 64, 0)
     assert (t.block_m, t.block_n) in fuzz.SUPPORTED_TILES and (16, 16) in fuzz.SUPPORTED_TILES
+
+
+def test_a_passed_deadline_skips_new_cases():
+    """`--seconds` is checked per case, not per batch: past the deadline nothing more runs."""
+    stats = fuzz.Stats()
+    start = time.monotonic()
+    found = fuzz.search(fuzz.cases(fuzz.CI_CHEAP), ("compile", "roundtrip"), "reference",
+                        max_examples=200, seed=0, stats=stats, deadline=time.monotonic() - 1)
+    assert found is None and stats.examples == 0
+    assert time.monotonic() - start < 30
