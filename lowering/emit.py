@@ -175,8 +175,9 @@ def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
     return PatternCode(score.lines, mask.lines, bias.lines, topk)
 
 
-def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
-    """Generate the forward kernel module for `ir` with int/bool parameters fixed."""
+def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = False) -> Kernel:
+    """Generate the forward kernel module for `ir` with int/bool parameters fixed; `wide`: int64
+    index arithmetic (see lowering/int_range.py)."""
     ir = specialize(ir, specialization)
     operands = Operands()
     comments: dict[str, Span] = {}
@@ -197,6 +198,7 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object]) -> Kernel:
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(ir.normalizer == "sigmoid"),
         "TOPK": str(topk),
+        "WIDE": repr(bool(wide)),
         "CLOSED_FORM": repr(closed is not None),
         "N_COVER": str(len(closed.intervals) if closed else 0),
         "KEY_RANGES": _render(_key_range_lines(closed), comments),

@@ -145,9 +145,9 @@ def _chain(pr: _GradPrinter, ir: PatternIR, grads: tuple[StatementGrad, ...],
 
 
 def emit_backward(ir: PatternIR, specialization: dict[str, object],
-                  wrt: tuple[str, ...] = ()) -> BackwardKernel:
+                  wrt: tuple[str, ...] = (), wide: bool = False) -> BackwardKernel:
     """Generate the backward module for `ir` with int/bool parameters fixed; `wrt` names the float
-    tensor arguments whose gradients it accumulates."""
+    tensor arguments whose gradients it accumulates; `wide`: int64 index arithmetic."""
     ir = specialize(ir, specialization)
     wrt = tuple(sorted(wrt))
     operands = Operands()
@@ -190,6 +190,7 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(sigmoid),
         "TOPK": str(topk),
+        "WIDE": repr(bool(wide)),
     }
     source = fill(skeleton("backward"), holes, "backward.py.in")
     return BackwardKernel(source, tuple(args), wrt, line_spans(source, comments), topk)

@@ -30,7 +30,7 @@ import torch
 
 from ..lowering.derivative import differentiable_tensors
 from .backward import backward_launches as _backward_launches
-from .dispatch import Launch, forward_launch
+from .dispatch import Launch, call_specialization, forward_launch
 from .jit import backward_kernel, forward_kernel
 
 #: the largest shared memory one block may use (opt-in), in bytes, by compute capability
@@ -49,10 +49,6 @@ def _qkv(shape: dict, dtype: torch.dtype):
             torch.empty((B, Hkv, Lk, Dv), dtype=dtype))
 
 
-def _specialization(ir, bound) -> dict:
-    return {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
-
-
 def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
                      return_lse: bool) -> list[Launch]:
     """The forward launch of `pattern` on CUDA for a call of this shape (batch, heads, kv_heads,
@@ -60,7 +56,7 @@ def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     `runtime/dispatch.py`'s own launch, with CPU stand-ins for the CUDA tensors."""
     q, k, v = _qkv(shape, dtype)
     bound = pattern.bind(q, k, v, arguments)
-    compiled = forward_kernel(pattern.ir, _specialization(pattern.ir, bound))
+    compiled = forward_kernel(pattern.ir, *call_specialization(pattern.ir, bound))
     B, H, Lq, _ = q.shape
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)
     lse = torch.empty((B, H, Lq), dtype=torch.float32) if return_lse else None
@@ -78,7 +74,8 @@ def backward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     bound = pattern.bind(q, k, v, arguments)
     ir = pattern.ir
     grad_names = tuple(sorted(set(wrt) & set(differentiable_tensors(ir))))
-    compiled = backward_kernel(ir, _specialization(ir, bound), grad_names)
+    spec, wide = call_specialization(ir, bound)
+    compiled = backward_kernel(ir, spec, grad_names, wide)
     B, H, Lq, _ = q.shape
     stats = torch.empty((B, H, Lq), dtype=torch.float32)
     grad_out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)

@@ -24,9 +24,10 @@ from ..lowering.ir import walk
 from . import dispatch
 from .binding import Bound
 from .dispatch import (MAX_HEAD_DIM, SUPPORTED_DTYPES, Launch, Tiles, _check_backend,
-                       _extra_arguments, _layout, _next_pow2, choose_tiles, input_precision,
-                       launch_meta, layout_lists, run_launch, triton_cdiv)
+                       _extra_arguments, _layout, _next_pow2, call_specialization, choose_tiles,
+                       input_precision, launch_meta, layout_lists, run_launch, triton_cdiv)
 from .jit import Compiled, backward_kernel
+
 
 def backward_tiles(device: torch.device, head_dim: int, v_dim: int, topk: int,
                    reads_score: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[Tiles, Tiles]:
@@ -81,8 +82,8 @@ def triton_attention_backward(pattern, q, k, v, out, lse, grad_out, grad_lse, bo
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got q/k {D}, v {Dv}")
     differentiable = set(differentiable_tensors(ir))
     grad_names = tuple(sorted(n for n in wrt if n in differentiable))
-    spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
-    compiled = backward_kernel(ir, spec, grad_names)
+    spec, wide = call_specialization(ir, bound)
+    compiled = backward_kernel(ir, spec, grad_names, wide)
 
     acc = torch.float64 if fp64 else torch.float32
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..dsl.diagnostics import SpecError
+from ..lowering.int_range import int32_overflow
 from ..lowering.ir import PatternIR
 from .binding import Bound
 from .jit import Compiled, forward_kernel
@@ -182,8 +183,7 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got q/k {D}, v {Dv}")
     ir = pattern.ir
-    spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
-    compiled = forward_kernel(ir, spec)
+    compiled = forward_kernel(ir, *call_specialization(ir, bound))
     topk = compiled.kernel.topk
     if ir.topk is not None and topk < 1:
         raise ValueError(f"`select topk({topk})` must keep at least one key per row")
@@ -202,6 +202,14 @@ def triton_attention(pattern, q, k, v, bound: Bound, scale: float, return_lse: b
     LAUNCHES[path] += 1
     run_launch(compiled, L)
     return out, lse
+
+
+def call_specialization(ir: PatternIR, bound: Bound) -> tuple[dict, bool]:
+    """What a call's generated kernels are specialized on: the int and bool parameter values,
+    and whether index arithmetic must be int64 (`lowering/int_range.py`: some int expression of
+    the pattern may leave int32 at this call's sizes)."""
+    spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
+    return spec, int32_overflow(ir, bound.sizes, bound.params) is not None
 
 
 def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out, lse, scale: float,

@@ -104,19 +104,21 @@ def load_source(source: str) -> tuple[ModuleType, str]:
     return _import(path, f"attnc_generated_{key}"), path
 
 
-def forward_kernel(ir: PatternIR, specialization: dict[str, object]) -> Compiled:
-    """The compiled forward module for `ir` specialized on its int/bool parameters."""
-    key = ("forward", ir, ir.path, tuple(sorted(specialization.items())))
-    return _cached(key, lambda: emit_forward(ir, specialization))
+def forward_kernel(ir: PatternIR, specialization: dict[str, object], wide: bool = False) -> Compiled:
+    """The compiled forward module for `ir` specialized on its int/bool parameters (`wide`: with
+    int64 index arithmetic)."""
+    key = ("forward", ir, ir.path, tuple(sorted(specialization.items())), wide)
+    return _cached(key, lambda: emit_forward(ir, specialization, wide))
 
 
-def backward_kernel(ir: PatternIR, specialization: dict[str, object], wrt: tuple[str, ...] = ()) -> Compiled:
+def backward_kernel(ir: PatternIR, specialization: dict[str, object], wrt: tuple[str, ...] = (),
+                    wide: bool = False) -> Compiled:
     """The compiled backward module (dQ, dK, dV and the gradients of the float tensor arguments
     named in `wrt`) for `ir` specialized on its int/bool parameters."""
     from ..lowering.emit_backward import emit_backward
     wrt = tuple(sorted(wrt))
-    key = ("backward", ir, ir.path, tuple(sorted(specialization.items())), wrt)
-    return _cached(key, lambda: emit_backward(ir, specialization, wrt))
+    key = ("backward", ir, ir.path, tuple(sorted(specialization.items())), wrt, wide)
+    return _cached(key, lambda: emit_backward(ir, specialization, wrt, wide))
 
 
 def _cached(key: tuple, emit) -> Compiled:

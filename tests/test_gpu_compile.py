@@ -82,7 +82,9 @@ def _cases():
               _case("causal", "bwd", dtype="fp32"),
               _case("causal", cap=80), _case("document", cap=80), _case("topk", cap=80),
               _case("causal", dtype="fp32", cap=80),
-              _case("gaussian_mixture", "bwd", cap=80, wrt=grads["gaussian_mixture"])]
+              _case("gaussian_mixture", "bwd", cap=80, wrt=grads["gaussian_mixture"]),
+              # int64 index arithmetic (WIDE): q * m leaves int32 at q_len = 200
+              _case("wide", return_lse=True), _case("wide", "bwd")]
     if FULL:
         for n in names:
             for dtype in ("bf16", "fp16", "fp32"):
@@ -99,6 +101,9 @@ def _cases():
     from test_kernels import ARGUMENTS  # the parameter values the interpreter tests use
     unique = {}
     for c in cases:
+        if c["pattern"] == "wide":
+            c["arguments"] = {"m": 20_000_000}
+            continue
         ir = attnc.std(c["pattern"]).ir
         c["arguments"] = {k: v for k, v in ARGUMENTS.get(c["pattern"], {}).items()
                           if ir.param(k) is not None}
@@ -200,7 +205,11 @@ def _compile_case(case) -> dict:
     from attnc.runtime.maskview import random_tensor_arguments
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case["dtype"]]
-    p = attnc.std(case["pattern"])
+    if case["pattern"] == "wide":
+        from test_kernels import WIDE_SPEC
+        p = attnc.compile(WIDE_SPEC, path="wide.attn")
+    else:
+        p = attnc.std(case["pattern"])
     shape = dict(SHAPE, head_dim=case["head_dim"], v_dim=case["v_dim"])
     args = dict(case["arguments"])
     params = {q.name: args.get(q.name, q.default) for q in p.params}
@@ -221,6 +230,9 @@ def _compile_case(case) -> dict:
         if f".target sm_{case['cap']}" not in kernel.asm["ptx"]:
             raise RuntimeError(f"{launch.name}: the PTX is not for sm_{case['cap']}")
         kernels.append(dict(name=launch.name, **aot.kernel_statistics(kernel)))
+        wide = getattr(sys.modules[launch.fn.fn.__module__].WIDE, "value", None)
+        if wide is not (case["pattern"] == "wide"):
+            raise RuntimeError(f"{launch.name}: WIDE is {wide} for pattern {case['pattern']}")
     path = None
     if case["direction"] == "fwd":
         from attnc.runtime.jit import forward_kernel

@@ -407,3 +407,37 @@ def test_gpu_bf16_long(name):
     got = p(q, k, v, backend="triton", **args)
     ref_err = (ref.double() - truth).abs().max().item()
     assert (got.double() - truth).abs().max().item() <= 4 * ref_err + 1e-2
+
+
+# --------------------------------------------------------------------------- int32 index math
+
+WIDE_SPEC = """pattern big(m: int):
+    mask (q * m + k) % 7 != 1
+    score += (q * m - k) % 5
+"""
+
+
+@pytest.mark.parametrize("m", [3, 20_000_000], ids=["int32", "int64"])
+def test_int_arithmetic_beyond_int32_matches_the_reference(m):
+    """`q * m` leaves int32 at m = 2e7 (q < 150): the call gets an int64 kernel (it wrapped before)."""
+    from attnc.lowering.int_range import int32_overflow
+    from attnc.runtime.binding import sizes_for
+    p = attnc.compile(WIDE_SPEC, path="big.attn")
+    q, k, v = qkv(1, 2, 2, 150, 150, 32)
+    assert (int32_overflow(p.ir, sizes_for(q.shape, k.shape), {"m": m}) is not None) == (m > 1000)
+    out, lse = run_triton(p, q, k, v, m=m)
+    ref, ref_lse = run_reference(p, q, k, v, m=m)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_standard_patterns_stay_int32_at_long_lengths():
+    """No false alarm: every stdlib pattern keeps int32 kernels at N = 131072."""
+    from attnc.lowering.int_range import int32_overflow
+    sizes = dict(batch=8, heads=64, kv_heads=8, q_len=131072, k_len=131072, head_dim=128)
+    big = dict(width=256, height=512, kernel=7, n=4, window=4096, sinks=4, chunk=2048,
+               dilation=4, stride=1024, summary=64, prefix=8192, top=64, max_distance=1024)
+    for name in attnc.std_names():
+        p = attnc.std(name)
+        params = {x.name: big.get(x.name, x.default) for x in p.params}
+        assert int32_overflow(p.ir, sizes, params) is None, name
