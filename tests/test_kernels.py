@@ -176,6 +176,17 @@ def test_low_precision(name, dtype):
 # --------------------------------------------------------------------------- shapes
 
 
+@pytest.mark.parametrize("Lq,Lk", [(1, 200), (37, 100), (100, 37)], ids=["decode", "prefill", "q>k"])
+def test_document_kv_decoding(Lq, Lk):
+    """Packed documents with a KV cache: the queries are the last Lq positions (GQA 4:2)."""
+    p = attnc.std("document_kv")
+    q, k, v = qkv(2, 4, 2, Lq, Lk, 32)
+    k_doc = torch.cumsum((torch.rand(2, Lk, generator=torch.Generator().manual_seed(3)) < 0.05)
+                         .to(torch.int64), dim=1)
+    q_doc = k_doc[:, Lk - Lq:] if Lq <= Lk else torch.cat([k_doc, k_doc[:, -1:].expand(2, Lq - Lk)], 1)
+    assert_fp32_close(p, q, k, v, tiles=(16, 32), q_doc=q_doc.to(DEVICE), k_doc=k_doc.to(DEVICE))
+
+
 @pytest.mark.parametrize("L", [1, 37, 128, 200])
 def test_lengths(L):
     p = attnc.std("streaming")

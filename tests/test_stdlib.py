@@ -163,6 +163,14 @@ def _docs(Lq, Lk, gen):
     return {"doc": torch.sort(torch.randint(0, 5, (B, Lq), generator=gen), dim=-1).values}
 
 
+def _kv_docs(Lq, Lk, gen):
+    # sorted key ids; the queries are the last Lq keys (decoding), or more ids past the keys
+    k_doc = torch.sort(torch.randint(0, 5, (B, Lk), generator=gen), dim=-1).values
+    q_doc = k_doc[:, Lk - Lq:] if Lq <= Lk else torch.cat(
+        [k_doc, torch.full((B, Lq - Lk), 5, dtype=k_doc.dtype)], dim=1)
+    return {"q_doc": q_doc, "k_doc": k_doc}
+
+
 def _globals(Lq, Lk, gen):
     g = torch.rand(B, Lq, generator=gen) < 0.1
     g[:, 0] = True
@@ -197,6 +205,11 @@ CASES = [
          mask=lambda b, h, q, k, a: (a.doc[b, q] == a.doc[b, k]) & (k <= q)),
     Case("document-bidirectional", "document", {"causal": False}, tensors=_docs, shapes=(SQUARE,),
          mask=lambda b, h, q, k, a: a.doc[b, q] == a.doc[b, k]),
+    Case("document_kv", "document_kv", {}, tensors=_kv_docs, shapes=(SQUARE, RECT, (64, 37)),
+         aux=lambda a, Lq, Lk: {"shift": Lk - Lq},  # bottom-right causal alignment
+         mask=lambda b, h, q, k, a: (a.q_doc[b, q] == a.k_doc[b, k]) & (k <= q + a.shift)),
+    Case("document_kv-bidirectional", "document_kv", {"causal": False}, tensors=_kv_docs,
+         shapes=(RECT,), mask=lambda b, h, q, k, a: a.q_doc[b, q] == a.k_doc[b, k]),
     Case("chunked", "chunked", {"chunk": 10},
          mask=lambda b, h, q, k, a: (q // a.chunk == k // a.chunk) & (k <= q)),
     Case("chunked-block_diagonal", "chunked", {"chunk": 16, "causal": False},
