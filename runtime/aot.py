@@ -116,9 +116,14 @@ def compile_launch(launch: Launch, capability: int = 90):
     return kernel
 
 
-def _ptxas() -> str:
-    """The ptxas Triton compiles with: TRITON_PTXAS_PATH, else the one in Triton's wheel, else
-    the first on PATH."""
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton compiles this target with. Triton's wheels ship two (3.9 uses the newer
+    one from sm_90 up, 3.6 only from sm_100), and the PTX it writes needs that one."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(capability).path
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        pass
     import triton
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     for path in (os.environ.get("TRITON_PTXAS_PATH"), bundled, shutil.which("ptxas")):
@@ -133,14 +138,14 @@ def kernel_statistics(kernel) -> dict:
     MMA instructions: `wgmma` (Hopper's warpgroup MMA) and `mma_sync` (the Ampere-style MMA
     that Hopper also runs, at a fraction of wgmma's throughput)."""
     ptx = kernel.asm["ptx"]
-    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    target = re.search(r"^\.target\s+(sm_(\d+)\w*)", ptx, re.M)
     if target is None:
         raise RuntimeError("the PTX names no .target")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w", encoding="utf-8") as f:
             f.write(ptx)
-        run = subprocess.run([_ptxas(), "-v", f"-arch={target.group(1)}", src,
+        run = subprocess.run([_ptxas(int(target.group(2))), "-v", f"-arch={target.group(1)}", src,
                               "-o", os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True)
     if run.returncode != 0:
