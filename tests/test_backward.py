@@ -365,7 +365,7 @@ def test_gpu_bf16_long(name):
 
 def test_int_arithmetic_beyond_int32_gradients():
     """The int64 kernels (see test_kernels.py::test_int_arithmetic_beyond_int32_...) backward."""
-    from test_kernels import WIDE_SPEC
-    p = attnc.compile(WIDE_SPEC, path="big.attn")
+    from test_kernels import WIDE_INDEX
+    p = attnc.load(WIDE_INDEX)
     q, k, v = qkv(1, 2, 2, 70, 70, 16)
     check_fp32(p, q, k, v, {"m": 40_000_000})  # q * m reaches 2.8e9 > 2**31

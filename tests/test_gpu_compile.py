@@ -83,8 +83,7 @@ def _cases():
               _case("causal", cap=80), _case("document", cap=80), _case("topk", cap=80),
               _case("causal", dtype="fp32", cap=80),
               _case("gaussian_mixture", "bwd", cap=80, wrt=grads["gaussian_mixture"]),
-              # int64 index arithmetic (WIDE): q * m leaves int32 at q_len = 200
-              _case("wide", return_lse=True), _case("wide", "bwd")]
+              _case("wide"), _case("wide", "bwd")]  # int64 index arithmetic (SPEC_ARGUMENTS)
     if FULL:
         for n in names:
             for dtype in ("bf16", "fp16", "fp32"):
@@ -101,14 +100,23 @@ def _cases():
     from test_kernels import ARGUMENTS  # the parameter values the interpreter tests use
     unique = {}
     for c in cases:
-        if c["pattern"] == "wide":
-            c["arguments"] = {"m": 20_000_000}
-            continue
-        ir = attnc.std(c["pattern"]).ir
-        c["arguments"] = {k: v for k, v in ARGUMENTS.get(c["pattern"], {}).items()
-                          if ir.param(k) is not None}
+        ir = _pattern(c["pattern"]).ir
+        given = SPEC_ARGUMENTS.get(c["pattern"]) or ARGUMENTS.get(c["pattern"], {})
+        c["arguments"] = {k: v for k, v in given.items() if ir.param(k) is not None}
         unique.setdefault(c["id"], c)
     return list(unique.values())
+
+
+#: specs that are not in the standard library, compiled like it: name -> arguments
+SPEC_ARGUMENTS = {"wide": {"m": 20_000_000}}  # q * m leaves int32 at q_len = 200: WIDE kernels
+
+
+def _pattern(name):
+    import attnc
+    if name == "wide":  # not `from test_kernels import ...`: that module sets TRITON_INTERPRET
+        return attnc.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs",
+                                       "wide_index.attn"))
+    return attnc.std(name)
 
 
 def _params():
@@ -200,16 +208,11 @@ if __name__ != "__main__":
 def _compile_case(case) -> dict:
     import torch
 
-    import attnc
     from attnc.runtime import aot
     from attnc.runtime.maskview import random_tensor_arguments
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case["dtype"]]
-    if case["pattern"] == "wide":
-        from test_kernels import WIDE_SPEC
-        p = attnc.compile(WIDE_SPEC, path="wide.attn")
-    else:
-        p = attnc.std(case["pattern"])
+    p = _pattern(case["pattern"])
     shape = dict(SHAPE, head_dim=case["head_dim"], v_dim=case["v_dim"])
     args = dict(case["arguments"])
     params = {q.name: args.get(q.name, q.default) for q in p.params}

@@ -422,10 +422,7 @@ def test_gpu_bf16_long(name):
 
 # --------------------------------------------------------------------------- int32 index math
 
-WIDE_SPEC = """pattern big(m: int):
-    mask (q * m + k) % 7 != 1
-    score += (q * m - k) % 5
-"""
+WIDE_INDEX = os.path.join(os.path.dirname(__file__), "specs", "wide_index.attn")
 
 
 @pytest.mark.parametrize("m", [3, 20_000_000], ids=["int32", "int64"])
@@ -433,7 +430,7 @@ def test_int_arithmetic_beyond_int32_matches_the_reference(m):
     """`q * m` leaves int32 at m = 2e7 (q < 150): the call gets an int64 kernel (it wrapped before)."""
     from attnc.lowering.int_range import int32_overflow
     from attnc.runtime.binding import sizes_for
-    p = attnc.compile(WIDE_SPEC, path="big.attn")
+    p = attnc.load(WIDE_INDEX)
     q, k, v = qkv(1, 2, 2, 150, 150, 32)
     assert (int32_overflow(p.ir, sizes_for(q.shape, k.shape), {"m": m}) is not None) == (m > 1000)
     out, lse = run_triton(p, q, k, v, m=m)
