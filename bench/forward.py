@@ -93,8 +93,9 @@ def make_case(name: str, B: int, H: int, N: int, device) -> Case:
     raise SystemExit(f"unknown pattern {name!r}; choose from {', '.join(PATTERNS)}")
 
 
-def computed_tiles(case: Case, q, k, v) -> tuple[int, int, int]:
-    """(non-empty tiles over all batches and heads, BLOCK_M, BLOCK_N) of attnc's layout."""
+def computed_tiles(case: Case, q, k, v) -> tuple[int, int, int, float]:
+    """(non-empty tiles over all batches and heads, BLOCK_M, BLOCK_N, their share of all tiles)
+    of attnc's layout."""
     B, H, N, D = q.shape
     bound = case.pattern.bind(q, k, v, case.args)
     topk = 0
@@ -104,7 +105,8 @@ def computed_tiles(case: Case, q, k, v) -> tuple[int, int, int]:
     lay = build_layout(case.pattern.ir, bound, N, N, tiles.block_m, tiles.block_n, q.device)
     Bd, Hd = lay.classes.shape[:2]
     visited = int((lay.classes != 0).sum()) * (B // Bd) * (H // Hd)
-    return visited, tiles.block_m, tiles.block_n
+    total = B * H * math.ceil(N / tiles.block_m) * math.ceil(N / tiles.block_n)
+    return visited, tiles.block_m, tiles.block_n, visited / total
 
 
 def timed(fn, smoke: bool) -> float:
@@ -136,14 +138,14 @@ def run(args) -> list[dict]:
             case = make_case(name, B, H, N, device)
             g = torch.Generator(device="cpu").manual_seed(1)
             q, k, v = (torch.randn(B, H, N, D, generator=g).to(device, dtype) for _ in range(3))
-            visited, bm, bn = computed_tiles(case, q, k, v)
+            visited, bm, bn, density = computed_tiles(case, q, k, v)
             flops_tiles = 4.0 * visited * bm * bn * D
             flops_dense = 4.0 * B * H * N * N * D
 
             def ours():
                 return case.pattern(q, k, v, backend="triton", **case.args)
             out = ours()
-            row = dict(pattern=name, N=N, density=visited / (B * H * math.ceil(N / bm) * math.ceil(N / bn)))
+            row = dict(pattern=name, N=N, density=density)
             row["attnc_ms"] = timed(ours, args.smoke)
             if case.mask_mod is not None or case.score_mod is not None:
                 flex = flex_fns(case, B, H, N, device, args.smoke)

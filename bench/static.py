@@ -29,10 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnc  # noqa: E402
 from attnc.runtime import aot  # noqa: E402
 
-BENCH_PATTERNS = ("causal", "sliding_window", "document", "alibi_causal", "gaussian_mixture",
-                  "neighborhood_2d", "sharp_topk")
-#: the tensor arguments bench/backward.py learns
-LEARNABLE = {"gaussian_mixture": ("alpha", "sigma")}
+from backward import LEARNABLE  # noqa: E402  (the tensor arguments bench/backward.py learns)
+from forward import PATTERNS, make_case  # noqa: E402
 
 HEADER = ("| pattern | kernel | BM×BN | warps | stages | registers | spill st / ld (B) | "
           "shared (KiB) | wgmma | mma.sync |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -40,7 +38,6 @@ HEADER = ("| pattern | kernel | BM×BN | warps | stages | registers | spill st /
 
 def launches(name: str, args) -> list:
     """The forward and backward launches of one benchmark pattern (cases from bench/forward.py)."""
-    from forward import make_case
     case = make_case(name, args.batch, args.heads, args.n, "cpu")
     shape = dict(batch=args.batch, heads=args.heads, kv_heads=args.heads, q_len=args.n,
                  k_len=args.n, head_dim=args.head_dim, v_dim=args.head_dim)
@@ -63,7 +60,7 @@ def row(name: str, launch, stats: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--patterns", type=lambda s: s.split(","), default=list(BENCH_PATTERNS))
+    ap.add_argument("--patterns", type=lambda s: s.split(","), default=list(PATTERNS))
     ap.add_argument("--cap", type=int, default=90, help="compute capability, e.g. 90 or 80")
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=2)

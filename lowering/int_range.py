@@ -17,23 +17,10 @@ import functools
 import torch
 
 from .intervals import Evaluator, Iv
-from .ir import Node, PatternIR, const, walk
-from .simplify import simplify, substitute
+from .ir import Node, PatternIR, uses, walk_all
+from .simplify import constant_table, simplify, substitute
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-
-
-def _roots(ir: PatternIR) -> list[Node]:
-    return [*ir.scores, *ir.masks, *(r for r in (ir.topk, ir.bias) if r is not None)]
-
-
-def _reads_tensor(nodes: list[Node]) -> set[Node]:
-    """The nodes whose value depends on a tensor load (children first in `nodes`)."""
-    out: set[Node] = set()
-    for n in nodes:
-        if n.op == "load" or any(a in out for a in n.args):
-            out.add(n)
-    return out
 
 
 def int32_overflow(ir: PatternIR, sizes: dict[str, int], params: dict) -> Node | None:
@@ -47,17 +34,8 @@ def int32_overflow(ir: PatternIR, sizes: dict[str, int], params: dict) -> Node |
 @functools.lru_cache(maxsize=512)
 def _overflow(ir: PatternIR, key) -> Node | None:
     sizes, params = dict(key[0]), dict(key[1])
-    table = {("size", k): const(v) for k, v in sizes.items()}
-    table.update({("param", k): const(v) for k, v in params.items() if v is not None})
-    roots = [simplify(substitute(r, table)) for r in _roots(ir)]
-    nodes: list[Node] = []
-    seen: set[Node] = set()
-    for r in roots:
-        for n in walk(r):
-            if n not in seen:
-                seen.add(n)
-                nodes.append(n)
-    tensor_dependent = _reads_tensor(nodes)
+    table = constant_table(sizes, params)
+    nodes = walk_all(simplify(substitute(r, table)) for r in ir.nodes())
     loops = {n.value: n.args[0] for n in nodes if n.op == "sum"}
 
     def iv(lo: float, hi: float) -> Iv:
@@ -79,7 +57,7 @@ def _overflow(ir: PatternIR, key) -> Node | None:
            "q": iv(0, max(0, sizes.get("q_len", 1) - 1)), "k": iv(0, max(0, sizes.get("k_len", 1) - 1))}
     ev = Evaluator(env, "cpu", dense=extra)
     for n in nodes:
-        if n.dtype != "int" or n in tensor_dependent:
+        if n.dtype != "int" or uses(n, "load"):
             continue
         b = ev.eval(n)
         if float(b.lo) < INT32_MIN or float(b.hi) > INT32_MAX:

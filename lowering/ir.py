@@ -80,6 +80,18 @@ def walk(node: Node):
     return order
 
 
+def walk_all(roots) -> list[Node]:
+    """Every structurally distinct node under `roots`, children before parents."""
+    order: list[Node] = []
+    seen: set[Node] = set()
+    for r in roots:
+        for n in walk(r):
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+    return order
+
+
 def transform(node: Node, rule, memo: dict | None = None) -> Node:
     """Rebuild `node` bottom-up, replacing each rebuilt node `n` by `rule(n)` (or `n` if None)."""
     memo = {} if memo is None else memo

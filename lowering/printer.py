@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .ir import walk
+from .ir import walk, walk_all
 
 _SYM = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
         "and": "and", "or": "or", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
@@ -22,15 +22,10 @@ SHARE_THRESHOLD = 12
 def shared_names(roots) -> dict:
     """{node: name} for the sub-expressions of `roots` worth naming: structurally repeated (two
     or more parents, or a parent and a root) and over SHARE_THRESHOLD nodes when inlined."""
-    uses: Counter = Counter()
-    order, seen = [], set()
-    for r in roots:
-        uses[r] += 1
-        for n in walk(r):
-            if n not in seen:
-                seen.add(n)
-                order.append(n)
-                uses.update(n.args)
+    uses: Counter = Counter(roots)
+    order = walk_all(roots)
+    for n in order:
+        uses.update(n.args)
     names: dict = {}
     size: dict = {}
     for n in order:  # children first
@@ -82,9 +77,7 @@ def format_node(n, names: dict | None = None, define: bool = False) -> str:
 def format_pattern(p) -> str:
     lines = [f"pattern {p.name}(" + ", ".join(f"{x.name}: {x.type}" + (f" = {x.default!r}" if x.default is not None else "")
                                              for x in p.params) + ")"]
-    roots = [d for t in p.tensors for d in t.dims] + list(p.scores) + list(p.masks)
-    roots += [r for r in (p.topk, p.bias) if r is not None]
-    names = shared_names(roots)
+    names = shared_names(p.nodes())
     fmt = lambda n: format_node(n, names)  # noqa: E731
     for t in p.tensors:
         lines.append(f"  tensor {t.name}: {t.elem}[{', '.join(fmt(d) for d in t.dims)}]")

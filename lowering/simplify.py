@@ -137,6 +137,13 @@ def simplify(node: Node) -> Node:
         node = new
 
 
+def constant_table(sizes: dict[str, int], params: dict) -> dict[tuple[str, str], Node]:
+    """The `substitute` table that fixes sizes and parameters to these values (None = unset)."""
+    table = {("size", k): const(v) for k, v in sizes.items()}
+    table.update({("param", k): const(v) for k, v in params.items() if v is not None})
+    return table
+
+
 def substitute(node: Node, table: dict[tuple[str, object], Node]) -> Node:
     """Replace leaves keyed by (op, value), e.g. ('param', 'window') or ('size', 'q_len')."""
     return transform(node, lambda n: table.get((n.op, n.value)) if not n.args else None)

@@ -15,14 +15,14 @@ The process must not run under Triton's interpreter: the generated modules read
 TRITON_INTERPRET when imported and would compile their interpreter branches instead of the GPU
 ones. `compile_launch` refuses to run with TRITON_INTERPRET=1.
 
-Uses two Triton internals that have kept their shape from 3.6 to 3.9 (the supported range):
-`create_function_from_signature` (the JIT's argument binder) and `JITFunction._pack_args`.
+Uses three Triton internals that have kept their shape from 3.6 to 3.9 (the supported range):
+`create_function_from_signature` (the JIT's argument binder), `JITFunction._pack_args` and the
+NVIDIA backend's `get_ptxas`.
 """
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 
@@ -117,19 +117,10 @@ def compile_launch(launch: Launch, capability: int = 90):
 
 
 def _ptxas(capability: int) -> str:
-    """The ptxas Triton compiles this target with. Triton's wheels ship two (3.9 uses the newer
-    one from sm_90 up, 3.6 only from sm_100), and the PTX it writes needs that one."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        return get_ptxas(capability).path
-    except (ImportError, AttributeError, TypeError, RuntimeError):
-        pass
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    for path in (os.environ.get("TRITON_PTXAS_PATH"), bundled, shutil.which("ptxas")):
-        if path and os.access(path, os.X_OK):
-            return path
-    raise RuntimeError("no ptxas found (set TRITON_PTXAS_PATH)")
+    """The ptxas Triton compiles this target with (Triton's wheels ship two: 3.9 uses the newer
+    one from sm_90 up, 3.6 only from sm_100), so it accepts the PTX Triton wrote."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(capability).path
 
 
 def kernel_statistics(kernel) -> dict:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..dsl.diagnostics import SpecError, closest
-from ..lowering.ir import Node, PatternIR, const
-from ..lowering.simplify import simplify, substitute
+from ..lowering.ir import Node, PatternIR
+from ..lowering.simplify import constant_table, simplify, substitute
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -27,13 +27,6 @@ class Bound:
     def table(self) -> dict[tuple[str, str], Node]:
         """Substitution table for sizes and parameters, for specializing IR."""
         return constant_table(self.sizes, self.params)
-
-
-def constant_table(sizes: dict[str, int], params: dict) -> dict[tuple[str, str], Node]:
-    """The `substitute` table that fixes sizes and parameters to these values (None = unset)."""
-    table = {("size", k): const(v) for k, v in sizes.items()}
-    table.update({("param", k): const(v) for k, v in params.items() if v is not None})
-    return table
 
 
 def tensor_shapes(ir: PatternIR, sizes: dict[str, int], params: dict) -> dict[str, list[int]]:

@@ -399,12 +399,18 @@ def test_stdlib_file_loads_and_has_a_header(name):
 
 # --------------------------------------------------------------------------- reference vs formulas
 
+def _setup(case, shape):
+    """Inputs of one case at one shape: q, k, v, the tensor arguments, the formulas' namespace
+    and the scale to pass (None: the default)."""
+    Lq, Lk = shape
+    q, k, v, tensors = _inputs(case, Lq, Lk)
+    return q, k, v, tensors, _namespace(case, tensors, Lq, Lk), _scale_for(shape)
+
+
 @pytest.mark.parametrize("case,shape", DENSE_PARAMS)
 def test_reference_matches_dense_formula(case, shape):
     Lq, Lk = shape
-    q, k, v, tensors = _inputs(case, Lq, Lk)
-    a = _namespace(case, tensors, Lq, Lk)
-    scale = _scale_for(shape)
+    q, k, v, tensors, a, scale = _setup(case, shape)
     p = _std(case.pattern)
     want_out, want_lse = dense_attention(case, a, q, k, v, scale if scale is not None else 1 / math.sqrt(D))
     if case.sigmoid:
@@ -422,10 +428,7 @@ def test_reference_matches_dense_formula(case, shape):
 
 @pytest.mark.parametrize("case,shape", FLEX_PARAMS)
 def test_reference_matches_flex_attention(case, shape):
-    Lq, Lk = shape
-    q, k, v, tensors = _inputs(case, Lq, Lk)
-    a = _namespace(case, tensors, Lq, Lk)
-    scale = _scale_for(shape)
+    q, k, v, tensors, a, scale = _setup(case, shape)
     flex_out, flex_lse = flex_run(case, a, q, k, v, scale)
     out, lse = _std(case.pattern)(q, k, v, backend="reference", scale=scale, return_lse=True,
                                        **case.args, **tensors)
