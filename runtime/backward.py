@@ -140,7 +140,7 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
         kth = torch.empty((B, H, Lq), dtype=lse.dtype, device=q.device)
         args = [q, k, kth, *q.stride(), *k.stride(), *kth.stride(), *q_tiles, *sizes, *extra]
         launches.append(Launch("attn_bwd_kth", module.attn_bwd_kth, grid_dq, tuple(args),
-                               launch_meta(target, t_dq, **common), t_dq))
+                               launch_meta(target, t_dq, **common)))
 
     programs = grid_dq[0] * grid_dq[1]
     buffers = {n: torch.zeros((programs, bound.tensors[n].numel()) if deterministic
@@ -151,7 +151,7 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
             *q_tiles, *sizes, Dv, *extra, *(buffers[n] for n in grad_names)]
     launches.append(Launch("attn_bwd_dq", module.attn_bwd_dq, grid_dq, tuple(args),
                            launch_meta(target, t_dq, **common, BLOCK_DV=max(16, _next_pow2(Dv)),
-                                       DETERMINISTIC=deterministic), t_dq))
+                                       DETERMINISTIC=deterministic)))
 
     if t_kv != t_dq:
         lay = _layout(ir, bound, Lq, Lk, t_kv, q.device)
@@ -163,7 +163,7 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
     launches.append(Launch("attn_bwd_dkdv", module.attn_bwd_dkdv,
                            (triton_cdiv(Lk, t_kv.block_n), B * Hkv), tuple(args),
                            launch_meta(target, t_kv, **common, BLOCK_DV=max(16, _next_pow2(Dv)),
-                                       KEY_MAJOR=key_major(topk, reads_score)), t_kv))
+                                       KEY_MAJOR=key_major(topk, reads_score))))
     return launches, buffers
 
 

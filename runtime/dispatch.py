@@ -48,7 +48,6 @@ class Launch:
     grid: tuple
     args: tuple
     meta: dict = field(hash=False, compare=False)
-    tiles: Tiles = None
 
 
 def launch_meta(target: torch.device, tiles: Tiles, **constexprs) -> dict:
@@ -239,7 +238,7 @@ def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out
                        BLOCK_DV=max(16, _next_pow2(Dv)), RETURN_LSE=lse is not None,
                        INPUT_PRECISION=input_precision(q.dtype))
     grid = (triton_cdiv(Lq, tiles.block_m), B * H)
-    return Launch("attn_fwd", compiled.module.attn_fwd, grid, tuple(args), meta, tiles), path
+    return Launch("attn_fwd", compiled.module.attn_fwd, grid, tuple(args), meta), path
 
 
 def input_precision(dtype: torch.dtype) -> str:
