@@ -4,10 +4,9 @@ from __future__ import annotations
 import functools
 import os
 
-from .dsl.checker import check_library
-from .dsl.diagnostics import SpecError, debug_enabled
-from .dsl.loader import Library, PatternRef, build_library, read_stdlib, stdlib_names
-from .lowering.lower import lower_pattern
+from .dsl import config
+from .dsl.diagnostics import SpecError
+from .dsl.loader import read_stdlib, stdlib_names
 from .runtime.pattern import Pattern
 
 
@@ -20,38 +19,17 @@ def _user_facing(fn):
         except (SpecError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, TypeError):
             raise
         except Exception as e:  # an internal error: report it as one, keep the chain for debugging
-            if debug_enabled():
+            if config.debug():
                 raise
             raise SpecError(None, f"internal error in attnc: {type(e).__name__}: {e}",
                             "this is a bug in attnc; set ATTNC_DEBUG=1 to see the traceback") from None
     return wrapper
 
 
-def _pick(lib: Library, name: str | None) -> PatternRef:
-    refs = lib.local_patterns()
-    if name is None:
-        if len(refs) == 1:
-            return refs[0]
-        names = ", ".join(r.pattern.name for r in refs)
-        raise SpecError(refs[0].pattern.span if refs else None,
-                        f"{lib.root.source.path} defines {len(refs)} patterns ({names}); choose one with name=...")
-    for r in refs:
-        if r.pattern.name == name:
-            return r
-    from .dsl.diagnostics import closest
-    near = closest(name, [r.pattern.name for r in refs])
-    raise SpecError(None, f"no pattern `{name}` in {lib.root.source.path}",
-                    f"did you mean `{near}`?" if near else
-                    "it defines: " + ", ".join(r.pattern.name for r in refs))
-
-
 @_user_facing
 def compile(source: str, name: str | None = None, path: str = "<string>") -> Pattern:
     """Parse, check and lower a pattern from source text."""
-    lib = build_library(source, path)
-    check_library(lib)
-    ref = _pick(lib, name)
-    return Pattern(lower_pattern(ref), source)
+    return Pattern.from_source(source, name, path)
 
 
 @_user_facing

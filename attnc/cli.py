@@ -11,13 +11,13 @@ in a spec or its arguments, 2 bad command-line usage, 3 an internal error (a bug
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
 import time
 
-from .dsl.diagnostics import SpecError, debug_enabled
+from .dsl import config
+from .dsl.diagnostics import SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -234,9 +234,7 @@ def cmd_run(args) -> int:
         raise UsageError("--device cuda, but CUDA is not available on this machine")
     dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
     dtype = _torch_dtype(dtype_name)
-    if args.backend == "triton" and importlib.util.find_spec("attnc.runtime.dispatch") is None:
-        raise UsageError("the Triton backend is not available in this version of attnc")
-    if args.backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.backend == "triton" and device == "cpu" and not config.interpreted():
         raise UsageError("--backend triton on the CPU runs the kernels under Triton's interpreter: "
                          "set TRITON_INTERPRET=1 (e.g. `TRITON_INTERPRET=1 attnc run ...`)")
     pattern = load_pattern(args.file, args.name)
@@ -297,10 +295,7 @@ def _backend_used(asked: str, q) -> str:
     if asked != "auto":
         return asked
     if q.is_cuda:
-        try:
-            from .runtime.dispatch import triton_available
-        except ImportError:
-            return "reference"
+        from .runtime.dispatch import triton_available
         return "triton" if triton_available() else "reference"
     return "reference"
 
@@ -414,7 +409,7 @@ def main(argv=None) -> int:
         print(e.render(), file=sys.stderr)
         return EXIT_ERROR
     except ValueError as e:
-        if debug_enabled():
+        if config.debug():
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -428,7 +423,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # an internal error: one line, not a traceback, unless debugging
-        if debug_enabled():
+        if config.debug():
             raise
         print(f"internal error in attnc: {type(e).__name__}: {e}\n"
               "this is a bug in attnc; set ATTNC_DEBUG=1 to see the traceback", file=sys.stderr)

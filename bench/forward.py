@@ -98,10 +98,7 @@ def computed_tiles(case: Case, q, k, v) -> tuple[int, int, int, float]:
     of attnc's layout."""
     B, H, N, D = q.shape
     bound = case.pattern.bind(q, k, v, case.args)
-    topk = 0
-    if case.pattern.ir.topk is not None:
-        topk = int(case.args.get("top", 1))
-    tiles = dispatch.choose_tiles(q.device, D, v.shape[-1], topk, q.dtype)
+    tiles = dispatch.forward_config(case.pattern.ir, bound, q, v)
     lay = build_layout(case.pattern.ir, bound, N, N, tiles.block_m, tiles.block_n, q.device)
     Bd, Hd = lay.classes.shape[:2]
     visited = int((lay.classes != 0).sum()) * (B // Bd) * (H // Hd)

@@ -43,10 +43,10 @@ def launches(name: str, args) -> list:
                  k_len=args.n, head_dim=args.head_dim, v_dim=args.head_dim)
     dtype = getattr(torch, args.dtype)
     out = aot.forward_launches(case.pattern, shape, dtype, case.args,
-                               case.pattern.ir.normalizer == "softmax")
+                               case.pattern.ir.normalizer == "softmax", args.cap)
     if not args.forward_only:
         out += aot.backward_launches(case.pattern, shape, dtype, case.args,
-                                     LEARNABLE.get(name, ()))
+                                     LEARNABLE.get(name, ()), capability=args.cap)
     return out
 
 

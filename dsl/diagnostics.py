@@ -9,7 +9,6 @@ A `SpecError` holds one or more `Diagnostic`s. Each renders as::
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from .source import Span
@@ -60,11 +59,6 @@ class SpecError(Exception):
 
     def __str__(self) -> str:
         return self.render()
-
-
-def debug_enabled() -> bool:
-    """`ATTNC_DEBUG=1` shows internal tracebacks instead of hiding them behind a SpecError."""
-    return os.environ.get("ATTNC_DEBUG", "") not in ("", "0")
 
 
 def closest(name: str, candidates) -> str | None:

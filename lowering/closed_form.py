@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ir import Node, const, walk
-from .normal_form import dnf
+from .normal_form import capped, classify_literal, conjunction, dnf
 from .simplify import simplify, substitute
-from .sparsity import _capped, _classify_literal, _conjunction, index_deps
+from .sparsity import index_deps
 
 Q_LO = Node("index", "int", (), "q_lo")
 Q_HI = Node("index", "int", (), "q_hi")
@@ -209,7 +209,7 @@ def _k_bounds(node: Node, pos: bool):
     """(lowers, uppers, guard) for one literal: inclusive bounds on k as functions of q (and
     sizes), or a guard `(coefs, L, U)` meaning L <= sum(coef * leaf) <= U over q and sizes;
     None when the literal is not of a supported shape."""
-    kind = _classify_literal(node, pos, _size_atom)
+    kind = classify_literal(node, pos, _size_atom)
     if kind[0] == "affine":
         _, key, L, U = kind
         rest = dict(key)
@@ -285,8 +285,8 @@ def _derive(masks: tuple[Node, ...], k_end: Node):
             return None
     if not masks:
         return None
-    terms = dnf(_conjunction(masks))
-    if _capped(terms) or len(terms) > MAX_INTERVALS:
+    terms = dnf(conjunction(masks))
+    if capped(terms) or len(terms) > MAX_INTERVALS:
         return None
     q_last = _i("sub", Q_HI, const(1))
     cover, full, exact = [], [], True
@@ -294,7 +294,7 @@ def _derive(masks: tuple[Node, ...], k_end: Node):
         lows, ups, guards, full_ok = [], [], [], True
         dead = False
         for node, pos in term:
-            kind = _classify_literal(node, pos, _size_atom)
+            kind = classify_literal(node, pos, _size_atom)
             if kind[0] == "const":
                 dead = dead or not kind[1]
                 continue

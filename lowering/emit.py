@@ -1,7 +1,9 @@
 """Triton emission: fill a hand-written kernel skeleton's named holes from a pattern's IR.
 
-`emit_forward(ir, specialization)` returns the generated module text and the map from its lines
-back to spec spans. Skeletons live in `lowering/skeletons/*.py.in`; a hole is `{{NAME}}`, and
+`emit_forward(ir, specialization)` returns a `Kernel`: the generated module text, the map from
+its lines back to spec spans, and the signature of each kernel function as data
+(`lowering/signature.py`). Skeletons live in `lowering/skeletons/*.py.in`; a line `# include:
+NAME` pulls in `NAME.py.in` (the prelude both directions share), a hole is `{{NAME}}`, and
 `fill` refuses a skeleton hole without a value and a value without a hole. A hole alone on its
 line takes that line's indentation for every line of its value.
 """
@@ -12,20 +14,22 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .closed_form import MAX_INTERVALS, Q_HI, Q_LO, ClosedForm, derive_symbolic
 from .emit_expr import ExprPrinter, Line, Operands
 from .ir import Node, PatternIR, const, walk
-from .simplify import simplify, substitute
+from .signature import Constraints, Signature, forward_signature
+from .simplify import simplify, static_value, substitute
 
 _HOLE = re.compile(r"\{\{([A-Z_][A-Z0-9_]*)\}\}")
 _MARK = re.compile(r"  # (\S+:\d+)$")
+_INCLUDE = re.compile(r"^# include: (\w+)$", re.M)
 
 
 def skeleton(name: str) -> str:
-    """The text of `lowering/skeletons/<name>.py.in`."""
-    return resources.files("attnc.lowering.skeletons").joinpath(f"{name}.py.in").read_text(encoding="utf-8")
+    """The text of `lowering/skeletons/<name>.py.in`, its `# include: NAME` lines expanded."""
+    text = resources.files("attnc.lowering.skeletons").joinpath(f"{name}.py.in").read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: skeleton(m.group(1)).rstrip("\n"), text)
 
 
 def fill(text: str, holes: dict[str, str], name: str = "skeleton") -> str:
@@ -49,18 +53,28 @@ def fill(text: str, holes: dict[str, str], name: str = "skeleton") -> str:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A generated kernel module: its text, its extra arguments, and line → spec span."""
+    """A generated module described as data: its text, the spec span of each generated line,
+    the signature of each kernel function in it (in launch order), and what its launches must
+    respect. `topk` is the static count of `select topk` (0 without one); `closed_form` the
+    key ranges the forward computes per query tile (None: it reads a block layout); `grads`
+    the float tensor arguments whose gradients a backward module accumulates."""
 
     source: str
-    arguments: tuple[str, ...]  # names after the fixed arguments, in signature order
     line_spans: dict[int, Span]  # 1-based generated line -> span of the spec text it came from
-    topk: int
-    #: the key ranges the kernel computes per query tile (sizes as leaves); None when the kernel
-    #: reads a block layout's index tensors instead
+    signatures: tuple[Signature, ...]
+    constraints: Constraints
+    topk: int = 0
     closed_form: ClosedForm | None = None
+    grads: tuple[str, ...] = ()
+
+    def signature(self, name: str) -> Signature:
+        for sig in self.signatures:
+            if sig.name == name:
+                return sig
+        raise KeyError(f"internal: the module has no kernel `{name}`")
 
 
-def specialize(ir: PatternIR, values: dict[str, object]) -> PatternIR:
+def specialize_ir(ir: PatternIR, values: dict[str, object]) -> PatternIR:
     """Substitute int and bool parameters (compile-time constants) and simplify."""
     table = {("param", p.name): const(values[p.name]) for p in ir.params
              if p.type in ("int", "bool") and p.name in values}
@@ -83,7 +97,7 @@ def line_spans(source: str, comments: dict[str, Span]) -> dict[int, Span]:
     return out
 
 
-def _render(lines: list[Line], comments: dict[str, Span]) -> str:
+def render(lines: list[Line], comments: dict[str, Span]) -> str:
     out = []
     for ln in lines:
         mark = _marker(ln.span)
@@ -167,18 +181,39 @@ def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
         bias.lines.append(Line("bias = 0.0", None))
     topk = 0
     if ir.topk is not None:
-        n = simplify(ir.topk)
-        if n.op != "const":
-            raise SpecError(ir.topk.span, "the count of `select topk` must be known when the kernel "
-                                          "is compiled", "use a literal or an int parameter")
-        topk = int(n.value)
+        topk = int(static_value(ir.topk, {}, message="the count of `select topk` must be known when "
+                                "the kernel is compiled", hint="use a literal or an int parameter"))
     return PatternCode(score.lines, mask.lines, bias.lines, topk)
+
+
+def reads_score(ir: PatternIR) -> bool:
+    """Whether a keep decision reads the score (a mask on `score`, or `select topk`)."""
+    return ir.topk is not None or any(n.op == "score" for m in ir.masks for n in walk(m))
+
+
+def constraints(ir: PatternIR, topk: int) -> Constraints:
+    """What every launch of the pattern's modules must respect (see `Constraints`)."""
+    return Constraints(min_block_n=max(16, _next_pow2(topk)), shared_tiles=reads_score(ir))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def signature_holes(signatures, holes_by_name: dict[str, str]) -> dict[str, str]:
+    """`{{X_PARAMS}}` (the `def` parameter list) and `{{X_ARGDOC}}` of each kernel function."""
+    out = {}
+    for sig in signatures:
+        prefix = holes_by_name[sig.name]
+        out[f"{prefix}_PARAMS"] = sig.params_text(" " * len(f"def {sig.name}("))
+        out[f"{prefix}_ARGDOC"] = sig.doc_text()
+    return out
 
 
 def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = False) -> Kernel:
     """Generate the forward kernel module for `ir` with int/bool parameters fixed; `wide`: int64
     index arithmetic (see lowering/int_range.py)."""
-    ir = specialize(ir, specialization)
+    ir = specialize_ir(ir, specialization)
     operands = Operands()
     comments: dict[str, Span] = {}
 
@@ -186,22 +221,24 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = 
     topk = code.topk
 
     closed = kernel_closed_form(ir.masks)
-    args = operands.names()
+    signature = forward_signature(operands.operands(), closed is not None)
     holes = {
         "PATTERN": ir.name,
         "SOURCE": ir.path,
         "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
-        "SCORE_MOD": _render(code.score, comments) or "pass",
-        "MASK_MOD": _render(code.mask, comments),
-        "BIAS_MOD": _render(code.bias, comments),
-        "MOD_ARGS": "".join(", " + a for a in args),
+        "SCORE_MOD": render(code.score, comments) or "pass",
+        "MASK_MOD": render(code.mask, comments),
+        "BIAS_MOD": render(code.bias, comments),
+        "MOD_ARGS": operands.mod_args(),
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(ir.normalizer == "sigmoid"),
         "TOPK": str(topk),
         "WIDE": repr(bool(wide)),
         "CLOSED_FORM": repr(closed is not None),
         "N_COVER": str(len(closed.intervals) if closed else 0),
-        "KEY_RANGES": _render(_key_range_lines(closed), comments),
+        "KEY_RANGES": render(_key_range_lines(closed), comments),
+        **signature_holes([signature], {"attn_fwd": "FWD"}),
     }
     source = fill(skeleton("forward"), holes, "forward.py.in")
-    return Kernel(source, tuple(args), line_spans(source, comments), topk, closed)
+    return Kernel(source, line_spans(source, comments), (signature,), constraints(ir, topk), topk,
+                  closed)

@@ -11,29 +11,16 @@ buffer and sets g to d_score_i(g) — zero wherever the tile's element is not ke
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
-from .emit import _render, fill, line_spans, pattern_code, skeleton, specialize
-from .emit_expr import _ATOM, ExprPrinter, Line, Operands, nonnegative
+from .emit import (Kernel, constraints, fill, line_spans, pattern_code, render, signature_holes,
+                   skeleton, specialize_ir)
+from .emit_expr import ATOM, ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
+from .signature import backward_signatures, dim_name, grad_name
 from .simplify import simplify, substitute
-
-
-@dataclass(frozen=True)
-class BackwardKernel:
-    """A generated backward module: its text, its extra arguments and line → spec span.
-
-    `arguments` are the pattern's operands (as the forward's); `grads` the float tensors whose
-    gradient buffers `grd_<name>` follow them in `attn_bwd_dq`'s signature."""
-
-    source: str
-    arguments: tuple[str, ...]
-    grads: tuple[str, ...]
-    line_spans: dict[int, Span]
-    topk: int
 
 
 def _reads_volatile(n: Node) -> bool:
@@ -45,7 +32,7 @@ class _GradPrinter(ExprPrinter):
 
     def expr(self, n: Node) -> tuple[str, int]:
         if n.op == "param" and n.value == SEED.value:
-            return "g", _ATOM
+            return "g", ATOM
         return super().expr(n)
 
     def forget(self) -> None:
@@ -77,7 +64,7 @@ def unrolled(lg: LoadGrad) -> list[tuple[Node, Node]]:
 
 
 def _accumulate(pr: _GradPrinter, lg: LoadGrad) -> None:
-    """Lines adding one tensor read's adjoint into `grd_<tensor>` at its (clamped) index."""
+    """Lines adding one tensor read's adjoint into its gradient buffer at its (clamped) index."""
     for load, adjoint in unrolled(lg):
         name, args = load.value, load.args
         pr.operands.tensors[name] = len(args)
@@ -88,15 +75,15 @@ def _accumulate(pr: _GradPrinter, lg: LoadGrad) -> None:
             idx = pr.expr(a)[0]
             if not nonnegative(a, pr.signs):
                 idx = f"tl.maximum({idx}, 0)"
-            term = f"tl.minimum({idx}, tns_{name}_d{i} - 1)"
-            flat = term if i == 0 else f"({flat}) * tns_{name}_d{i} + {term}"
+            term = f"tl.minimum({idx}, {dim_name(name, i)} - 1)"
+            flat = term if i == 0 else f"({flat}) * {dim_name(name, i)} + {term}"
         dep_q = any(uses(a, "index", "q") for a in args)
         dep_k = any(uses(a, "index", "k") for a in args)
         if dep_q or dep_k:
-            pr.line(f"_grad_tile(grd_{name}, {flat}, g_adj, keep, {dep_q}, {dep_k}, BLOCK_M, BLOCK_N, "
+            pr.line(f"_grad_tile({grad_name(name)}, {flat}, g_adj, keep, {dep_q}, {dep_k}, BLOCK_M, BLOCK_N, "
                     f"DETERMINISTIC)", load.span)
         else:
-            pr.line(f"_grad_scalar(grd_{name} + {flat}, g_adj, DETERMINISTIC)", load.span)
+            pr.line(f"_grad_scalar({grad_name(name)} + {flat}, g_adj, DETERMINISTIC)", load.span)
 
 
 def _chain(pr: _GradPrinter, ir: PatternIR, grads: tuple[StatementGrad, ...],
@@ -145,10 +132,10 @@ def _chain(pr: _GradPrinter, ir: PatternIR, grads: tuple[StatementGrad, ...],
 
 
 def emit_backward(ir: PatternIR, specialization: dict[str, object],
-                  wrt: tuple[str, ...] = (), wide: bool = False) -> BackwardKernel:
+                  wrt: tuple[str, ...] = (), wide: bool = False) -> Kernel:
     """Generate the backward module for `ir` with int/bool parameters fixed; `wrt` names the float
     tensor arguments whose gradients it accumulates; `wide`: int64 index arithmetic."""
-    ir = specialize(ir, specialization)
+    ir = specialize_ir(ir, specialization)
     wrt = tuple(sorted(wrt))
     operands = Operands()
     comments: dict[str, Span] = {}
@@ -167,30 +154,33 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         if name not in operands.tensors:
             raise ValueError(f"internal: tensor `{name}` does not reach the score of `{ir.name}`")
 
-    args = operands.names()
     setup = []
     if wrt:
         setup.append("if DETERMINISTIC:  # this program's own slice of each [programs, numel] buffer")
         for name in wrt:
-            numel = " * ".join(f"tns_{name}_d{i}" for i in range(operands.tensors[name])) or "1"
-            setup.append(f"    grd_{name} += slot * ({numel})")
+            numel = " * ".join(dim_name(name, i) for i in range(operands.tensors[name])) or "1"
+            setup.append(f"    {grad_name(name)} += slot * ({numel})")
+    signatures = backward_signatures(operands.operands(), wrt, topk > 0)
     holes = {
         "PATTERN": ir.name,
         "SOURCE": ir.path,
         "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
         "WRT": ", ".join(wrt) or "none",
-        "SCORE_MOD": _render(code.score, comments) or "pass",
-        "MASK_MOD": _render(code.mask, comments),
-        "BIAS_MOD": _render(code.bias, comments),
-        "SCORE_GRAD": _render(plain.lines, comments),
-        "SCORE_GRAD_ACC": _render(acc.lines, comments),
-        "MOD_ARGS": "".join(", " + a for a in args),
-        "GRAD_ARGS": "".join(f", grd_{name}" for name in wrt),
+        "SCORE_MOD": render(code.score, comments) or "pass",
+        "MASK_MOD": render(code.mask, comments),
+        "BIAS_MOD": render(code.bias, comments),
+        "SCORE_GRAD": render(plain.lines, comments),
+        "SCORE_GRAD_ACC": render(acc.lines, comments),
+        "MOD_ARGS": operands.mod_args(),
+        "GRAD_ARGS": "".join(", " + grad_name(name) for name in wrt),
         "GRAD_SETUP": "\n".join(setup),
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(sigmoid),
         "TOPK": str(topk),
         "WIDE": repr(bool(wide)),
+        **signature_holes(signatures, {"attn_bwd_kth": "KTH", "attn_bwd_dq": "DQ",
+                                       "attn_bwd_dkdv": "DKDV"}),
     }
     source = fill(skeleton("backward"), holes, "backward.py.in")
-    return BackwardKernel(source, tuple(args), wrt, line_spans(source, comments), topk)
+    return Kernel(source, line_spans(source, comments), signatures, constraints(ir, topk), topk,
+                  None, wrt)

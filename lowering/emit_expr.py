@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .ir import COMPARISONS, Node, const, transform, walk
+from .signature import Operand, dim_name, operand_args, param_name, stride_name, tensor_name
 from .simplify import simplify, substitute
 
 # Python operator precedence, higher binds tighter (comparisons chain, so they never nest bare).
-_ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 12, 11, 10, 7, 5, 4
+ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 12, 11, 10, 7, 5, 4
 _BIN = {"add": ("+", _ADD), "sub": ("-", _ADD), "mul": ("*", _MUL), "div": ("/", _MUL),
         "and": ("&", _AND), "or": ("|", _OR),
         "lt": ("<", _CMP), "le": ("<=", _CMP), "gt": (">", _CMP), "ge": (">=", _CMP),
@@ -86,17 +87,19 @@ def positive(n: Node, memo: dict) -> bool:
 
 @dataclass
 class Operands:
-    """The extra kernel arguments expressions read (sizes are always arguments), sorted."""
+    """The pattern operands printed expressions read (sizes are always kernel arguments)."""
 
     params: set[str] = field(default_factory=set)
     tensors: dict[str, int] = field(default_factory=dict)  # name -> rank
 
-    def names(self) -> list[str]:
-        out = [f"prm_{p}" for p in sorted(self.params)]
-        for t in sorted(self.tensors):
-            r = self.tensors[t]
-            out += [f"tns_{t}"] + [f"tns_{t}_d{i}" for i in range(r)] + [f"tns_{t}_s{i}" for i in range(r)]
-        return out
+    def operands(self) -> tuple[Operand, ...]:
+        """Float parameters, then tensor arguments, each sorted by name."""
+        return (tuple(Operand(p, "param") for p in sorted(self.params))
+                + tuple(Operand(t, "tensor", self.tensors[t]) for t in sorted(self.tensors)))
+
+    def mod_args(self) -> str:
+        """`, a, b, ...`: the operands' kernel arguments, appended to helper signatures."""
+        return "".join(", " + a.name for a in operand_args(self.operands()))
 
 
 @dataclass
@@ -150,23 +153,23 @@ class ExprPrinter:
     def expr(self, n: Node) -> tuple[str, int]:
         """(text, precedence) of `n`."""
         if n in self.temps:
-            return self.temps[n], _ATOM
+            return self.temps[n], ATOM
         op = n.op
         if op == "const":
             return self._const(n)
         if op == "index":
-            return _INDEX[n.value], _ATOM
+            return _INDEX[n.value], ATOM
         if op == "size":
-            return n.value, _ATOM
+            return n.value, ATOM
         if op == "param":
             if n.dtype != "float":
                 raise SpecError(n.span, f"internal: parameter `{n.value}` was not specialized")
             self.operands.params.add(n.value)
-            return f"prm_{n.value}", _ATOM
+            return param_name(n.value), ATOM
         if op == "score":
-            return "score", _ATOM
+            return "score", ATOM
         if op == "load":
-            return self._load(n), _ATOM
+            return self._load(n), ATOM
         if op in ("sum", "loopvar"):
             raise SpecError(n.span, "internal: `sum` reached the printer unexpanded")
         if op == "neg":
@@ -174,17 +177,17 @@ class ExprPrinter:
         if op == "not":
             return f"~{self._wrap(n.args[0], _UNARY)}", _UNARY
         if op == "cast":
-            return f"{self._wrap(n.args[0], _ATOM)}.to(tl.float32)", _ATOM
+            return f"{self._wrap(n.args[0], ATOM)}.to(tl.float32)", ATOM
         if op in ("floor", "ceil"):
-            return f"tl.{op}({self.expr(n.args[0])[0]}).to(tl.int32)", _ATOM
+            return f"tl.{op}({self.expr(n.args[0])[0]}).to(tl.int32)", ATOM
         if op in _CALL1:
-            return f"{_CALL1[op]}({self.expr(n.args[0])[0]})", _ATOM
+            return f"{_CALL1[op]}({self.expr(n.args[0])[0]})", ATOM
         if op in _CALL2:
             a, b = (self.expr(x)[0] for x in n.args)
-            return f"{_CALL2[op]}({a}, {b})", _ATOM
+            return f"{_CALL2[op]}({a}, {b})", ATOM
         if op == "where":
             c, a, b = (self.expr(x)[0] for x in n.args)
-            return f"tl.where({c}, {a}, {b})", _ATOM
+            return f"tl.where({c}, {a}, {b})", ATOM
         if op in ("floordiv", "mod"):
             return self._divmod(n)
         if op == "pow":
@@ -208,14 +211,14 @@ class ExprPrinter:
         v = n.value
         if isinstance(v, bool):
             # a bare Python bool would not broadcast like an int1 tensor in `&` / `|`
-            return ("(q >= 0)" if v else "(q < 0)"), _ATOM
+            return ("(q >= 0)" if v else "(q < 0)"), ATOM
         if isinstance(v, float):
             if math.isinf(v):
-                return ('float("inf")' if v > 0 else 'float("-inf")'), _ATOM
+                return ('float("inf")' if v > 0 else 'float("-inf")'), ATOM
             text = repr(v)
         else:
             text = str(v)
-        return text, (_UNARY if text.startswith("-") else _ATOM)
+        return text, (_UNARY if text.startswith("-") else ATOM)
 
     def _load(self, n: Node) -> str:
         name = n.value
@@ -225,8 +228,8 @@ class ExprPrinter:
             idx = self.expr(a)[0]
             if not nonnegative(a, self.signs):
                 idx = f"tl.maximum({idx}, 0)"
-            terms.append(f"tl.minimum({idx}, tns_{name}_d{i} - 1) * tns_{name}_s{i}")
-        ptr = f"tns_{name} + " + " + ".join(terms) if terms else f"tns_{name}"
+            terms.append(f"tl.minimum({idx}, {dim_name(name, i)} - 1) * {stride_name(name, i)}")
+        ptr = f"{tensor_name(name)} + " + " + ".join(terms) if terms else tensor_name(name)
         conv = {"float": ".to(tl.float32)", "int": ".to(tl.int64)", "bool": " != 0"}[n.dtype]
         text = f"tl.load({ptr}){conv}"
         return f"({text})" if n.dtype == "bool" else text
@@ -236,13 +239,13 @@ class ExprPrinter:
         if n.dtype == "float":
             x, y = self.expr(a)[0], self.expr(b)[0]
             if n.op == "floordiv":
-                return f"tl.floor(({x}) / ({y}))", _ATOM
-            return f"_fmod({x}, {y})", _ATOM
+                return f"tl.floor(({x}) / ({y}))", ATOM
+            return f"_fmod({x}, {y})", ATOM
         if nonnegative(a, self.signs) and positive(b, self.signs):
             sym = "//" if n.op == "floordiv" else "%"
             return f"{self._wrap(a, _MUL)} {sym} {self._wrap(b, _MUL + 1)}", _MUL
         helper = "_floordiv" if n.op == "floordiv" else "_mod"
-        return f"{helper}({self.expr(a)[0]}, {self.expr(b)[0]})", _ATOM
+        return f"{helper}({self.expr(a)[0]}, {self.expr(b)[0]})", ATOM
 
     def _pow(self, n: Node) -> tuple[str, int]:
         base, e = n.args
@@ -250,27 +253,27 @@ class ExprPrinter:
         if const_e and float(e.value).is_integer() and abs(e.value) <= _MAX_POW:
             count = int(abs(e.value))
             if count == 0:
-                return ("1.0" if n.dtype == "float" else "1"), _ATOM
+                return ("1.0" if n.dtype == "float" else "1"), ATOM
             x = self._named(base, n.span)
             prod = " * ".join([x] * count)
             if e.value < 0:
                 return f"1.0 / ({prod})", _MUL
-            return prod, _MUL if count > 1 else _ATOM
+            return prod, _MUL if count > 1 else ATOM
         if n.dtype != "float":
             raise SpecError(n.span, "integer `**` in a kernel needs a constant exponent",
                             "use a float base, or an int parameter / literal as the exponent")
         if const_e and e.value == 0.5:
-            return f"tl.sqrt({self.expr(base)[0]})", _ATOM
+            return f"tl.sqrt({self.expr(base)[0]})", ATOM
         if const_e:  # x ** c = 2 ** (c log2 x); 0 ** c is 0 (c > 0) or inf (c < 0)
             x = self._named(base, n.span)
             zero = "0.0" if e.value > 0 else 'float("inf")'
-            return f"tl.where({x} == 0.0, {zero}, tl.exp2({e.value!r} * tl.log2({x})))", _ATOM
-        return f"_powf({self.expr(base)[0]}, {self.expr(e)[0]})", _ATOM
+            return f"tl.where({x} == 0.0, {zero}, tl.exp2({e.value!r} * tl.log2({x})))", ATOM
+        return f"_powf({self.expr(base)[0]}, {self.expr(e)[0]})", ATOM
 
     def _named(self, n: Node, span: Span | None) -> str:
         """`n` as a name or literal, emitting a temporary line when it is a compound."""
         if n.op in ("const", "index", "size", "param", "score") or n in self.temps:
-            return self._wrap(n, _ATOM)
+            return self._wrap(n, ATOM)
         name = f"{self.prefix}{self.counter}"
         self.counter += 1
         self.lines.append(Line(f"{name} = {self.expr(n)[0]}", n.span or span))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..dsl.source import Span
+from .traverse import walk, walk_all
 
 LEAVES = ("const", "index", "size", "param", "score", "loopvar")
 UNARY = ("neg", "not", "abs", "exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "softplus",
@@ -48,7 +49,6 @@ class Node:
         return h
 
     def __repr__(self) -> str:
-        from .printer import format_expr
         return format_expr(self)
 
     def with_args(self, args: tuple["Node", ...]) -> "Node":
@@ -57,39 +57,13 @@ class Node:
         return Node(self.op, self.dtype, tuple(args), self.value, self.span)
 
 
+# `Node.__repr__` prints with the printer, which needs only `traverse` (so no import cycle)
+from .printer import format_expr  # noqa: E402
+
+
 def const(value, span=None) -> Node:
     dtype = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
     return Node("const", dtype, (), value, span)
-
-
-def walk(node: Node):
-    """Every distinct node of the DAG under `node`, children before parents."""
-    seen: set[int] = set()
-    order: list[Node] = []
-    stack = [(node, False)]
-    while stack:
-        n, done = stack.pop()
-        if done:
-            order.append(n)
-            continue
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        stack.append((n, True))
-        stack.extend((a, False) for a in reversed(n.args))
-    return order
-
-
-def walk_all(roots) -> list[Node]:
-    """Every structurally distinct node under `roots`, children before parents."""
-    order: list[Node] = []
-    seen: set[Node] = set()
-    for r in roots:
-        for n in walk(r):
-            if n not in seen:
-                seen.add(n)
-                order.append(n)
-    return order
 
 
 def transform(node: Node, rule, memo: dict | None = None) -> Node:

@@ -7,6 +7,7 @@ rewrite is an identity on integers; float comparisons are never flipped (NaN), t
 """
 from __future__ import annotations
 
+import math
 from math import gcd
 
 from .ir import COMPARISONS, Node
@@ -18,6 +19,7 @@ Term = tuple[Literal, ...]
 #: the most terms a DNF may have before a subformula is kept whole as one opaque literal
 DNF_CAP = 64
 VARS = ("q", "k", "b", "h")
+INF = float("inf")
 
 _NEGATE = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
 _MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
@@ -149,3 +151,47 @@ def comparison_bounds(op: str, const: int) -> tuple[float, float]:
     inf = float("inf")
     return {"lt": (-inf, -const - 1), "le": (-inf, -const), "gt": (-const + 1, inf),
             "ge": (-const, inf), "eq": (-const, -const)}[op]
+
+
+def conjunction(masks: tuple[Node, ...]) -> Node:
+    out = masks[0]
+    for m in masks[1:]:
+        out = Node("and", "bool", (out, m))
+    return out
+
+
+def capped(terms: list[Term]) -> bool:
+    """Did `dnf` keep a subformula whole because it had too many cases?"""
+    return any(n.op in ("and", "or", "not", "where") for t in terms for n, _ in t)
+
+
+def classify_literal(node: Node, pos: bool, atom=None):
+    """('affine', key, L, U) | ('mod', key, scale, offset, d, tlo, thi) | ('generic',).
+    `atom` (see `normal_form.affine`) lets single-axis subexpressions act as variables."""
+    if not pos or node.op not in COMPARISONS or node.op == "ne":
+        return ("generic",)
+    a, c = node.args
+    if a.dtype != "int" or c.dtype != "int":
+        return ("generic",)
+    diff = affine(Node("sub", "int", (a, c)), atom)
+    if diff is not None:
+        coefs, const = diff
+        L, U = comparison_bounds(node.op, const)
+        if not coefs:
+            return ("const", L <= 0 <= U)
+        key, g = normalize_form(coefs)
+        L, U = L / g, U / g
+        if g < 0:
+            L, U = U, L
+        return ("affine", key, math.ceil(L) if L != -INF else L, math.floor(U) if U != INF else U)
+    op = node.op
+    for x, y, o in ((a, c, op), (c, a, {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}[op])):
+        if x.op == "mod" and x.args[1].op == "const" and isinstance(x.args[1].value, int) \
+                and x.args[1].value > 0 and y.op == "const":
+            inner = affine(x.args[0])
+            if inner is None or not inner[0]:
+                continue
+            key, scale = normalize_form(inner[0])
+            lo, hi = comparison_bounds(o, -y.value)
+            return ("mod", key, scale, inner[1], x.args[1].value, lo, hi)
+    return ("generic",)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .ir import walk, walk_all
+from .traverse import walk, walk_all
 
 _SYM = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
         "and": "and", "or": "or", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}

@@ -144,6 +144,19 @@ def constant_table(sizes: dict[str, int], params: dict) -> dict[tuple[str, str],
     return table
 
 
+def static_value(node: Node, table: dict[tuple[str, object], Node], *,
+                 message: str = "this expression could not be evaluated before the kernel runs",
+                 hint: str | None = None) -> object:
+    """The Python value of an expression over sizes and parameters (`table`, e.g. from
+    `constant_table`): a `sum` count, a tensor dimension, the count of `select topk`. This is
+    the one place such values are computed; an expression that reads anything else (an index,
+    the score, a tensor) is a SpecError at its span."""
+    n = simplify(substitute(node, table))
+    if n.op != "const":
+        raise SpecError(node.span, message, hint)
+    return n.value
+
+
 def substitute(node: Node, table: dict[tuple[str, object], Node]) -> Node:
     """Replace leaves keyed by (op, value), e.g. ('param', 'window') or ('size', 'q_len')."""
     return transform(node, lambda n: table.get((n.op, n.value)) if not n.args else None)

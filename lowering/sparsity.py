@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .evaluate import Env as DenseEnv, Evaluator as DenseEvaluator
 from .intervals import INF, Evaluator, Iv, point, residue_hits
-from .ir import COMPARISONS, Node, walk
-from .normal_form import DNF_CAP, Term, affine, comparison_bounds, dnf, normalize_form
+from .ir import Node, walk
+from .normal_form import DNF_CAP, Term, affine, capped, classify_literal, conjunction, dnf
 from .printer import format_expr
 from .simplify import simplify, substitute
 
@@ -40,7 +41,7 @@ def text(n: Node) -> str:
     return format_expr(n).replace("$", "")
 
 
-def specialize(masks, table) -> tuple[Node, ...]:
+def constant_masks(masks, table) -> tuple[Node, ...]:
     """Masks with sizes and parameters replaced by constants and folded."""
     return tuple(simplify(substitute(m, table)) for m in masks)
 
@@ -167,12 +168,11 @@ class _Grid:
         return out
 
     def _evaluate_along(self, n: Node, axis: str | None) -> Iv:
-        from ..runtime.reference import _Env, _Evaluator  # the semantics, evaluated per position
         b = self.bound
         L = self.q_len if axis == "q" else self.k_len if axis == "k" else 1
-        env = _Env(b.sizes, b.params, b.tensors, torch.float64, self.device, 0,
+        env = DenseEnv(b.sizes, b.params, b.tensors, torch.float64, self.device, 0,
                    L if axis == "q" else 1, self.Bd, self.Hd, L if axis == "k" else 1)
-        vals = _Evaluator(env).eval(n).to(torch.float64)
+        vals = DenseEvaluator(env).eval(n).to(torch.float64)
         if vals.dim() < 4:
             vals = vals.reshape((1,) * (4 - vals.dim()) + tuple(vals.shape))
         tb, th = vals.shape[0], vals.shape[1]
@@ -228,45 +228,13 @@ def _form_may(key, box, L, U):
     return may
 
 
-def _classify_literal(node: Node, pos: bool, atom=None):
-    """('affine', key, L, U) | ('mod', key, scale, offset, d, tlo, thi) | ('generic',).
-    `atom` (see `normal_form.affine`) lets single-axis subexpressions act as variables."""
-    if not pos or node.op not in COMPARISONS or node.op == "ne":
-        return ("generic",)
-    a, c = node.args
-    if a.dtype != "int" or c.dtype != "int":
-        return ("generic",)
-    diff = affine(Node("sub", "int", (a, c)), atom)
-    if diff is not None:
-        coefs, const = diff
-        L, U = comparison_bounds(node.op, const)
-        if not coefs:
-            return ("const", L <= 0 <= U)
-        key, g = normalize_form(coefs)
-        L, U = L / g, U / g
-        if g < 0:
-            L, U = U, L
-        return ("affine", key, math.ceil(L) if L != -INF else L, math.floor(U) if U != INF else U)
-    op = node.op
-    for x, y, o in ((a, c, op), (c, a, {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq"}[op])):
-        if x.op == "mod" and x.args[1].op == "const" and isinstance(x.args[1].value, int) \
-                and x.args[1].value > 0 and y.op == "const":
-            inner = affine(x.args[0])
-            if inner is None or not inner[0]:
-                continue
-            key, scale = normalize_form(inner[0])
-            lo, hi = comparison_bounds(o, -y.value)
-            return ("mod", key, scale, inner[1], x.args[1].value, lo, hi)
-    return ("generic",)
-
-
 def _term_may(term: Term, grid: _Grid) -> torch.Tensor:
     """May the conjunction hold somewhere in each cell? (bool, broadcastable)."""
     box = dict(grid.box)
     forms: dict[tuple, list] = {}
     rest = []
     for node, pos in term:
-        kind = _classify_literal(node, pos, grid.atom)
+        kind = classify_literal(node, pos, grid.atom)
         for v, _ in kind[1] if kind[0] in ("affine", "mod") else ():
             if v not in box:
                 box[v] = grid.atoms[v]
@@ -337,18 +305,6 @@ def _dnf_may(node_terms: list[Term], grid: _Grid) -> torch.Tensor:
     return may
 
 
-def _capped(terms: list[Term]) -> bool:
-    """Did `dnf` keep a subformula whole because it had too many cases?"""
-    return any(n.op in ("and", "or", "not", "where") for t in terms for n, _ in t)
-
-
-def _conjunction(masks: tuple[Node, ...]) -> Node:
-    out = masks[0]
-    for m in masks[1:]:
-        out = Node("and", "bool", (out, m))
-    return out
-
-
 def _tier(m: Node, grid_notes: dict, mask_nodes: set) -> str:
     ops = {n.op for n in walk(m)}
     if any(n in mask_nodes and n.op != "load" for n in grid_notes):
@@ -358,7 +314,7 @@ def _tier(m: Node, grid_notes: dict, mask_nodes: set) -> str:
 
 def analyze(masks: tuple[Node, ...], bound, q_len: int, k_len: int, block_m: int, block_n: int,
             device, Bd: int, Hd: int) -> Analysis:
-    """Tile classes for specialized masks (see `specialize`); sizes already constants."""
+    """Tile classes for specialized masks (see `constant_masks`); sizes already constants."""
     nQ, nK = -(-q_len // block_m), -(-k_len // block_n)
     masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
     if any(m.op == "const" for m in masks) or nQ == 0 or nK == 0:
@@ -369,8 +325,8 @@ def analyze(masks: tuple[Node, ...], bound, q_len: int, k_len: int, block_m: int
         return Analysis(torch.full((Bd, Hd, nQ, nK), FULL, dtype=torch.int8, device=device), [])
     grid = _Grid(masks, bound, q_len, k_len, block_m, block_n, Bd, Hd, device)
     notes = list(grid.split_notes)
-    joint = dnf(_conjunction(masks))
-    if _capped(joint):
+    joint = dnf(conjunction(masks))
+    if capped(joint):
         may_true = torch.ones((), dtype=torch.bool, device=device)
         for m in masks:
             may_true = may_true & _dnf_may(dnf(m), grid)
@@ -380,7 +336,7 @@ def analyze(masks: tuple[Node, ...], bound, q_len: int, k_len: int, block_m: int
     for i, m in enumerate(masks):
         terms = dnf(m, False)
         may_false = may_false | _dnf_may(terms, grid)
-        if _capped(terms) or _capped(dnf(m)):
+        if capped(terms) or capped(dnf(m)):
             notes.append(f"mask {i + 1} `{text(m)}` has more than {DNF_CAP} cases in normal form; "
                          f"parts of it are bounded by plain interval arithmetic")
     shape = (Bd, Hd, grid.q_lo.numel(), grid.k_lo.numel())

@@ -28,15 +28,16 @@ import tempfile
 
 import torch
 
+from ..dsl import config
 from ..lowering.derivative import differentiable_tensors
 from .backward import backward_launches as _backward_launches
-from .dispatch import Launch, call_specialization, forward_launch
+from .dispatch import call_specialization, forward_launch
 from .jit import backward_kernel, forward_kernel
+from .launch import Launch
+from .policy import Target
 
 #: the largest shared memory one block may use (opt-in), in bytes, by compute capability
 MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
-
-_CUDA = torch.device("cuda")
 
 __all__ = ["Launch", "MAX_SHARED", "forward_launches", "backward_launches", "compile_launch",
            "kernel_statistics"]
@@ -50,10 +51,11 @@ def _qkv(shape: dict, dtype: torch.dtype):
 
 
 def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
-                     return_lse: bool) -> list[Launch]:
-    """The forward launch of `pattern` on CUDA for a call of this shape (batch, heads, kv_heads,
-    q_len, k_len, head_dim, v_dim), dtype and arguments (tensor arguments as CPU tensors):
-    `runtime/dispatch.py`'s own launch, with CPU stand-ins for the CUDA tensors."""
+                     return_lse: bool, capability: int = 90) -> list[Launch]:
+    """The forward launch of `pattern` on a GPU of this compute capability for a call of this
+    shape (batch, heads, kv_heads, q_len, k_len, head_dim, v_dim), dtype and arguments (tensor
+    arguments as CPU tensors): `runtime/dispatch.py`'s own launch, with CPU stand-ins for the
+    CUDA tensors."""
     q, k, v = _qkv(shape, dtype)
     bound = pattern.bind(q, k, v, arguments)
     compiled = forward_kernel(pattern.ir, *call_specialization(pattern.ir, bound))
@@ -61,14 +63,15 @@ def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)
     lse = torch.empty((B, H, Lq), dtype=torch.float32) if return_lse else None
     launch, _ = forward_launch(compiled, pattern.ir, bound, q, k, v, out, lse,
-                               1.0 / q.shape[3] ** 0.5, _CUDA)
+                               1.0 / q.shape[3] ** 0.5, Target("cuda", capability))
     return [launch]
 
 
 def backward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
-                      wrt: tuple[str, ...] = (), deterministic: bool = False) -> list[Launch]:
+                      wrt: tuple[str, ...] = (), deterministic: bool = False,
+                      capability: int = 90) -> list[Launch]:
     """The backward launches (`attn_bwd_kth` for top-k, `attn_bwd_dq`, `attn_bwd_dkdv`) of
-    `pattern` on CUDA, with gradients for the float tensor arguments named in `wrt`:
+    `pattern` on a GPU of this compute capability, with gradients for the float tensor arguments named in `wrt`:
     `runtime/backward.py`'s own launches, with CPU stand-ins for the CUDA tensors."""
     q, k, v = _qkv(shape, dtype)
     bound = pattern.bind(q, k, v, arguments)
@@ -81,8 +84,8 @@ def backward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     grad_out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)
     launches, _ = _backward_launches(compiled, ir, bound, q, k, v, grad_out, stats, stats,
                                      torch.empty_like(q), torch.empty_like(k),
-                                     torch.empty_like(v), grad_names, deterministic,
-                                     1.0 / q.shape[3] ** 0.5, _CUDA)
+                                     torch.empty_like(v), deterministic,
+                                     1.0 / q.shape[3] ** 0.5, Target("cuda", capability))
     return launches
 
 
@@ -91,7 +94,7 @@ def compile_launch(launch: Launch, capability: int = 90):
     Triton's full pipeline; returns Triton's `CompiledKernel` (its `asm` holds ttir, ttgir,
     llir, ptx and cubin). Raises Triton's error when a stage fails, and RuntimeError when the
     kernel needs more shared memory than one block of that target may use."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if config.interpreted():
         raise RuntimeError("compile_launch needs a process without TRITON_INTERPRET=1: the "
                            "generated modules would compile their interpreter branches")
     import triton

@@ -1,50 +1,101 @@
-"""PyTorch integration: attnc attention as a `torch.library` custom op with autograd.
+"""PyTorch integration: attnc attention as `torch.library` custom ops with autograd.
 
-`attention_op(pattern, q, k, v, bound, scale, backend)` calls the op ``attnc::attention``, which
-`torch.compile(fullgraph=True)` traces as one node (its fake implementation only computes
-shapes). The forward runs the chosen backend; the backward recomputes with the reference
-interpreter under autograd (exact, O(chunk × k_len) memory thanks to checkpointing) unless the
-backend provides its own backward.
+``attnc::attention(q, k, v, tensors, pattern, ints, floats, scale, backend)`` runs one call;
+``attnc::attention_backward(...)`` runs the generated backward kernels. `torch.compile` traces
+each as one node (their fake implementations only compute shapes). What a call is travels in
+the op's own arguments, typed: `pattern` is the pattern's content digest, `ints` and `floats`
+its int/bool and float parameter values in declaration order, `tensors` its tensor arguments in
+declaration order, `wrt` one flag per tensor argument. The digest finds a live `Pattern` with that IR through
+`find`, a weak map that holds no pattern alive and forgets a digest when its last pattern dies;
+the eager autograd path keeps the pattern itself on its context.
+
+The forward runs the chosen backend; the backward runs the generated kernels (Triton backend)
+or recomputes with the reference interpreter under autograd (exact, O(chunk × k_len) memory
+thanks to checkpointing).
 """
 from __future__ import annotations
 
-import json
 import threading
+import weakref
+from typing import Optional
 
 import torch
 
-from .binding import Bound
+from ..lowering.derivative import differentiable_tensors
+from ..lowering.ir import PatternIR
+from .binding import Bound, select_count, sizes_for
 
 _LOCK = threading.Lock()
-#: key -> (pattern, parameter values, tensor argument names in op order)
-_PATTERNS: dict[str, tuple[object, dict, list[str]]] = {}
+#: content digest -> the live patterns with that IR
+_LIVE: dict[str, weakref.WeakSet] = {}
 
 
-def _key(pattern, bound: Bound) -> str:
-    digest = pattern.digest[:16]
-    params = json.dumps(sorted(bound.params.items()), default=repr)
-    return f"{pattern.ir.name}:{digest}:{params}"
-
-
-def register(pattern, bound: Bound) -> tuple[str, list[str]]:
-    key = _key(pattern, bound)
-    names = sorted(bound.tensors)
+def track(pattern) -> str:
+    """Make `pattern` findable by its digest while it lives; returns the digest."""
+    digest = pattern.digest
     with _LOCK:
-        _PATTERNS.setdefault(key, (pattern, dict(bound.params), names))
-    return key, names
+        live = _LIVE.get(digest)
+        if live is None:
+            live = _LIVE[digest] = weakref.WeakSet()
+        if pattern not in live:
+            live.add(pattern)
+            weakref.finalize(pattern, _forget, digest)
+    return digest
 
 
-def _forward(key, q, k, v, tensors, scale, backend):
-    pattern, params, names = _PATTERNS[key]
-    from .binding import sizes_for
-    bound = Bound(sizes_for(q.shape, k.shape), params, dict(zip(names, tensors)))
+def _forget(digest: str) -> None:
+    with _LOCK:
+        live = _LIVE.get(digest)
+        if live is not None and not len(live):
+            del _LIVE[digest]
+
+
+def find(digest: str):
+    """A live pattern with this digest."""
+    with _LOCK:
+        for pattern in _LIVE.get(digest, ()):
+            return pattern
+    raise RuntimeError(f"attnc: no live pattern has digest {digest[:16]}…; a compiled graph that "
+                       f"calls a pattern must not outlive every Pattern object with that IR")
+
+
+def pack_params(ir: PatternIR, params: dict) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Parameter values as the ops take them: (int and bool ones, float ones), in declaration
+    order."""
+    ints = tuple(int(params[p.name]) for p in ir.params if p.type in ("int", "bool"))
+    floats = tuple(float(params[p.name]) for p in ir.params if p.type == "float")
+    return ints, floats
+
+
+def unpack_params(ir: PatternIR, ints, floats) -> dict:
+    it, ft = iter(ints), iter(floats)
+    out = {}
+    for p in ir.params:
+        if p.type == "float":
+            out[p.name] = float(next(ft))
+        else:
+            value = int(next(it))
+            out[p.name] = bool(value) if p.type == "bool" else value
+    return out
+
+
+def rebind(ir: PatternIR, q, k, ints, floats, tensors) -> Bound:
+    """The Bound of a call the op already checked: sizes from q and k, parameters unpacked."""
+    sizes = sizes_for(q.shape, k.shape)
+    params = unpack_params(ir, ints, floats)
+    return Bound(sizes, params, {t.name: x for t, x in zip(ir.tensors, tensors)},
+                 select_count(ir, sizes, params))
+
+
+def _forward(pattern, q, k, v, bound: Bound, scale, backend):
+    ir = pattern.ir
+    softmax = ir.normalizer == "softmax"
     if backend == "triton":
         from .dispatch import triton_attention
-        out, lse = triton_attention(pattern, q, k, v, bound, scale, pattern.ir.normalizer == "softmax")
+        out, lse = triton_attention(ir, q, k, v, bound, scale, softmax)
     else:
         from .reference import reference_attention
-        out, lse = reference_attention(pattern.ir, q, k, v, scale=scale, sizes=bound.sizes, params=params,
-                                       tensors=bound.tensors, return_lse=pattern.ir.normalizer == "softmax")
+        out, lse = reference_attention(ir, q, k, v, bound, scale=scale, return_lse=softmax)
     if lse is None:
         lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
     return out, lse.to(torch.float32) if q.dtype != torch.float64 else lse
@@ -52,13 +103,15 @@ def _forward(key, q, k, v, tensors, scale, backend):
 
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
-               key: str, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _forward(key, q, k, v, tensors, scale, backend)
+               pattern: str, ints: list[int], floats: list[float], scale: float,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    p = find(pattern)
+    out, lse = _forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors), scale, backend)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention.register_fake
-def _(q, k, v, tensors, key, scale, backend):
+def _(q, k, v, tensors, pattern, ints, floats, scale, backend):
     B, H, Lq, _ = q.shape
     out = q.new_empty((B, H, Lq, v.shape[-1]))
     lse = q.new_empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -66,26 +119,34 @@ def _(q, k, v, tensors, key, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, key, scale, backend = inputs
+    q, k, v, tensors, digest, ints, floats, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
-    ctx.key, ctx.scale, ctx.backend = key, scale, backend
-    ctx.n_tensors = len(tensors)
+    ctx.pattern = find(digest)  # held here, so the backward never looks it up again
+    ctx.ints, ctx.floats, ctx.scale, ctx.backend = ints, floats, scale, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
-    pattern, params, names = _PATTERNS[ctx.key]
     if ctx.backend == "triton":
-        return _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse)
+        dq, dk, dv, grads = _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse)
+    else:
+        dq, dk, dv, grads = _reference_backward(ctx, q, k, v, tensors, grad_out, grad_lse)
+    # no gradient for the digest, parameters, scale, backend; torch's structure check takes a
+    # list of numbers as one leaf (None), but an empty list as a list
+    return (dq, dk, dv, grads, None, None if ctx.ints else [], None if ctx.floats else [], None,
+            None)
+
+
+def _reference_backward(ctx, q, k, v, tensors, grad_out, grad_lse):
+    """Autograd through the reference interpreter."""
+    from .reference import reference_attention
+    ir = ctx.pattern.ir
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.dtype.is_floating_point) for t in (q, k, v, *tensors)]
-        from .binding import sizes_for
-        from .reference import reference_attention
-        want_lse = pattern.ir.normalizer == "softmax"
-        out, lse = reference_attention(pattern.ir, *leaves[:3], scale=ctx.scale,
-                                       sizes=sizes_for(q.shape, k.shape), params=params,
-                                       tensors=dict(zip(names, leaves[3:])), return_lse=want_lse)
+        bound = rebind(ir, q, k, ctx.ints, ctx.floats, leaves[3:])
+        want_lse = ir.normalizer == "softmax"
+        out, lse = reference_attention(ir, *leaves[:3], bound, scale=ctx.scale, return_lse=want_lse)
         outputs, grads = [out], [grad_out]
         if want_lse and grad_lse is not None:
             finite = torch.isfinite(lse)
@@ -99,38 +160,55 @@ def _backward(ctx, grad_out, grad_lse):
     it = iter(got)
     result = [next(it) if t.requires_grad else None for t in leaves]
     result = [torch.zeros_like(t) if g is None and t.requires_grad else g for g, t in zip(result, leaves)]
-    return result[0], result[1], result[2], result[3:], None, None, None
+    return result[0], result[1], result[2], result[3:]
 
 
 def _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse):
-    """The generated backward kernels (runtime.backward) for a forward that ran them too."""
-    from ..lowering.derivative import differentiable_tensors
-    from .backward import attention_backward_op
-    pattern, _, names = _PATTERNS[ctx.key]
-    usable = set(differentiable_tensors(pattern.ir))
+    """The generated backward kernels, through the backward custom op."""
+    ir = ctx.pattern.ir
+    usable = set(differentiable_tensors(ir))
     needs = ctx.needs_input_grad[3]  # one flag per tensor of the list
-    wrt = [n for n, t, need in zip(names, tensors, needs) if need and n in usable]
+    wrt = [t.name for t, need in zip(ir.tensors, needs) if need and t.name in usable]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if pattern.ir.normalizer != "softmax":
+    if ir.normalizer != "softmax":
         grad_lse = None
-    got = attention_backward_op(q, k, v, out, lse, grad_out.contiguous(), grad_lse, tensors, ctx.key,
-                                ctx.scale, wrt)
+    flags = [t.name in wrt for t in ir.tensors]
+    got = _attention_backward(q, k, v, out, lse, grad_out.contiguous(), grad_lse, list(tensors),
+                              ctx.pattern.digest, list(ctx.ints), list(ctx.floats), ctx.scale, flags)
     by_name = dict(zip(wrt, got[3:]))
-    grads = [by_name[n] if n in by_name else (torch.zeros_like(t) if need else None)
-             for n, t, need in zip(names, tensors, needs)]
-    return got[0], got[1], got[2], grads, None, None, None
+    grads = [by_name[t.name] if t.name in by_name else (torch.zeros_like(x) if need else None)
+             for t, x, need in zip(ir.tensors, tensors, needs)]
+    return got[0], got[1], got[2], grads
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def run_op(q, k, v, tensors: list, key: str, scale: float, backend: str):
-    """Call the custom op for a pattern `register`ed under `key`; returns (out, lse)."""
-    return _attention(q, k, v, tensors, key, scale, backend)
+@torch.library.custom_op("attnc::attention_backward", mutates_args=())
+def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
+                        tensors: list[torch.Tensor], pattern: str, ints: list[int],
+                        floats: list[float], scale: float, wrt: list[bool]) -> list[torch.Tensor]:
+    """[dq, dk, dv, gradient of each tensor argument flagged in `wrt`, in declaration order]."""
+    from .backward import triton_attention_backward
+    ir = find(pattern).ir
+    bound = rebind(ir, q, k, ints, floats, tensors)
+    wrt = tuple(t.name for t, flag in zip(ir.tensors, wrt) if flag)
+    dq, dk, dv, grads = triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse,
+                                                  bound, scale, wrt)
+    return [dq, dk, dv] + [grads[n] if n in grads else torch.zeros_like(bound.tensors[n])
+                           for n in wrt]
 
 
-def attention_op(pattern, q, k, v, bound: Bound, scale: float, backend: str):
-    """Run `pattern` with an already bound call; returns (out, lse) (lse zeros for sigmoid)."""
-    key, names = register(pattern, bound)
-    return _attention(q, k, v, [bound.tensors[n] for n in names], key, float(scale), backend)
+@_attention_backward.register_fake
+def _(q, k, v, out, lse, grad_out, grad_lse, tensors, pattern, ints, floats, scale, wrt):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
+        torch.empty_like(t) for t, flag in zip(tensors, wrt) if flag]
+
+
+def attention_op(pattern, q, k, v, tensors: list, ints, floats, scale: float, backend: str):
+    """Run `pattern` (`track`ed) through the custom op; returns (out, lse) (lse zeros for
+    sigmoid). `tensors` are its tensor arguments in declaration order."""
+    return _attention(q, k, v, list(tensors), pattern.digest, list(ints), list(floats),
+                      float(scale), backend)

@@ -7,7 +7,7 @@ import torch
 
 from ..dsl.diagnostics import SpecError, closest
 from ..lowering.ir import Node, PatternIR
-from ..lowering.simplify import constant_table, simplify, substitute
+from ..lowering.simplify import constant_table, static_value
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -18,11 +18,13 @@ class ArgumentError(SpecError, TypeError):
 
 @dataclass
 class Bound:
-    """Everything a backend needs besides q, k, v: sizes, parameter values and tensors."""
+    """Everything a backend needs besides q, k, v: sizes, parameter values, tensors, and the
+    count of `select topk` (None without one), evaluated once by `select_count`."""
 
     sizes: dict[str, int]
     params: dict[str, object]
     tensors: dict[str, torch.Tensor]
+    topk: int | None = None
 
     def table(self) -> dict[tuple[str, str], Node]:
         """Substitution table for sizes and parameters, for specializing IR."""
@@ -67,12 +69,15 @@ def check_qkv(q, k, v):
         raise ValueError(f"`q` and `k` must have the same head_dim, got {D} and {k.shape[3]}")
 
 
-def static_value(node: Node, table) -> object:
-    """Evaluate an expression over sizes and parameters to a Python value."""
-    n = simplify(substitute(node, table))
-    if n.op != "const":
-        raise SpecError(node.span, "this expression could not be evaluated before the kernel runs")
-    return n.value
+def select_count(ir: PatternIR, sizes: dict[str, int], params: dict) -> int | None:
+    """The count of the pattern's `select topk(n)` for these sizes and parameters (None without
+    a `select`); a count below 1 is a ValueError."""
+    if ir.topk is None:
+        return None
+    n = static_value(ir.topk, constant_table(sizes, params))
+    if n < 1:
+        raise ValueError(f"`select topk({n})` must keep at least one key per row")
+    return int(n)
 
 
 def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:
@@ -88,7 +93,7 @@ def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, whe
     for p in ir.params:
         if p.name in arguments:
             value = arguments[p.name]
-            params[p.name] = _check_scalar(ir, p, value)
+            params[p.name] = check_scalar(ir, p, value)
         elif p.default is not None:
             params[p.name] = p.default
         else:
@@ -102,7 +107,31 @@ def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, whe
             raise ArgumentError(t.span, f"pattern `{ir.name}` needs the tensor `{t.name}` "
                                         f"({t.elem}[{dims}])", f"pass it as a keyword: `{t.name}=...`")
         tensors[t.name] = _check_tensor(t, arguments[t.name], shapes[t.name], device)
-    return Bound(dict(sizes), params, tensors)
+    return Bound(dict(sizes), params, tensors, select_count(ir, sizes, params))
+
+
+def specialization_of(ir: PatternIR, arguments: dict) -> dict[str, object]:
+    """The int and bool parameter values a kernel is compiled for, from call-style `arguments`
+    (defaults filled in). Float parameters and tensors may be given too and are ignored: they
+    are runtime kernel arguments."""
+    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    for key in arguments:
+        if key not in known:
+            raise ArgumentError(None, f"pattern `{ir.name}` has no parameter or tensor `{key}`",
+                                "it takes: " + ", ".join(sorted(known)) if known else
+                                "it takes no arguments")
+    out = {}
+    for p in ir.params:
+        if p.type not in ("int", "bool"):
+            continue
+        if p.name in arguments:
+            out[p.name] = check_scalar(ir, p, arguments[p.name])
+        elif p.default is not None:
+            out[p.name] = p.default
+        else:
+            raise ArgumentError(p.span, f"the kernel of `{ir.name}` is specialized on `{p.name}`; "
+                                        f"give it a value", f"e.g. `{p.name}=...`")
+    return out
 
 
 def _dim_text(d: Node) -> str:
@@ -110,7 +139,7 @@ def _dim_text(d: Node) -> str:
     return format_expr(d).replace("$", "")
 
 
-def _check_scalar(ir, p, value):
+def check_scalar(ir, p, value):
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         value = value.item()
     if p.type == "bool":

@@ -50,32 +50,22 @@ from hypothesis import HealthCheck, Phase, given, reject, settings, seed as hsee
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
-from .. import compile as compile_pattern  # noqa: E402
 from ..dsl import ast as A  # noqa: E402
 from ..dsl.diagnostics import SpecError  # noqa: E402
 from ..dsl.parser import parse  # noqa: E402
 from ..dsl.printer import print_module  # noqa: E402
 from ..dsl.strategies import DYADIC, fuzz_modules  # noqa: E402
-from .binding import sizes_for, static_value  # noqa: E402
-from .dispatch import choose_tiles, tile_override  # noqa: E402
+from .binding import sizes_for  # noqa: E402
 from .layout import build_layout  # noqa: E402
 from .maskview import evaluate_masks, final_score, masks_read_score, random_tensor_arguments  # noqa: E402
+from .pattern import Pattern  # noqa: E402
+from .policy import supported_tiles, tile_override  # noqa: E402
 
 PROPERTIES = ("compile", "roundtrip", "robustness", "layout", "kernel", "grad")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _supported_tiles() -> tuple[tuple[int, int], ...]:
-    """Tile shapes `dispatch.choose_tiles` picks on CPU and GPU, plus the small ones tests force."""
-    tiles = {(16, 16), (16, 32)}
-    for device in ("cpu", "cuda"):
-        for d in (16, 64, 128, 256):
-            t = choose_tiles(torch.device(device), d, d, 0)
-            tiles.add((t.block_m, t.block_n))
-    return tuple(sorted(tiles))
-
-
-SUPPORTED_TILES = _supported_tiles()
+SUPPORTED_TILES = supported_tiles()
 
 
 @dataclass(frozen=True)
@@ -211,7 +201,7 @@ def _compiled(source: str, name: str | None):
     if key not in _COMPILED:
         if len(_COMPILED) > 256:
             _COMPILED.clear()
-        _COMPILED[key] = compile_pattern(source, name, path="fuzz.attn")
+        _COMPILED[key] = Pattern.from_source(source, name, path="fuzz.attn")
     return _COMPILED[key]
 
 
@@ -321,7 +311,7 @@ def check_robustness(case: Case, tries: int = 4) -> None:
             mutated = text[:i] + rng.choice(_TOKENS) + text[i:]
         start = time.process_time()  # CPU time: a loaded machine must not fail the property
         try:
-            compile_pattern(mutated, path="mutated.attn")
+            Pattern.from_source(mutated, path="mutated.attn")
         except SpecError as e:
             str(e)
         except Exception as e:  # noqa: BLE001
@@ -436,7 +426,7 @@ def _fragile_rows(pattern, bound64, q64, k64, scale) -> torch.Tensor:
     B, H, Lq = q64.shape[0], q64.shape[1], q64.shape[2]
     if pattern.ir.topk is None:
         return torch.zeros(B, H, Lq, dtype=torch.bool)
-    n = static_value(pattern.ir.topk, bound64.table())
+    n = bound64.topk
     s = final_score(pattern.ir, bound64, q64, k64, scale)
     keep = evaluate_masks(pattern.ir, bound64, score=s)
     s = torch.where(keep, s, torch.full_like(s, float("-inf")))
@@ -702,7 +692,7 @@ def kernel_backend_ready() -> bool:
         elif os.environ.get("TRITON_INTERPRET") != "1":
             _READY.append(False)
         else:
-            probe = compile_pattern("pattern probe:\n    mask q >= k\n")
+            probe = Pattern.from_source("pattern probe:\n    mask q >= k\n")
             x = torch.zeros(1, 1, 1, 16)
             try:
                 probe(x, x, x, backend="triton")
@@ -773,7 +763,7 @@ def main(argv=None) -> int:
     if args.file:
         try:
             source = Path(args.file).read_text(encoding="utf-8")
-            name = compile_pattern(source, args.name, path=args.file).name  # errors name the file
+            name = Pattern.from_source(source, args.name, path=args.file).name  # errors name the file
         except (OSError, SpecError) as e:
             print(f"attnc fuzz: {e}", file=sys.stderr)
             return 2

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from types import ModuleType
 
+from ..dsl import config
 from ..lowering.emit import Kernel, emit_forward
 from ..lowering.ir import PatternIR
 
@@ -45,17 +46,15 @@ class Compiled:
 
 
 def cache_dir() -> str:
-    """`$ATTNC_CACHE_DIR`, else `~/.cache/attnc` (created on demand)."""
-    d = os.environ.get("ATTNC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attnc")
+    """The kernel cache directory (`config.cache_dir()`), created on demand."""
+    d = config.cache_dir()
     os.makedirs(d, exist_ok=True)
     return d
 
 
 def versions() -> str:
     import triton
-
-    from .. import __version__
-    return f"attnc {__version__} / triton {triton.__version__}"
+    return f"attnc {config.VERSION} / triton {triton.__version__}"
 
 
 def module_key(source: str) -> str:
@@ -140,34 +139,3 @@ def clear_memory_cache() -> None:
     """Forget loaded modules (the disk cache stays); for tests of the on-disk path."""
     with _LOCK:
         _MEMORY.clear()
-
-
-def specialization(ir: PatternIR, arguments: dict) -> dict[str, object]:
-    """The int and bool parameter values a kernel is compiled for (defaults filled in).
-
-    Float parameters and tensors may be given too (as to a call) and are ignored: they are
-    runtime kernel arguments."""
-    from .binding import ArgumentError, _check_scalar
-    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
-    for key in arguments:
-        if key not in known:
-            raise ArgumentError(None, f"pattern `{ir.name}` has no parameter or tensor `{key}`",
-                                "it takes: " + ", ".join(sorted(known)) if known else
-                                "it takes no arguments")
-    out = {}
-    for p in ir.params:
-        if p.type not in ("int", "bool"):
-            continue
-        if p.name in arguments:
-            out[p.name] = _check_scalar(ir, p, arguments[p.name])
-        elif p.default is not None:
-            out[p.name] = p.default
-        else:
-            raise ArgumentError(p.span, f"the kernel of `{ir.name}` is specialized on `{p.name}`; "
-                                        f"give it a value", f"e.g. `{p.name}=...`")
-    return out
-
-
-def triton_source(ir: PatternIR, arguments: dict) -> str:
-    """The generated forward kernel module text (deterministic) for these parameter values."""
-    return emit_forward(ir, specialization(ir, arguments)).source

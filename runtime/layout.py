@@ -14,7 +14,7 @@ import torch
 
 from ..lowering.closed_form import ClosedForm, derive
 from ..lowering.ir import PatternIR
-from ..lowering.sparsity import EMPTY, FULL, PARTIAL, analyze, index_deps, specialize, text
+from ..lowering.sparsity import EMPTY, FULL, PARTIAL, analyze, constant_masks, index_deps, text
 
 #: how many layouts the cache keeps (least recently used are dropped)
 CACHE_SIZE = 64
@@ -173,7 +173,7 @@ def build_layout(ir: PatternIR, bound, q_len: int, k_len: int, block_m: int, blo
     from .binding import Bound
     sizes = dict(bound.sizes, q_len=q_len, k_len=k_len)
     inner = Bound(sizes, bound.params, bound.tensors)
-    masks = specialize(ir.masks, inner.table())
+    masks = constant_masks(ir.masks, inner.table())
     masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
     deps = set().union(*(index_deps(m) for m in masks)) if masks else set()
     Bd = sizes.get("batch", 1) if "b" in deps else 1

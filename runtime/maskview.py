@@ -10,7 +10,8 @@ import torch
 
 from ..lowering.ir import PatternIR, uses
 from .binding import Bound, tensor_shapes
-from .reference import _Env, _Evaluator, compute_dtype
+from ..lowering.evaluate import Env, Evaluator
+from .reference import compute_dtype
 
 
 def random_tensor_arguments(ir: PatternIR, sizes: dict[str, int], params: dict, *,
@@ -56,7 +57,7 @@ def final_score(ir: PatternIR, bound: Bound, q: torch.Tensor, k: torch.Tensor, s
     if k.shape[1] != H:
         k = k.repeat_interleave(H // k.shape[1], dim=1)
     fdtype = compute_dtype(q.dtype)
-    ev = _Evaluator(_Env(bound.sizes, bound.params, bound.tensors, fdtype, q.device, q0, q0 + C, B, H, Lk))
+    ev = Evaluator(Env(bound.sizes, bound.params, bound.tensors, fdtype, q.device, q0, q0 + C, B, H, Lk))
     s = torch.matmul(q.to(fdtype), k.to(fdtype).transpose(-1, -2)) * scale
     for stmt in ir.scores:
         ev.volatile[("score", None)] = s
@@ -76,7 +77,7 @@ def evaluate_masks(ir: PatternIR, bound: Bound, q0: int = 0, q1: int | None = No
     if score is None and masks_read_score(ir):
         raise ValueError(f"a mask of `{ir.name}` reads `score`; pass the score to evaluate it")
     fdtype = score.dtype if score is not None else torch.float32
-    ev = _Evaluator(_Env(sizes, bound.params, bound.tensors, fdtype, device, q0, q1, B, H, Lk))
+    ev = Evaluator(Env(sizes, bound.params, bound.tensors, fdtype, device, q0, q1, B, H, Lk))
     if score is not None:
         ev.volatile[("score", None)] = score
     keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)

@@ -7,10 +7,14 @@ import math
 
 import torch
 
+from ..dsl.checker import check_library
+from ..dsl.diagnostics import SpecError, closest
+from ..dsl.loader import Library, PatternRef, build_library
 from ..lowering.ir import PatternIR
+from ..lowering.lower import lower_pattern
 from ..lowering.printer import canonical_text, format_pattern
-from .binding import Bound, bind, check_qkv, sizes_for, static_value
-from .autograd import register, run_op
+from .autograd import attention_op, pack_params, track
+from .binding import Bound, bind, check_qkv, sizes_for, specialization_of
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -26,6 +30,13 @@ class Pattern:
     def __init__(self, ir: PatternIR, source: str):
         self.ir = ir
         self.source = source
+
+    @classmethod
+    def from_source(cls, source: str, name: str | None = None, path: str = "<string>") -> "Pattern":
+        """Parse, check and lower the pattern `name` of `source` (the only one if None)."""
+        lib = build_library(source, path)
+        check_library(lib)
+        return cls(lower_pattern(_pick(lib, name)), source)
 
     @property
     def name(self) -> str:
@@ -53,8 +64,8 @@ class Pattern:
     def triton_source(self, **arguments) -> str:
         """The generated forward Triton kernel, specialized on the int/bool parameters given here
         (or their defaults); float parameters and tensors are runtime arguments of the kernel."""
-        from .jit import triton_source
-        return triton_source(self.ir, arguments)
+        from ..lowering.emit import emit_forward
+        return emit_forward(self.ir, specialization_of(self.ir, arguments)).source
 
     def ir_text(self) -> str:
         return format_pattern(self.ir)
@@ -80,10 +91,11 @@ class Pattern:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-        key, names, scale, backend = _plan(
+        ints, floats, scale, backend = _plan(
             self, _meta(q), _meta(k), _meta(v), scalars,
             tuple([(n, _meta(tensors[n])) for n in sorted(tensors)]), scale, backend, return_lse)
-        out, lse = run_op(q, k, v, [tensors[n] for n in names], key, scale, backend)
+        out, lse = attention_op(self, q, k, v, [tensors[t.name] for t in self.ir.tensors], ints,
+                                floats, scale, backend)
         return (out, lse) if return_lse else out
 
     def _auto_backend(self, device: torch.device) -> str:
@@ -92,6 +104,23 @@ class Pattern:
             if triton_available():
                 return "triton"
         return "reference"
+
+
+def _pick(lib: Library, name: str | None) -> PatternRef:
+    refs = lib.local_patterns()
+    if name is None:
+        if len(refs) == 1:
+            return refs[0]
+        names = ", ".join(r.pattern.name for r in refs)
+        raise SpecError(refs[0].pattern.span if refs else None,
+                        f"{lib.root.source.path} defines {len(refs)} patterns ({names}); choose one with name=...")
+    for r in refs:
+        if r.pattern.name == name:
+            return r
+    near = closest(name, [r.pattern.name for r in refs])
+    raise SpecError(None, f"no pattern `{name}` in {lib.root.source.path}",
+                    f"did you mean `{near}`?" if near else
+                    "it defines: " + ", ".join(r.pattern.name for r in refs))
 
 
 def _meta(t: torch.Tensor) -> tuple:
@@ -121,11 +150,8 @@ def _plan(pattern: Pattern, qm, km, vm, scalars, tensor_metas, scale, backend, r
     if return_lse and pattern.ir.normalizer != "softmax":
         raise ValueError(f"return_lse=True needs the softmax normalizer; `{pattern.name}` uses "
                          f"{pattern.ir.normalizer}")
-    if pattern.ir.topk is not None:
-        n = static_value(pattern.ir.topk, bound.table())
-        if n < 1:
-            raise ValueError(f"`select topk({n})` must keep at least one key per row")
     if backend == "auto":
         backend = pattern._auto_backend(device)
-    key, names = register(pattern, bound)
-    return key, tuple(names), float(scale), backend
+    track(pattern)
+    ints, floats = pack_params(pattern.ir, bound.params)
+    return ints, floats, float(scale), backend

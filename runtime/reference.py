@@ -14,177 +14,24 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..dsl.diagnostics import SpecError
-from ..lowering.ir import Node, PatternIR, walk
+from ..lowering.evaluate import Env, Evaluator
+from ..lowering.ir import PatternIR
+from .binding import Bound
 
 #: elements of one [B, H, chunk, k_len] score block; bounds the interpreter's memory
 CHUNK_ELEMENTS = 1 << 22
-
-
-class _Env:
-    """Index grids, sizes, parameter values and tensors for one chunk of query rows."""
-
-    def __init__(self, sizes, params, tensors, fdtype, device, q0, q1, B, H, Lk):
-        self.sizes, self.params, self.tensors = sizes, params, tensors
-        self.fdtype, self.device = fdtype, device
-        i64 = dict(dtype=torch.int64, device=device)
-        self.index = {
-            "b": torch.arange(B, **i64).view(B, 1, 1, 1),
-            "h": torch.arange(H, **i64).view(1, H, 1, 1),
-            "q": torch.arange(q0, q1, **i64).view(1, 1, q1 - q0, 1),
-            "k": torch.arange(Lk, **i64).view(1, 1, 1, Lk),
-        }
-
-
-class _Evaluator:
-    """Evaluates IR nodes to tensors broadcastable to [B, H, chunk, k_len], sharing results.
-
-    Nodes that read a `volatile` leaf (the running score, a loop variable) are cached in
-    `local`, which the caller resets whenever such a leaf changes value."""
-
-    def __init__(self, env: _Env):
-        self.env = env
-        self.memo: dict[int, torch.Tensor] = {}
-        self.local: dict[int, torch.Tensor] = {}
-        self.volatile: dict[tuple, torch.Tensor] = {}
-        self._deps: dict[int, bool] = {}
-
-    def _is_volatile(self, n: Node) -> bool:
-        key = id(n)
-        if key not in self._deps:
-            for m in walk(n):
-                if id(m) not in self._deps:
-                    self._deps[id(m)] = m.op in ("score", "loopvar") or any(self._deps[id(a)] for a in m.args)
-        return self._deps[key]
-
-    def eval(self, n: Node) -> torch.Tensor:
-        table = self.local if self._is_volatile(n) else self.memo
-        out = table.get(id(n))
-        if out is None:
-            try:
-                out = self._compute(n)
-            except SpecError:
-                raise
-            except (RuntimeError, ZeroDivisionError) as e:
-                if "ZeroDivision" in str(e) or isinstance(e, ZeroDivisionError):
-                    raise SpecError(n.span, "integer division by zero at run time") from None
-                raise
-            table[id(n)] = out
-        return out
-
-    def static(self, n: Node):
-        """The Python value of an expression over sizes and parameters (sum ranges, topk)."""
-        from .binding import constant_table, static_value
-        return static_value(n, constant_table(self.env.sizes, self.env.params))
-
-    def _const(self, value, dtype):
-        return torch.tensor(value, dtype=dtype, device=self.env.device)
-
-    def _dtype(self, n: Node):
-        return {"int": torch.int64, "float": self.env.fdtype, "bool": torch.bool}[n.dtype]
-
-    def _compute(self, n: Node) -> torch.Tensor:
-        env, op = self.env, n.op
-        if op == "const":
-            return self._const(n.value, self._dtype(n))
-        if op == "index":
-            return env.index[n.value]
-        if op == "size":
-            return self._const(env.sizes[n.value], torch.int64)
-        if op == "param":
-            return self._const(env.params[n.value], self._dtype(n))
-        if op in ("score", "loopvar"):
-            return self.volatile[(op, n.value)]
-        if op == "load":
-            return self._load(n)
-        if op == "sum":
-            return self._sum(n)
-        a = [self.eval(x) for x in n.args]
-        if op == "cast":
-            return a[0].to(env.fdtype)
-        return _OPS[op](*a)
-
-    def _load(self, n: Node) -> torch.Tensor:
-        t = self.env.tensors[n.value]
-        idx = [self.eval(i) for i in n.args]
-        for d, (i, size) in enumerate(zip(idx, t.shape)):
-            if torch.compiler.is_compiling():
-                break  # values are unknown while tracing; the eager call has checked them
-            lo, hi = int(i.min()), int(i.max())
-            if lo < 0 or hi >= size:
-                bad = lo if lo < 0 else hi
-                raise SpecError(n.args[d].span or n.span,
-                                f"index {bad} is out of range for dimension {d} of tensor `{n.value}` "
-                                f"(size {size})",
-                                "clamp the index, e.g. `clamp(i, 0, n - 1)`")
-        idx = list(torch.broadcast_tensors(*idx))
-        out = t[tuple(idx)]
-        if n.dtype == "float":
-            return out.to(self.env.fdtype)
-        return out.to(torch.int64) if n.dtype == "int" else out.to(torch.bool)
-
-    def _sum(self, n: Node) -> torch.Tensor:
-        count_node, body = n.args
-        count = self.static(count_node)
-        key = ("loopvar", n.value)
-        saved_local, saved_var = self.local, self.volatile.get(key)
-        total = None
-        for i in range(max(count, 0)):
-            self.volatile[key] = self._const(i, torch.int64)
-            self.local = dict(saved_local)
-            term = self.eval(body)
-            total = term if total is None else total + term
-        self.local = saved_local
-        if saved_var is not None:
-            self.volatile[key] = saved_var
-        return total if total is not None else self._const(0, self._dtype(n))
-
-
-def _has_zero(b) -> bool:
-    return not torch.compiler.is_compiling() and bool((b == 0).any())
-
-
-def _floordiv(a, b):
-    if a.dtype.is_floating_point:
-        return torch.floor(a / b)
-    if _has_zero(b):
-        raise ZeroDivisionError
-    return torch.div(a, b, rounding_mode="floor")
-
-
-def _mod(a, b):
-    if not a.dtype.is_floating_point and _has_zero(b):
-        raise ZeroDivisionError
-    return torch.remainder(a, b)
-
-
-def _softplus(x):
-    return torch.clamp_min(x, 0) + torch.log1p(torch.exp(-torch.abs(x)))
-
-
-_OPS = {
-    "neg": torch.neg, "not": torch.logical_not, "abs": torch.abs, "exp": torch.exp, "exp2": torch.exp2,
-    "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "softplus": _softplus,
-    "floor": lambda x: torch.floor(x).to(torch.int64), "ceil": lambda x: torch.ceil(x).to(torch.int64),
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "floordiv": _floordiv,
-    "mod": _mod, "pow": torch.pow, "min": torch.minimum, "max": torch.maximum,
-    "and": torch.logical_and, "or": torch.logical_or,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
-    "where": torch.where,
-}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(ir, q_chunk, k, v, sizes, params, tensors, scale, q0, want_lse):
+def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
     B, H, C, _ = q_chunk.shape
     Lk = k.shape[2]
     fdtype = compute_dtype(q_chunk.dtype)
-    env = _Env(sizes, params, tensors, fdtype, q_chunk.device, q0, q0 + C, B, H, Lk)
-    ev = _Evaluator(env)
+    env = Env(bound.sizes, bound.params, tensors, fdtype, q_chunk.device, q0, q0 + C, B, H, Lk)
+    ev = Evaluator(env)
     s = torch.matmul(q_chunk.to(fdtype), k.to(fdtype).transpose(-1, -2)) * scale
     for stmt in ir.scores:
         ev.volatile[("score", None)] = s
@@ -196,8 +43,8 @@ def _chunk_rows(ir, q_chunk, k, v, sizes, params, tensors, scale, q0, want_lse):
     for m in ir.masks:
         keep = keep & ev.eval(m)
     keep = keep.expand(B, H, C, Lk)
-    if ir.topk is not None:
-        n = ev.static(ir.topk)
+    if bound.topk is not None:
+        n = bound.topk
         masked = torch.where(keep, s, torch.full_like(s, float("-inf")))
         kth = torch.topk(masked, min(n, Lk), dim=-1).values[..., -1:]
         keep = keep & (s >= kth)
@@ -222,9 +69,10 @@ def _chunk_rows(ir, q_chunk, k, v, sizes, params, tensors, scale, q0, want_lse):
     return out, lse
 
 
-def reference_attention(ir: PatternIR, q, k, v, *, scale: float, sizes: dict, params: dict,
-                        tensors: dict, return_lse: bool = False, chunk: int | None = None):
-    """Dense evaluation of a bound pattern. q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv].
+def reference_attention(ir: PatternIR, q, k, v, bound: Bound, *, scale: float,
+                        return_lse: bool = False, chunk: int | None = None):
+    """Dense evaluation of a bound pattern. q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv];
+    `bound` holds the call's sizes, parameter values, tensors and top-k count.
 
     Returns (out [B,H,Lq,Dv] in q's dtype, lse [B,H,Lq] in fp32/fp64 or None)."""
     B, H, Lq, _ = q.shape
@@ -235,6 +83,7 @@ def reference_attention(ir: PatternIR, q, k, v, *, scale: float, sizes: dict, pa
         v = v.repeat_interleave(group, dim=1)
     if chunk is None:
         chunk = max(1, CHUNK_ELEMENTS // max(1, B * H * max(Lk, 1)))
+    tensors = bound.tensors
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [q, k, v, *tensors.values()] if isinstance(t, torch.Tensor))
     outs, lses = [], []
@@ -243,12 +92,12 @@ def reference_attention(ir: PatternIR, q, k, v, *, scale: float, sizes: dict, pa
         if grad and Lq > chunk:
             def run(qc, k, v, *tvals, q0=q0):
                 tt = dict(zip(tensors.keys(), tvals))
-                o, l = _chunk_rows(ir, qc, k, v, sizes, params, tt, scale, q0, return_lse)
+                o, l = _chunk_rows(ir, qc, k, v, bound, tt, scale, q0, return_lse)
                 return (o, l) if l is not None else (o,)
             res = checkpoint(run, qc, k, v, *tensors.values(), use_reentrant=False)
             o, l = res[0], (res[1] if return_lse else None)
         else:
-            o, l = _chunk_rows(ir, qc, k, v, sizes, params, tensors, scale, q0, return_lse)
+            o, l = _chunk_rows(ir, qc, k, v, bound, tensors, scale, q0, return_lse)
         outs.append(o)
         lses.append(l)
     Dv = v.shape[-1]

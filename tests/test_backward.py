@@ -15,7 +15,7 @@ import torch
 
 import attnc
 from attnc.lowering.derivative import differentiable_tensors
-from attnc.runtime import backward, dispatch, jit
+from attnc.runtime import backward, jit, policy
 from attnc.runtime.backward import triton_attention_backward
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -82,7 +82,7 @@ def gradients(p, q, k, v, args, backend, tiles=(16, 16), dtype=None, with_lse=Fa
     cast = {n: t.detach().to(dtype if n in "qkv" else (torch.float64 if dtype == torch.float64 else t.dtype))
             .requires_grad_(True) for n, t in leaves.items()}
     call = dict(args, **{n: t for n, t in cast.items() if n not in "qkv"})
-    with dispatch.tile_override(*tiles) if tiles else contextlib.nullcontext():
+    with policy.tile_override(*tiles) if tiles else contextlib.nullcontext():
         res = p(cast["q"], cast["k"], cast["v"], backend=backend, return_lse=with_lse, **call)
     out, lse = res if with_lse else (res, None)
     g = torch.Generator().manual_seed(seed)
@@ -242,8 +242,8 @@ def _direct(p, q, k, v, args, deterministic):
     out, lse = p(q, k, v, backend="triton", return_lse=True, **args)
     g = torch.Generator().manual_seed(7)
     dout = torch.randn(out.shape, generator=g).to(DEVICE)
-    with dispatch.tile_override(16, 16):
-        return triton_attention_backward(p, q.detach(), k.detach(), v.detach(), out, lse, dout, None,
+    with policy.tile_override(16, 16):
+        return triton_attention_backward(p.ir, q.detach(), k.detach(), v.detach(), out, lse, dout, None,
                                          bound, 0.25, ["alpha", "sigma", "bias"], deterministic)
 
 
@@ -304,8 +304,8 @@ def test_gradcheck_fp64_kernel():
         def backward(ctx, dout):
             q, k, v, slopes, out, lse = ctx.saved_tensors
             bound = p.bind(q, k, v, {"slopes": slopes})
-            with dispatch.tile_override(16, 16):
-                dq, dk, dv, grads = triton_attention_backward(p, q, k, v, out, lse, dout.contiguous(),
+            with policy.tile_override(16, 16):
+                dq, dk, dv, grads = triton_attention_backward(p.ir, q, k, v, out, lse, dout.contiguous(),
                                                               None, bound, 0.5, ["slopes"])
             return dq, dk, dv, grads["slopes"]
 

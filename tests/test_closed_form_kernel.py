@@ -20,8 +20,9 @@ import attnc
 from attnc.lowering import emit
 from attnc.lowering.closed_form import derive, derive_symbolic
 from attnc.lowering.ir import const
-from attnc.lowering.sparsity import specialize as specialize_sizes
-from attnc.runtime import dispatch, jit
+from attnc.lowering.sparsity import constant_masks as specialize_sizes
+from attnc.runtime import dispatch, jit, policy
+from attnc.runtime.binding import specialization_of
 from attnc.runtime import layout as layout_module
 from attnc.runtime.layout import build_layout
 
@@ -111,7 +112,7 @@ def test_closed_form_kernel(case, monkeypatch):
     B, H = 1, 2
     q, k, v = qkv(B, H, Lq, Lk)
     if not exact:  # key-range-only closed forms are not used by default (see kernel_closed_form)
-        assert jit.forward_kernel(p.ir, jit.specialization(p.ir, args)).kernel.closed_form is None
+        assert jit.forward_kernel(p.ir, specialization_of(p.ir, args)).kernel.closed_form is None
         real = emit.kernel_closed_form
         monkeypatch.setattr(emit, "kernel_closed_form", lambda masks: real(masks, exact_only=False))
         jit.clear_memory_cache()
@@ -123,16 +124,16 @@ def test_closed_form_kernel(case, monkeypatch):
 
 
 def _check_case(p, q, k, v, args, Lq, Lk, tiles, exact, B, H, monkeypatch):
-    compiled = jit.forward_kernel(p.ir, jit.specialization(p.ir, args))
+    compiled = jit.forward_kernel(p.ir, specialization_of(p.ir, args))
     cf = compiled.kernel.closed_form
     assert cf is not None and "CLOSED_FORM = tl.constexpr(True)" in compiled.kernel.source
 
     # no layout is built or passed on this path
-    monkeypatch.setattr(dispatch, "_layout", _no_layout)
+    monkeypatch.setattr(dispatch, "build_layout", _no_layout)
     monkeypatch.setattr(layout_module, "build_layout", _no_layout)
     before = dispatch.LAUNCHES["closed_form"]
     visits = Visits(compiled.module, *tiles) if INTERPRETED else None
-    with dispatch.tile_override(*tiles):
+    with policy.tile_override(*tiles):
         if visits:
             with visits:
                 out, lse = p(q, k, v, backend="triton", return_lse=True, **args)
@@ -176,7 +177,7 @@ def test_symbolic_closed_form_equals_the_concrete_one():
     """One kernel serves every length: the symbolic ranges, bound to sizes, are the layout's."""
     for _, spec, args, _, _, _, _ in CASES:
         p = pattern(spec)
-        masks = emit.specialize(p.ir, jit.specialization(p.ir, args)).masks
+        masks = emit.specialize_ir(p.ir, specialization_of(p.ir, args)).masks
         sym = derive_symbolic(masks)
         for Lq, Lk in ((1, 1), (37, 100), (100, 37), (129, 129)):
             sizes = dict(batch=1, heads=1, kv_heads=1, q_len=Lq, k_len=Lk, head_dim=16)
@@ -203,13 +204,13 @@ def test_full_tiles_skip_the_mask(monkeypatch):
     jit.clear_memory_cache()
     monkeypatch.setattr(emit, "kernel_closed_form", everything_full)
     try:
-        with dispatch.tile_override(16, 16):
+        with policy.tile_override(16, 16):
             wrong = p(q, k, v, backend="triton", **args)
     finally:
         monkeypatch.undo()
         jit.clear_memory_cache()
     assert not torch.allclose(wrong, want, atol=1e-3)
-    with dispatch.tile_override(16, 16):
+    with policy.tile_override(16, 16):
         right = p(q, k, v, backend="triton", **args)
     torch.testing.assert_close(right, want, atol=2e-5, rtol=2e-5)
 
@@ -219,9 +220,9 @@ def test_patterns_without_closed_form_use_the_layout(name, args):
     p = attnc.std(name)
     q, k, v = qkv(1, 1, 36, 36)
     args = args if args is not None else dict(doc=torch.arange(36, device=DEVICE).view(1, 36) // 10)
-    assert jit.forward_kernel(p.ir, jit.specialization(p.ir, args)).kernel.closed_form is None
+    assert jit.forward_kernel(p.ir, specialization_of(p.ir, args)).kernel.closed_form is None
     before = dispatch.LAUNCHES["layout"]
-    with dispatch.tile_override(16, 16):
+    with policy.tile_override(16, 16):
         out = p(q, k, v, backend="triton", **args)
     assert dispatch.LAUNCHES["layout"] == before + 1
     torch.testing.assert_close(out, p(q, k, v, backend="reference", **args), atol=2e-5, rtol=2e-5)
@@ -235,7 +236,7 @@ def test_which_stdlib_patterns_take_the_closed_form_path():
     closed = set()
     for name in attnc.std_names():
         p = attnc.std(name)
-        masks = emit.specialize(p.ir, jit.specialization(p.ir, needs.get(name, {}))).masks
+        masks = emit.specialize_ir(p.ir, specialization_of(p.ir, needs.get(name, {}))).masks
         if emit.kernel_closed_form(masks) is not None:
             closed.add(name)
     assert closed == set(attnc.std_names()) - {"document", "document_kv", "longformer",
@@ -249,7 +250,7 @@ def test_gqa_and_batches_on_the_closed_form_path():
     q = torch.randn(2, 4, 45, 16, generator=g).to(DEVICE)
     k = torch.randn(2, 1, 70, 16, generator=g).to(DEVICE)
     v = torch.randn(2, 1, 70, 24, generator=g).to(DEVICE)
-    with dispatch.tile_override(16, 16):
+    with policy.tile_override(16, 16):
         out, lse = p(q, k, v, backend="triton", return_lse=True, window=10, sinks=2)
     ref, ref_lse = p(q, k, v, backend="reference", return_lse=True, window=10, sinks=2)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)

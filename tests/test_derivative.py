@@ -6,7 +6,7 @@ import attnc
 from attnc.lowering.derivative import differentiable_tensors, pattern_grads
 from attnc.lowering.ir import Node
 from attnc.lowering.simplify import substitute
-from attnc.runtime.reference import _Env, _Evaluator
+from attnc.lowering.evaluate import Env, Evaluator
 
 B, H, L = 2, 3, 11
 _G = Node("loopvar", "float", (), "$g")  # the adjoint seed, fed through the evaluator's volatile slots
@@ -32,7 +32,7 @@ PATTERNS = {
 def _env(p, tensors):
     sizes = {"batch": B, "heads": H, "kv_heads": H, "q_len": L, "k_len": L, "head_dim": 8}
     params = {x.name: x.default for x in p.ir.params}
-    return _Env(sizes, params, tensors, torch.float64, torch.device("cpu"), 0, L, B, H, L)
+    return Env(sizes, params, tensors, torch.float64, torch.device("cpu"), 0, L, B, H, L)
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
@@ -45,7 +45,7 @@ def test_symbolic_gradients_match_autograd(name):
     s0 = torch.randn(B, H, L, L, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(B, H, L, L, generator=g, dtype=torch.float64)
 
-    ev = _Evaluator(_env(p, tensors))
+    ev = Evaluator(_env(p, tensors))
     scores = [s0]
     for stmt in p.ir.scores:
         ev.volatile[("score", None)] = scores[-1]
@@ -54,7 +54,7 @@ def test_symbolic_gradients_match_autograd(name):
     (scores[-1] * w).sum().backward()
 
     detached = {k: t.detach() for k, t in tensors.items()}
-    ev = _Evaluator(_env(p, detached))
+    ev = Evaluator(_env(p, detached))
     grads = {k: torch.zeros_like(t) for k, t in detached.items()}
     seed = w
     for i, sg in reversed(list(enumerate(pattern_grads(p.ir)))):

@@ -208,10 +208,13 @@ def test_reproducer_files_round_trip(tmp_path):
         assert again.tensors[n].dtype == t.dtype and torch.equal(again.tensors[n], t)
 
 
-def test_supported_tiles_come_from_dispatch():
-    from attnc.runtime.dispatch import choose_tiles
-    t = choose_tiles(torch.device("cpu"), 64, 64, 0)
-    assert (t.block_m, t.block_n) in fuzz.SUPPORTED_TILES and (16, 16) in fuzz.SUPPORTED_TILES
+def test_supported_tiles_come_from_the_launch_policy():
+    from attnc.runtime.policy import INTERPRETER, Target, config_for
+    for target in (INTERPRETER, Target("cuda", 90)):
+        for kernel in ("forward", "dq", "dkdv"):
+            t = config_for(kernel, target, 64, 64, torch.bfloat16)
+            assert (t.block_m, t.block_n) in fuzz.SUPPORTED_TILES
+    assert (16, 16) in fuzz.SUPPORTED_TILES
 
 
 def test_a_passed_deadline_skips_new_cases():

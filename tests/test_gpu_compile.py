@@ -220,10 +220,10 @@ def _compile_case(case) -> dict:
     args.update(random_tensor_arguments(p.ir, sizes, params,
                                         generator=torch.Generator().manual_seed(0)))
     if case["direction"] == "fwd":
-        launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"])
+        launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"], case["cap"])
     else:
         launches = aot.backward_launches(p, shape, dtype, args, tuple(case["wrt"]),
-                                         case["deterministic"])
+                                         case["deterministic"], case["cap"])
     kernels = []
     for launch in launches:
         kernel = aot.compile_launch(launch, case["cap"])

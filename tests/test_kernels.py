@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import attnc
-from attnc.runtime import dispatch, jit
-from attnc.runtime.reference import _Env, _Evaluator
+from attnc.runtime import dispatch, jit, policy
+from attnc.lowering.evaluate import Env, Evaluator
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
@@ -82,7 +82,7 @@ def qkv(B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):
 
 
 def run_triton(p, q, k, v, tiles=(32, 32), lse=True, **args):
-    with dispatch.tile_override(*tiles):
+    with policy.tile_override(*tiles):
         return p(q, k, v, backend="triton", return_lse=lse, **args)
 
 
@@ -315,31 +315,31 @@ def test_block_layout_full_partial_and_empty_tiles(monkeypatch):
     B, H, L, tiles = 2, 2, 100, (16, 16)
     q, k, v = qkv(B, H, H, L, L, 16)
     args = case_arguments(p, B, H, L, L)
-    monkeypatch.setattr(dispatch, "_layout", brute_force_layout)
+    monkeypatch.setattr(dispatch, "build_layout", brute_force_layout)
     assert_fp32_close(p, q, k, v, tiles=tiles, **args)
-    lay = brute_force_layout(p.ir, p.bind(q, k, v, args), L, L, dispatch.Tiles(*tiles), DEVICE)
+    lay = brute_force_layout(p.ir, p.bind(q, k, v, args), L, L, *tiles, DEVICE)
     assert lay.kv_full_num.sum() > 0 and lay.kv_partial_num.sum() > 0
     # claiming every listed tile FULL must change the answer (the mask really is skipped)
-    monkeypatch.setattr(dispatch, "_layout", lambda *a: all_full(brute_force_layout(*a)))
+    monkeypatch.setattr(dispatch, "build_layout", lambda *a: all_full(brute_force_layout(*a)))
     out = run_triton(p, q, k, v, tiles, lse=False, **args)
     assert not torch.allclose(out, run_reference(p, q, k, v, lse=False, **args), atol=1e-3)
 
 
 def dense_mask(ir, bound, device):
     s = bound.sizes
-    env = _Env(s, bound.params, bound.tensors, torch.float32, device, 0, s["q_len"], s["batch"],
+    env = Env(s, bound.params, bound.tensors, torch.float32, device, 0, s["q_len"], s["batch"],
                s["heads"], s["k_len"])
-    ev = _Evaluator(env)
+    ev = Evaluator(env)
     keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
     for m in ir.masks:
         keep = keep & ev.eval(m)
     return keep.expand(s["batch"], s["heads"], s["q_len"], s["k_len"])
 
 
-def brute_force_layout(ir, bound, q_len, k_len, tiles, device):
+def brute_force_layout(ir, bound, q_len, k_len, bm, bn, device):
+    """`runtime.layout.build_layout`'s lists, from the dense mask."""
     keep = dense_mask(ir, bound, device)
     B, H = keep.shape[:2]
-    bm, bn = tiles.block_m, tiles.block_n
     nq, nk = math.ceil(q_len / bm), math.ceil(k_len / bn)
     num = {c: torch.zeros(B, H, nq, dtype=torch.int32) for c in ("p", "f")}
     idx = {c: torch.zeros(B, H, nq, nk, dtype=torch.int32) for c in ("p", "f")}

@@ -142,10 +142,8 @@ def test_chunking_does_not_change_results_and_bounds_memory():
     q, k, v = _qkv(Lq=45, Lk=45)
     slopes = torch.rand(4, dtype=torch.float64)
     bound = p.bind(q, k, v, dict(s=slopes))
-    full, l1 = reference_attention(p.ir, q, k, v, scale=0.25, sizes=bound.sizes, params=bound.params,
-                                   tensors=bound.tensors, return_lse=True)
-    chunked, l2 = reference_attention(p.ir, q, k, v, scale=0.25, sizes=bound.sizes, params=bound.params,
-                                      tensors=bound.tensors, return_lse=True, chunk=7)
+    full, l1 = reference_attention(p.ir, q, k, v, bound, scale=0.25, return_lse=True)
+    chunked, l2 = reference_attention(p.ir, q, k, v, bound, scale=0.25, return_lse=True, chunk=7)
     torch.testing.assert_close(full, chunked)
     torch.testing.assert_close(l1, l2)
 

@@ -10,15 +10,15 @@ from attnc.dsl.diagnostics import SpecError
 from attnc.lowering.ir import Node, PatternIR, TensorSpec, const
 from attnc.runtime.binding import Bound, bind
 from attnc.runtime.layout import build_layout
-from attnc.runtime.reference import _Env, _Evaluator
+from attnc.lowering.evaluate import Env, Evaluator
 
 SHAPES = [(100, 100, 16, 16), (132, 77, 32, 16), (70, 130, 64, 64), (97, 97, 16, 32)]
 
 
 def brute(ir: PatternIR, bound: Bound, q_len, k_len, bm, bn, B, H) -> torch.Tensor:
     """Exact classes from the dense mask (reference evaluator), [B, H, nQ, nK]."""
-    env = _Env(bound.sizes, bound.params, bound.tensors, torch.float64, "cpu", 0, q_len, B, H, k_len)
-    ev = _Evaluator(env)
+    env = Env(bound.sizes, bound.params, bound.tensors, torch.float64, "cpu", 0, q_len, B, H, k_len)
+    ev = Evaluator(env)
     ev.volatile[("score", None)] = torch.randn(B, H, q_len, k_len, dtype=torch.float64)  # one sample
     keep = torch.ones((B, H, q_len, k_len), dtype=torch.bool)
     for m in ir.masks:

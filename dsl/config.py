@@ -1,0 +1,38 @@
+"""Configuration: the version and every environment variable attnc reads, in one place.
+
+It sits in the lowest layer (`dsl/`) so that every layer may ask it; nothing else in attnc reads
+`os.environ`. Values are read when asked, not at import, so a test (or a user) that sets a
+variable before the first call is obeyed, as Triton obeys `TRITON_INTERPRET` when it is set
+before a kernel is defined. The README lists the variables.
+
+| variable | effect |
+|---|---|
+| `ATTNC_DEBUG=1` | internal tracebacks instead of one-line internal errors |
+| `ATTNC_CACHE_DIR` | the kernel cache directory (default `~/.cache/attnc`) |
+| `TRITON_INTERPRET=1` | generated kernels run under Triton's interpreter (CPU tensors) |
+"""
+from __future__ import annotations
+
+import os
+
+#: attnc's version (also `attnc.__version__`); part of every kernel cache key
+VERSION = "0.1.0"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def debug() -> bool:
+    """`ATTNC_DEBUG=1`: show internal tracebacks instead of hiding them behind a SpecError."""
+    return _flag("ATTNC_DEBUG")
+
+
+def cache_dir() -> str:
+    """`$ATTNC_CACHE_DIR`, else `~/.cache/attnc` (not created here)."""
+    return os.environ.get("ATTNC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attnc")
+
+
+def interpreted() -> bool:
+    """`TRITON_INTERPRET=1`: Triton runs kernels on the CPU with its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
