@@ -1,0 +1,39 @@
+"""Golden generated code: every change to emission is a diff a reviewer reads.
+
+`tests/golden/kernels/NAME.ir.txt` holds the lowered IR of a standard pattern, `NAME.forward.txt`
+and `NAME.backward.txt` the generated forward and backward modules (the backward with the
+gradients of every float tensor argument). `pytest --update-golden` rewrites them after an
+intended change; read the diff before committing it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import attnc
+from attnc.lowering.derivative import differentiable_tensors
+from attnc.lowering.emit import emit_forward
+from attnc.lowering.emit_backward import emit_backward
+from attnc.runtime.binding import specialization_of
+
+GOLDEN = Path(__file__).parent / "golden" / "kernels"
+#: the patterns, and the int parameters their kernels are specialized on
+PATTERNS = {"causal": {}, "document": {}, "gaussian_mixture": dict(width=10, n=2),
+            "topk": dict(top=7), "sigmoid": {}, "streaming": dict(window=24, sinks=3)}
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_generated_code_matches_golden(name, golden):
+    p = attnc.std(name)
+    spec = specialization_of(p.ir, PATTERNS[name])
+    golden.check(GOLDEN / f"{name}.ir.txt", p.ir_text())
+    golden.check(GOLDEN / f"{name}.forward.txt", emit_forward(p.ir, spec).source)
+    wrt = tuple(differentiable_tensors(p.ir))
+    golden.check(GOLDEN / f"{name}.backward.txt", emit_backward(p.ir, spec, wrt).source)
+
+
+def test_every_golden_file_belongs_to_a_pattern():
+    """A pattern dropped from the list takes its golden files with it."""
+    expected = {f"{n}.{kind}.txt" for n in PATTERNS for kind in ("ir", "forward", "backward")}
+    assert {p.name for p in GOLDEN.glob("*.txt")} <= expected
