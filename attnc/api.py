@@ -11,7 +11,7 @@ from .runtime.pattern import Pattern
 
 
 def _user_facing(fn):
-    """No raw lark/sympy/Python traceback reaches a user unless ATTNC_DEBUG=1."""
+    """No raw lark/torch/Python traceback reaches a user unless ATTNC_DEBUG=1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
