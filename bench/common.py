@@ -29,7 +29,16 @@ def parse_args(description: str, patterns, smoke: tuple, what: str, argv=None):
             return 2
         n, args.batch, args.heads, args.head_dim = smoke
         args.n = [n]
-    elif not torch.cuda.is_available():
+    else:
+        # FlexAttention compiles once per pattern and length; past the default limit dynamo
+        # silently falls back to its slow eager path, which would be timed instead
+        import torch._dynamo
+        for name, value in (("recompile_limit", 1024), ("cache_size_limit", 1024),
+                            ("accumulated_recompile_limit", 4096),
+                            ("accumulated_cache_size_limit", 4096)):
+            if hasattr(torch._dynamo.config, name):  # the names changed across torch versions
+                setattr(torch._dynamo.config, name, value)
+    if not args.smoke and not torch.cuda.is_available():
         print(f"{script} needs a CUDA GPU (none found); nothing measured. "
               "Use --smoke under TRITON_INTERPRET=1 for a CPU correctness run.")
         return 0

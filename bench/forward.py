@@ -28,7 +28,7 @@ from attnc.runtime.layout import build_layout  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 PATTERNS = ("causal", "sliding_window", "document", "alibi_causal", "gaussian_mixture",
-            "neighborhood_2d", "sharp_topk")
+            "neighborhood_2d", "sharp_topk", "tau_causal")
 
 
 class Case:
@@ -90,6 +90,10 @@ def make_case(name: str, B: int, H: int, N: int, device) -> Case:
                     mask_mod=nbr)
     if name == "sharp_topk":  # no FlexAttention / SDPA equivalent: top-k is not a mask_mod
         return Case(name, attnc.load(os.path.join(EXAMPLES, "sharp_topk.attn")), dict(tau=0.5, top=32))
+    if name == "tau_causal":  # sharp_topk without its `select`: what top-k costs is the ratio
+        return Case(name, attnc.compile("pattern tau_causal(tau: float = 0.5):\n    score /= tau\n"
+                                        "    mask q >= k\n"), dict(tau=0.5),
+                    mask_mod=lambda b, h, q, k: q >= k, score_mod=lambda s, b, h, q, k: s / 0.5)
     raise SystemExit(f"unknown pattern {name!r}; choose from {', '.join(PATTERNS)}")
 
 

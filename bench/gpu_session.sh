@@ -1,37 +1,66 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one command: the gpu-marked tests, the forward and the
-# forward+backward throughput benchmarks (vs FlexAttention and SDPA), and the static kernel
-# statistics for the same Triton, each into its own file under $OUT (default bench/out).
+# Everything a lent GPU is for, in one command of at most 8 minutes: the forward and the
+# forward+backward throughput benchmarks (vs FlexAttention and SDPA, in one process each), the
+# gpu-marked tests, and the static kernel statistics of the Triton in use; each step is
+# time-boxed. It writes at most 8 files under $OUT (default bench/out) and prints a short table
+# last. `bash bench/gpu_session.sh --smoke` runs the same steps on the CPU, tiny, under Triton's
+# interpreter (try it before spending device time).
 #
-# The lent machines reach no package registry, but their torch brings sympy and networkx; lark
-# (and pytest / hypothesis for the tests) travel as wheels. Once, on a machine with a registry:
+# The lent machines reach no package registry and have no lark or pytest; they travel as
+# wheels. Once, in the checkout:
 #
-#     pip download --no-deps -d .wheels lark hypothesis sortedcontainers attrs pytest pluggy iniconfig
-#     echo /.wheels/ >> .git/info/exclude
+#     echo /.whl/ >> .git/info/exclude
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#         --platform manylinux2014_x86_64 -d .whl lark pytest pluggy iniconfig packaging
 #
-# then run this with `.wheels` carried (the device tool's `carry`):  bash bench/gpu_session.sh
-# Record what it measured in bench/RESULTS.md with the device / date / versions line it prints.
+# then run it with `.whl` carried (the device tool's `carry`). Record what it measured in
+# bench/RESULTS.md with the device / date / versions lines it prints.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
-unset TRITON_INTERPRET
-
-if [ -d .wheels ]; then
-    pip install -q --no-index --find-links .wheels lark hypothesis pytest >"$OUT/install.txt" 2>&1
+SMOKE=""
+# one budget for the whole session: each step gets a slice (seconds)
+FWD_S=${FWD_S:-230} BWD_S=${BWD_S:-170} TEST_S=${TEST_S:-30} STATIC_S=${STATIC_S:-40}
+if [ "${1:-}" = "--smoke" ]; then
+    SMOKE="--smoke"
+    export TRITON_INTERPRET=1
+    FWD_S=1800 BWD_S=1800  # the interpreter is slow; nothing is timed on the CPU
+else
+    unset TRITON_INTERPRET
 fi
-pip install -q --no-deps --no-build-isolation -e . >>"$OUT/install.txt" 2>&1 || {
-    echo "attnc did not install; see $OUT/install.txt"; exit 1; }
-nvidia-smi >"$OUT/device.txt" 2>&1
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    >>"$OUT/device.txt" 2>&1
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/setup.txt" 2>&1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# attnc from the checkout without installing: the package-dir mapping of pyproject.toml, as links
+mkdir -p /tmp/attnc-src/attnc
+for d in dsl lowering runtime stdlib; do ln -sfn "$PWD/$d" "/tmp/attnc-src/attnc/$d"; done
+for f in attnc/*.py; do ln -sfn "$PWD/$f" "/tmp/attnc-src/$f"; done
+export PYTHONPATH="/tmp/attnc-src:$PYTHONPATH"
+{
+    nvidia-smi 2>&1 | head -15
+    python -c "import torch, triton, attnc; print('torch', torch.__version__, 'triton', triton.__version__, 'attnc', attnc.__version__)"
+} >>"$OUT/setup.txt" 2>&1
 
 status=0
-python -m pytest -m gpu -q -p no:cacheprovider >"$OUT/gpu-tests.txt" 2>&1 || status=1
-tail -3 "$OUT/gpu-tests.txt"
-python bench/forward.py >"$OUT/forward.md" 2>"$OUT/forward.err" || status=1
-python bench/backward.py >"$OUT/backward.md" 2>"$OUT/backward.err" || status=1
-python bench/static.py >"$OUT/static.md" 2>/dev/null || status=1
-cat "$OUT/forward.md" "$OUT/backward.md"
+step() {  # step NAME SECONDS OUTFILE COMMAND...: run time-boxed, stderr to errors.txt
+    local name=$1 secs=$2 out=$3; shift 3
+    local start=$SECONDS
+    timeout "$secs" "$@" >"$out" 2>>"$OUT/errors.txt"
+    local rc=$?
+    echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT/setup.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+step forward "$FWD_S" "$OUT/forward.md" python bench/forward.py $SMOKE
+step backward "$BWD_S" "$OUT/backward.md" python bench/backward.py $SMOKE
+if [ -z "$SMOKE" ]; then
+    step gpu-tests "$TEST_S" "$OUT/gpu-tests.txt" python -m pytest -m gpu -q -p no:cacheprovider -x
+    step static "$STATIC_S" "$OUT/static.md" python bench/static.py --patterns causal,document,sharp_topk
+fi
+python bench/summary.py "$OUT/forward.md" "$OUT/backward.md" | tee "$OUT/summary.md"
 exit "$status"
