@@ -9,6 +9,7 @@ before a kernel is defined. The README lists the variables.
 |---|---|
 | `ATTNC_DEBUG=1` | internal tracebacks instead of one-line internal errors |
 | `ATTNC_CACHE_DIR` | the kernel cache directory (default `~/.cache/attnc`) |
+| `ATTNC_AUTOTUNE=1` | on a GPU, time a few launch configurations per kernel on first use and keep the fastest (runtime/tune.py) |
 | `TRITON_INTERPRET=1` | generated kernels run under Triton's interpreter (CPU tensors) |
 """
 from __future__ import annotations
@@ -31,6 +32,11 @@ def debug() -> bool:
 def cache_dir() -> str:
     """`$ATTNC_CACHE_DIR`, else `~/.cache/attnc` (not created here)."""
     return os.environ.get("ATTNC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attnc")
+
+
+def autotune() -> bool:
+    """`ATTNC_AUTOTUNE=1`: on a GPU, tune launch configurations on first use (runtime/tune.py)."""
+    return _flag("ATTNC_AUTOTUNE")
 
 
 def interpreted() -> bool:

@@ -171,36 +171,52 @@ class ClosedForm:
         return self.evaluate(q_lo, min(q_lo + self.block_m, self.q_len))
 
     def key_tiles(self, q_tile: int, block_n: int) -> tuple[list[int], list[int]]:
-        """(partial, full) key tiles of query tile `q_tile`, in the order and by the arithmetic
-        of the closed-form kernel: cover interval i visits tiles `[lo // BN, ceil(hi / BN))`
-        not visited by an earlier interval; a visited tile skips the mask when some full
-        interval holds all of its in-range keys."""
+        """(partial, full) key tiles of query tile `q_tile`, by the arithmetic of the kernels'
+        `_runs` / `_run` (lowering/skeletons/common.py.in): the cover ranges' tiles merged into
+        disjoint ascending runs; in each run, the FULL tiles are the largest sub-run that one
+        full range holds whole (other tiles stay PARTIAL: sound); the tile crossing k_len (the
+        tail) is always PARTIAL, since only it checks bounds."""
         cover, full = self.tile_ranges(q_tile)
-        ranges = [(lo // block_n, -(-hi // block_n) if hi > lo else lo // block_n) for lo, hi in cover]
+        n = len(cover)
+        t = [(lo // block_n, -(-hi // block_n) if hi > lo else lo // block_n) for lo, hi in cover]
+        ft = [(-(-lo // block_n), max(hi // block_n, -(-lo // block_n))) for lo, hi in full]
+        ft += [(0, 0)] * (n - len(ft))
+        tail = self.k_len // block_n if self.k_len % block_n else -1
+        runs, cur = [], 0
+        for _ in range(n):
+            live = [(a, b) for a, b in t if b > max(a, cur)]
+            if not live:
+                break
+            start = min(max(a, cur) for a, _ in live)
+            end = start
+            for _ in range(n):
+                end = max([end] + [b for a, b in live if a <= end])
+            runs.append((start, end))
+            cur = end
         partial, full_tiles = [], []
-        for i, (a, b) in enumerate(ranges):
-            for j in range(a, b):
-                if any(a2 <= j < b2 for a2, b2 in ranges[:i]):
-                    continue
-                k0, k1 = j * block_n, min((j + 1) * block_n, self.k_len)
-                (full_tiles if any(lo <= k0 and k1 <= hi for lo, hi in full) else partial).append(j)
-        return partial, full_tiles
+        for a, b in runs:
+            spans = [(min(max(lo, a), b), max(min(hi, b), min(max(lo, a), b))) for lo, hi in ft]
+            fa, fb = max(spans, key=lambda x: x[1] - x[0]) if spans else (a, a)
+            end = b - 1 if (tail >= 0 and b == tail + 1) else b
+            fb = min(fb, end)
+            fa = min(fa, fb)
+            partial += list(range(a, fa)) + list(range(fb, end))
+            full_tiles += list(range(fa, fb))
+            if end < b:
+                partial.append(tail)
+        return sorted(partial), sorted(full_tiles)
 
     def tile_classes(self, block_n: int) -> list[list[int]]:
-        """0/1/2 per (query tile, key tile) as a kernel driven by the closed form would see it."""
+        """0/1/2 per (query tile, key tile) as a kernel driven by the closed form sees it."""
         n_q, n_k = -(-self.q_len // self.block_m), -(-self.k_len // block_n)
         rows = []
         for t in range(n_q):
-            cover, full = self.tile_ranges(t)
-            row = []
-            for j in range(n_k):
-                k0, k1 = j * block_n, min((j + 1) * block_n, self.k_len)
-                if any(lo <= k0 and k1 <= hi for lo, hi in full):
-                    row.append(2)
-                elif any(lo < k1 and k0 < hi for lo, hi in cover):
-                    row.append(1)
-                else:
-                    row.append(0)
+            partial, full = self.key_tiles(t, block_n)
+            row = [0] * n_k
+            for j in partial:
+                row[j] = 1
+            for j in full:
+                row[j] = 2
             rows.append(row)
         return rows
 

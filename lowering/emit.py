@@ -9,6 +9,7 @@ line takes that line's indentation for every line of its value.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ..dsl.source import Span
 from .closed_form import MAX_INTERVALS, Q_HI, Q_LO, ClosedForm, derive_symbolic
 from .emit_expr import ExprPrinter, Line, Operands
 from .ir import Node, PatternIR, const, walk
+from .printer import canonical_text
 from .signature import Constraints, Signature, forward_signature
 from .simplify import simplify, static_value, substitute
 
@@ -66,6 +68,9 @@ class Kernel:
     topk: int = 0
     closed_form: ClosedForm | None = None
     grads: tuple[str, ...] = ()
+    #: the same for the forward and backward modules of one specialized pattern (a content
+    #: hash of its IR and specialization): what tuned configurations are remembered under
+    pattern_key: str = ""
 
     def signature(self, name: str) -> Signature:
         for sig in self.signatures:
@@ -131,18 +136,35 @@ def kernel_closed_form(masks: tuple[Node, ...], exact_only: bool = True) -> Clos
     return cf
 
 
-def _key_range_lines(cf: ClosedForm | None) -> list[Line]:
-    """`lo0 = ...` .. `fhi3 = ...` for `_key_ranges`; slots past the closed form's are empty.
-    `q_lo` / `q_hi` print as the kernel's local names (nonnegative, like sizes)."""
-    as_locals = {("index", "q_lo"): Node("size", "int", (), "q_lo"),
-                 ("index", "q_hi"): Node("size", "int", (), "q_hi")}
+#: q <-> k and their lengths: the dK/dV pass's closed form is the forward's with roles swapped
+_SWAP = {("index", "q"): Node("index", "int", (), "k"), ("index", "k"): Node("index", "int", (), "q"),
+         ("size", "q_len"): Node("size", "int", (), "k_len"),
+         ("size", "k_len"): Node("size", "int", (), "q_len")}
+
+
+def transposed_closed_form(masks: tuple[Node, ...]) -> ClosedForm | None:
+    """The closed form of the masks with queries and keys swapped: per key tile, the query
+    ranges that hold every allowed query (cover) and those allowed for every key (full), for
+    the dK/dV pass. Its ranges read the swapped sizes; `range_lines(..., swap=True)` swaps
+    them back when printing."""
+    return kernel_closed_form(tuple(simplify(substitute(m, _SWAP)) for m in masks))
+
+
+def range_lines(cf: ClosedForm | None, lo: str, hi: str, swap: bool = False) -> list[Line]:
+    """`lo0 = ...` .. `fhi3 = ...` for `_key_ranges` / `_query_ranges`; slots past the closed
+    form's are empty. The tile's bounds print as the locals `lo` / `hi` (nonnegative, like
+    sizes); `swap`: the ranges came from `transposed_closed_form`."""
+    as_locals = {("index", "q_lo"): Node("size", "int", (), lo),
+                 ("index", "q_hi"): Node("size", "int", (), hi)}
+    if swap:
+        as_locals.update({k: v for k, v in _SWAP.items() if k[0] == "size"})
     printer = ExprPrinter(Operands(), "r")
     for prefix, pairs in (("", cf.intervals if cf else ()), ("f", cf.full_intervals if cf else ())):
         for i in range(MAX_INTERVALS):
             if i < len(pairs):
-                lo, hi = (simplify(substitute(x, as_locals)) for x in pairs[i])
-                printer.statement(f"{prefix}lo{i}", lo)
-                printer.statement(f"{prefix}hi{i}", hi)
+                a, b = (simplify(substitute(x, as_locals)) for x in pairs[i])
+                printer.statement(f"{prefix}lo{i}", a)
+                printer.statement(f"{prefix}hi{i}", b)
             else:
                 printer.lines.append(Line(f"{prefix}lo{i} = 0", None))
                 printer.lines.append(Line(f"{prefix}hi{i} = 0", None))
@@ -163,10 +185,12 @@ class PatternCode:
 def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
     """Print a specialized pattern's score statements, masks and sigmoid bias."""
     score = ExprPrinter(operands, "s")
+    score.hoist(ir.scores)
     for stmt in ir.scores:
         score.statement("score", stmt)
         score.forget_score_temps()
     mask = ExprPrinter(operands, "m")
+    mask.hoist(ir.masks)
     names = []
     for i, m in enumerate(ir.masks):
         if m.op == "const" and m.value is True:
@@ -176,6 +200,7 @@ def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
     mask.lines.append(Line("return " + (" & ".join(names) if names else "q >= 0"), None))
     bias = ExprPrinter(operands, "c")
     if ir.normalizer == "sigmoid":
+        bias.hoist([ir.bias] if ir.bias is not None else [])
         bias.statement("bias", ir.bias if ir.bias is not None else const(0.0))
     else:
         bias.lines.append(Line("bias = 0.0", None))
@@ -189,6 +214,43 @@ def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
 def reads_score(ir: PatternIR) -> bool:
     """Whether a keep decision reads the score (a mask on `score`, or `select topk`)."""
     return ir.topk is not None or any(n.op == "score" for m in ir.masks for n in walk(m))
+
+
+def pattern_key(ir: PatternIR, specialization: dict, wide: bool) -> str:
+    """A content hash of a pattern's IR, its specialization and its index width."""
+    text = canonical_text(ir) + repr(sorted(specialization.items())) + repr(bool(wide))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def log2_fold(ir: PatternIR) -> bool:
+    """The softmax logit is q·k * scale, read by no mask: scale and log2(e) fold into one
+    multiply (the kernels' LOG2_FOLD)."""
+    return not ir.scores and ir.normalizer == "softmax" and not any(
+        n.op == "score" for m in ir.masks for n in walk(m))
+
+
+def common_holes(ir: PatternIR, specialization: dict, code: "PatternCode", operands: Operands,
+                 closed: ClosedForm | None, wide: bool, comments: dict[str, Span]) -> dict[str, str]:
+    """The holes of `common.py.in`, which both directions include, and the header's."""
+    return {
+        "PATTERN": ir.name,
+        "SOURCE": ir.path,
+        "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
+        "SCORE_MOD": render(code.score, comments) or "pass",
+        "MASK_MOD": render(code.mask, comments),
+        "BIAS_MOD": render(code.bias, comments),
+        "MOD_ARGS": operands.mod_args(),
+        "HAS_MASK": repr(bool(ir.masks)),
+        "SIGMOID": repr(ir.normalizer == "sigmoid"),
+        "TOPK": str(code.topk),
+        "TOPK_W": str(_next_pow2(code.topk) if code.topk else 1),
+        "WIDE": repr(bool(wide)),
+        "LOG2_FOLD": repr(log2_fold(ir)),
+        "CLOSED_FORM": repr(closed is not None),
+        "N_COVER": str(len(closed.intervals) if closed else 0),
+        "N_RUNS": str(len(closed.intervals) if closed else 1),
+        "KEY_RANGES": render(range_lines(closed, "q_lo", "q_hi"), comments),
+    }
 
 
 def constraints(ir: PatternIR, topk: int) -> Constraints:
@@ -222,23 +284,8 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = 
 
     closed = kernel_closed_form(ir.masks)
     signature = forward_signature(operands.operands(), closed is not None)
-    holes = {
-        "PATTERN": ir.name,
-        "SOURCE": ir.path,
-        "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
-        "SCORE_MOD": render(code.score, comments) or "pass",
-        "MASK_MOD": render(code.mask, comments),
-        "BIAS_MOD": render(code.bias, comments),
-        "MOD_ARGS": operands.mod_args(),
-        "HAS_MASK": repr(bool(ir.masks)),
-        "SIGMOID": repr(ir.normalizer == "sigmoid"),
-        "TOPK": str(topk),
-        "WIDE": repr(bool(wide)),
-        "CLOSED_FORM": repr(closed is not None),
-        "N_COVER": str(len(closed.intervals) if closed else 0),
-        "KEY_RANGES": render(_key_range_lines(closed), comments),
-        **signature_holes([signature], {"attn_fwd": "FWD"}),
-    }
+    holes = {**common_holes(ir, specialization, code, operands, closed, wide, comments),
+             **signature_holes([signature], {"attn_fwd": "FWD"})}
     source = fill(skeleton("forward"), holes, "forward.py.in")
     return Kernel(source, line_spans(source, comments), (signature,), constraints(ir, topk), topk,
-                  closed)
+                  closed, (), pattern_key(ir, specialization, wide))

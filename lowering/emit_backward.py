@@ -15,8 +15,9 @@ import itertools
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
-from .emit import (Kernel, constraints, fill, line_spans, pattern_code, render, signature_holes,
-                   skeleton, specialize_ir)
+from .emit import (Kernel, common_holes, constraints, fill, kernel_closed_form, line_spans,
+                   pattern_code, pattern_key, range_lines, render, signature_holes, skeleton,
+                   specialize_ir, transposed_closed_form)
 from .emit_expr import ATOM, ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .signature import backward_signatures, dim_name, grad_name
@@ -93,6 +94,12 @@ def _chain(pr: _GradPrinter, ir: PatternIR, grads: tuple[StatementGrad, ...],
     bias_d = bias.d_score if bias is not None else const(0.0)
     bias_loads = [lg for lg in bias.loads if lg.load.value in wrt] if bias is not None and wrt else []
     last = n if (bias_loads or not _is_zero(bias_d)) else n - 1
+    # the per-program values of everything below, once, before the first atomic
+    roots = list(ir.scores[:last]) + ([bias_d] if not _is_zero(bias_d) else [])
+    for lg in bias_loads + [lg for sg in grads for lg in sg.loads if wrt and lg.load.value in wrt]:
+        roots += [adjoint for _, adjoint in unrolled(lg)]
+    roots += [sg.d_score for sg in grads if sg.d_score != SEED and not _is_zero(sg.d_score)]
+    pr.hoist(roots)
     if n:
         pr.line("score_0 = score")
     for i in range(1, last + 1):
@@ -160,27 +167,25 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         for name in wrt:
             numel = " * ".join(dim_name(name, i) for i in range(operands.tensors[name])) or "1"
             setup.append(f"    {grad_name(name)} += slot * ({numel})")
-    signatures = backward_signatures(operands.operands(), wrt, topk > 0)
+    closed = kernel_closed_form(ir.masks)
+    closed_t = transposed_closed_form(ir.masks)
+    signatures = backward_signatures(operands.operands(), wrt, topk > 0, closed is not None,
+                                     closed_t is not None)
     holes = {
-        "PATTERN": ir.name,
-        "SOURCE": ir.path,
-        "SPECIALIZATION": ", ".join(f"{k}={specialization[k]!r}" for k in sorted(specialization)) or "none",
+        **common_holes(ir, specialization, code, operands, closed, wide, comments),
         "WRT": ", ".join(wrt) or "none",
-        "SCORE_MOD": render(code.score, comments) or "pass",
-        "MASK_MOD": render(code.mask, comments),
-        "BIAS_MOD": render(code.bias, comments),
+        "HAS_GRADS": repr(bool(wrt)),
         "SCORE_GRAD": render(plain.lines, comments),
         "SCORE_GRAD_ACC": render(acc.lines, comments),
-        "MOD_ARGS": operands.mod_args(),
         "GRAD_ARGS": "".join(", " + grad_name(name) for name in wrt),
         "GRAD_SETUP": "\n".join(setup),
-        "HAS_MASK": repr(bool(ir.masks)),
-        "SIGMOID": repr(sigmoid),
-        "TOPK": str(topk),
-        "WIDE": repr(bool(wide)),
+        "CLOSED_FORM_T": repr(closed_t is not None),
+        "N_COVER_T": str(len(closed_t.intervals) if closed_t else 0),
+        "N_RUNS_T": str(len(closed_t.intervals) if closed_t else 1),
+        "QUERY_RANGES": render(range_lines(closed_t, "k_lo", "k_hi", swap=True), comments),
         **signature_holes(signatures, {"attn_bwd_kth": "KTH", "attn_bwd_dq": "DQ",
                                        "attn_bwd_dkdv": "DKDV"}),
     }
     source = fill(skeleton("backward"), holes, "backward.py.in")
     return Kernel(source, line_spans(source, comments), signatures, constraints(ir, topk), topk,
-                  None, wrt)
+                  closed, wrt, pattern_key(ir, specialization, wide))

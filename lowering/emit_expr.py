@@ -22,6 +22,7 @@ from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .ir import COMPARISONS, Node, const, transform, walk
 from .signature import Operand, dim_name, operand_args, param_name, stride_name, tensor_name
+from .uniform import strength_reduce, uniform_roots
 from .simplify import simplify, substitute
 
 # Python operator precedence, higher binds tighter (comparisons chain, so they never nest bare).
@@ -126,9 +127,25 @@ class ExprPrinter:
         self.counter = 0
         self.signs: dict = {}
 
+    @staticmethod
+    def prepare(node: Node) -> Node:
+        """The form of an expression the printer prints: sums unrolled, divisions by per-program
+        values turned into reciprocal multiplies (`lowering/uniform.py`)."""
+        return strength_reduce(unroll_sums(node))
+
+    def hoist(self, nodes) -> None:
+        """Emit the per-program subexpressions of `nodes` (to be printed later in this function)
+        as temporaries now, once, before any statement (and so before any atomic)."""
+        for n in uniform_roots([self.prepare(x) for x in nodes]):
+            if n not in self.temps:
+                name = f"{self.prefix}{self.counter}"
+                self.counter += 1
+                self.lines.append(Line(f"{name} = {self.expr(n)[0]}", n.span))
+                self.temps[n] = name
+
     def statement(self, target: str, node: Node, span: Span | None = None) -> None:
         """Emit `target = <node>`, with temporaries for shared subexpressions first."""
-        node = unroll_sums(node)
+        node = self.prepare(node)
         uses: dict[Node, int] = {}
         for n in walk(node):
             for a in n.args:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..dsl.source import Span
-from .traverse import walk, walk_all
+from .traverse import walk, walk_all  # noqa: F401  (walk_all: re-exported for the passes)
 
 LEAVES = ("const", "index", "size", "param", "score", "loopvar")
 UNARY = ("neg", "not", "abs", "exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "softplus",

@@ -253,36 +253,42 @@ def forward_signature(operands: tuple[Operand, ...], closed_form: bool) -> Signa
             *strides("q", "q"), *strides("k", "k"), *strides("v", "v"), *strides("out", "o"),
             *strides("lse", "l"), *layout(None if closed_form else "kv"), *_SCALE, *_SIZES_FWD,
             *operand_args(operands))
-    return Signature("attn_fwd", args, ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "RETURN_LSE",
-                                        "INPUT_PRECISION"),
+    return Signature("attn_fwd", args, ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HEAD_DIM",
+                                        "V_DIM", "RETURN_LSE", "INPUT_PRECISION"),
                      "query_tiles", "forward", None if closed_form else "kv")
 
 
-def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...],
-                        topk: bool) -> tuple[Signature, ...]:
-    """attn_bwd_kth (launched only with `select topk`), attn_bwd_dq, attn_bwd_dkdv."""
+def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], topk: bool,
+                        closed_form: bool, closed_form_t: bool) -> tuple[Signature, ...]:
+    """attn_bwd_kth (launched only with `select topk`), attn_bwd_dq, attn_bwd_dkdv; the
+    query-major ones read the layout unless `closed_form`, dK/dV the transposed one unless
+    `closed_form_t`."""
     ops = operand_args(operands)
-    common = ("BLOCK_M", "BLOCK_N", "BLOCK_D")
+    common = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DIM")
+    kv = None if closed_form else "kv"
     out = [Signature(
         "attn_bwd_kth",
         (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"),
-         *strides("q", "q"), *strides("k", "k"), *strides("kth", "s"), *layout("kv"),
+         *strides("q", "q"), *strides("k", "k"), *strides("kth", "s"), *layout(kv),
          *_SCALE, *sizes("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim"), *ops),
-        common + ("INPUT_PRECISION", "FP64"), "query_tiles", "forward", "kv")]
+        common + ("INPUT_PRECISION", "FP64"), "query_tiles", "forward", kv)]
     # Lse, Delta and Kth are [batch, heads, q_len] alike and share Lse's strides
     stats = (tensor("Lse", "lse"), tensor("Delta", "delta"), tensor("Kth", "kth", optional=not topk))
     out.append(Signature(
         "attn_bwd_dq",
         (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("DO", "do"), *stats,
          tensor("DQ", "dq"), *strides("q", "q"), *strides("k", "k"), *strides("v", "v"),
-         *strides("do", "o"), *strides("dq", "g"), *strides("lse", "s"), *layout("kv"), *_SCALE,
+         *strides("do", "o"), *strides("dq", "g"), *strides("lse", "s"), *layout(kv), *_SCALE,
          *_SIZES_FWD, *ops, *grad_args(grads)),
-        common + ("BLOCK_DV", "INPUT_PRECISION", "FP64", "DETERMINISTIC"), "query_tiles", "dq", "kv"))
+        common + ("BLOCK_DV", "V_DIM", "INPUT_PRECISION", "FP64", "DETERMINISTIC"), "query_tiles",
+        "dq", kv))
+    q = None if closed_form_t else "q"
     out.append(Signature(
         "attn_bwd_dkdv",
         (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("DO", "do"), *stats,
          tensor("DK", "dk"), tensor("DV", "dv"), *strides("q", "q"), *strides("k", "k"),
          *strides("v", "v"), *strides("do", "o"), *strides("dk", "dk"), *strides("dv", "dv"),
-         *strides("lse", "s"), *layout("q"), *_SCALE, *_SIZES_FWD, *ops),
-        common + ("BLOCK_DV", "INPUT_PRECISION", "FP64", "KEY_MAJOR"), "key_tiles", "dkdv", "q"))
+         *strides("lse", "s"), *layout(q), *_SCALE, *_SIZES_FWD, *ops),
+        common + ("BLOCK_DV", "V_DIM", "INPUT_PRECISION", "FP64", "KEY_MAJOR"), "key_tiles", "dkdv",
+        q))
     return tuple(out)

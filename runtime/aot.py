@@ -34,10 +34,8 @@ from .backward import backward_launches as _backward_launches
 from .dispatch import call_specialization, forward_launch
 from .jit import backward_kernel, forward_kernel
 from .launch import Launch
-from .policy import Target
+from .policy import MAX_SHARED, Target
 
-#: the largest shared memory one block may use (opt-in), in bytes, by compute capability
-MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 __all__ = ["Launch", "MAX_SHARED", "forward_launches", "backward_launches", "compile_launch",
            "kernel_statistics"]
@@ -126,11 +124,37 @@ def _ptxas(capability: int) -> str:
     return get_ptxas(capability).path
 
 
+#: instruction patterns of the memory path, counted in the PTX (see `memory_path`)
+_MEMORY_PATTERNS = {
+    # scalar 2-byte global accesses: a 16-bit tile moved element by element
+    "ld_b16": r"\bld\.global(?:\.(?!v\d)\w+)*\.b16\b",
+    "st_b16": r"\bst\.global(?:\.(?!v\d)\w+)*\.b16\b",
+    # 16-byte vector global accesses
+    "ld_16B": r"\bld\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64|v4\.f32)\b",
+    "st_16B": r"\bst\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64|v4\.f32)\b",
+    # asynchronous 16-byte copies into shared memory (what Triton's pipeliner emits)
+    "cp_async_16B": r"\bcp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(?:0x10|16)\b",
+    # Hopper TMA copies
+    "tma": r"\bcp\.async\.bulk\.tensor\b",
+    "ex2": r"\bex2\.approx",
+}
+
+
+def memory_path(ptx: str) -> dict:
+    """How a kernel moves data, from its PTX: scalar 2-byte global loads / stores (`ld_b16`,
+    `st_b16`: a tile moved element by element), 16-byte vector ones (`ld_16B`, `st_16B`),
+    16-byte asynchronous copies into shared memory (`cp_async_16B`, pipelined) and TMA copies
+    (`tma`), and `ex2` instructions (the softmax's exponentials). Read this first: a kernel
+    whose tiles move as scalars is slow whatever its registers say."""
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in _MEMORY_PATTERNS.items()}
+
+
 def kernel_statistics(kernel) -> dict:
-    """What a compiled kernel costs on its target, from the PTX and `ptxas -v`: registers per
-    thread, spill stores / loads (bytes per thread), shared memory (bytes per block), and its
-    MMA instructions: `wgmma` (Hopper's warpgroup MMA) and `mma_sync` (the Ampere-style MMA
-    that Hopper also runs, at a fraction of wgmma's throughput)."""
+    """What a compiled kernel costs on its target, from the PTX and `ptxas -v`: the memory path
+    (`memory_path`), registers per thread, spill stores / loads (bytes per thread), shared
+    memory (bytes per block; with the tile sizes it tells how many pipeline stages were
+    allocated), and its MMA instructions: `wgmma` (Hopper's warpgroup MMA) and `mma_sync` (the
+    Ampere-style MMA that Hopper also runs, at a fraction of wgmma's throughput)."""
     ptx = kernel.asm["ptx"]
     target = re.search(r"^\.target\s+(sm_(\d+)\w*)", ptx, re.M)
     if target is None:
@@ -148,7 +172,7 @@ def kernel_statistics(kernel) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
     if regs is None or spills is None:
         raise RuntimeError(f"unexpected ptxas -v output: {run.stderr.strip()[-2000:]}")
-    return dict(registers=int(regs.group(1)), spill_stores=int(spills.group(1)),
+    return dict(**memory_path(ptx), registers=int(regs.group(1)), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)), shared=int(kernel.metadata.shared),
                 wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
                 mma_sync=len(re.findall(r"\bmma\.sync", ptx)))

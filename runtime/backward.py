@@ -16,11 +16,11 @@ import torch
 
 from ..lowering.derivative import differentiable_tensors
 from .binding import Bound
-from .dispatch import call_sizes, call_specialization, check_backend, check_head_dims, kernel_config
+from .dispatch import call_sizes, call_specialization, check_backend, check_head_dims, layouts
 from .jit import Compiled, backward_kernel
 from .launch import Call, Launch, grid, launch, run_launch
-from .layout import build_layout
-from .policy import SUPPORTED_DTYPES, Target
+from .policy import SUPPORTED_DTYPES, Target, config_for
+from .tune import configure
 
 
 def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: Bound,
@@ -83,23 +83,17 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
     kth = torch.empty_like(lse) if kernel.topk else None
     call = Call(dict(q=q, k=k, v=v, do=grad_out, lse=lse, delta=delta, kth=kth, dq=dq, dk=dk, dv=dv),
                 call_sizes(bound, v), scale, bound)
-    layouts = {}
-
-    def configured(name: str):
-        return kernel.signature(name), kernel_config(compiled, name, target, q, v)
 
     def bind(name: str, **facts) -> Launch:
-        sig, cfg = configured(name)
-        layout = None
-        if sig.uses_layout():
-            key = (cfg.block_m, cfg.block_n)
-            if key not in layouts:
-                layouts[key] = build_layout(ir, bound, q.shape[2], k.shape[2], *key, q.device)
-            layout = layouts[key]
-        return launch(compiled, name, call, cfg, target, layout, **facts)
+        layout_for = layouts(ir, bound, q, k, kernel.signature(name))
+        cfg = configure(compiled, name, target, call, layout_for, **facts)
+        return launch(compiled, name, call, cfg, target, layout_for(cfg), **facts)
 
     launches = [bind("attn_bwd_kth")] if kernel.topk else []
-    tiles_m, heads = grid(*configured("attn_bwd_dq"), call=call)
+    # gradient buffers first (a tuning run of dQ times scratch copies of them)
+    dq_sig = kernel.signature("attn_bwd_dq")
+    base = config_for(dq_sig.config, target, q.shape[3], v.shape[3], q.dtype, kernel.constraints)
+    tiles_m, heads = grid(dq_sig, base, call)
     programs = tiles_m * heads  # one gradient slice per dQ program when deterministic
     buffers = {n: torch.zeros((programs, bound.tensors[n].numel()) if deterministic
                               else bound.tensors[n].shape, dtype=lse.dtype, device=q.device)

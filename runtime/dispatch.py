@@ -22,6 +22,7 @@ from .jit import Compiled, forward_kernel
 from .launch import Call, Launch, launch, run_launch
 from .layout import build_layout
 from .policy import MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, Target, config_for
+from .tune import configure
 
 #: forward launches per path, for tests and benchmarks
 LAUNCHES: collections.Counter = collections.Counter()
@@ -84,16 +85,21 @@ def call_sizes(bound: Bound, v: torch.Tensor) -> dict[str, int]:
     return dict(bound.sizes, v_dim=v.shape[3])
 
 
-def kernel_config(compiled: Compiled, name: str, target: Target, q, v) -> Config:
-    """The launch configuration of kernel `name` of `compiled` for a call with these q and v."""
-    sig = compiled.kernel.signature(name)
-    return config_for(sig.config, target, q.shape[3], v.shape[3], q.dtype, compiled.kernel.constraints)
+def layouts(ir: PatternIR, bound: Bound, q, k, sig):
+    """`layout_for(config)`: the block layout `sig`'s kernel reads at a configuration's tiles
+    (built once per tile shape, and cached), or None for a kernel that computes its tiles."""
+    def layout_for(cfg: Config):
+        if not sig.uses_layout():
+            return None
+        return build_layout(ir, bound, q.shape[2], k.shape[2], cfg.block_m, cfg.block_n, q.device)
+    return layout_for
 
 
 def forward_config(ir: PatternIR, bound: Bound, q, v, target: Target | None = None) -> Config:
-    """The forward kernel's configuration for a bound call (tile shape, warps, stages)."""
+    """The forward kernel's table configuration for a bound call (tile shape, warps, stages)."""
     compiled = forward_kernel(ir, *call_specialization(ir, bound))
-    return kernel_config(compiled, "attn_fwd", target or Target.of(q.device), q, v)
+    return config_for("forward", target or Target.of(q.device), q.shape[3], v.shape[3], q.dtype,
+                      compiled.kernel.constraints)
 
 
 def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_lse: bool):
@@ -124,10 +130,9 @@ def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out
     which passes CPU tensors of the call's shapes) and its path: 'closed_form' or 'layout'.
     `lse` is None unless the call returns it."""
     sig = compiled.kernel.signature("attn_fwd")
-    cfg = kernel_config(compiled, "attn_fwd", target, q, v)
-    layout = None
-    if sig.uses_layout():
-        layout = build_layout(ir, bound, q.shape[2], k.shape[2], cfg.block_m, cfg.block_n, q.device)
     call = Call(dict(q=q, k=k, v=v, out=out, lse=lse), call_sizes(bound, v), scale, bound)
-    return (launch(compiled, "attn_fwd", call, cfg, target, layout, RETURN_LSE=lse is not None),
+    layout_for = layouts(ir, bound, q, k, sig)
+    facts = dict(RETURN_LSE=lse is not None)
+    cfg = configure(compiled, "attn_fwd", target, call, layout_for, **facts)
+    return (launch(compiled, "attn_fwd", call, cfg, target, layout_for(cfg), **facts),
             "layout" if sig.uses_layout() else "closed_form")

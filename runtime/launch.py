@@ -144,6 +144,7 @@ def launch(compiled: Compiled, name: str, call: Call, config: Config, target: Ta
     known = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_D=max(16, next_pow2(call.sizes["head_dim"])),
                  BLOCK_DV=max(16, next_pow2(call.sizes["v_dim"])),
+                 HEAD_DIM=call.sizes["head_dim"], V_DIM=call.sizes["v_dim"],
                  INPUT_PRECISION=input_precision(dtype), FP64=dtype == torch.float64, **facts)
     missing = [c for c in sig.constexprs if c not in known]
     if missing:

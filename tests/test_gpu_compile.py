@@ -39,9 +39,9 @@ STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")
 
 
 def _case(pattern, direction="fwd", dtype="bf16", cap=90, return_lse=True, head_dim=64,
-          v_dim=None, wrt=(), deterministic=False, bug=None):
+          v_dim=None, wrt=(), deterministic=False, bug=None, memory=False):
     case = dict(pattern=pattern, direction=direction, dtype=dtype, cap=cap,
-                head_dim=head_dim, v_dim=v_dim or head_dim)
+                head_dim=head_dim, v_dim=v_dim or head_dim, memory=memory)
     name = f"{direction}-{pattern}-{dtype}-sm{cap}"
     if head_dim != 64 or case["v_dim"] != head_dim:
         name += f"-d{head_dim}" + (f"v{case['v_dim']}" if case["v_dim"] != head_dim else "")
@@ -84,6 +84,15 @@ def _cases():
               _case("causal", dtype="fp32", cap=80),
               _case("gaussian_mixture", "bwd", cap=80, wrt=grads["gaussian_mixture"]),
               _case("wide"), _case("wide", "bwd")]  # int64 index arithmetic (SPEC_ARGUMENTS)
+    # the memory path and registers of the benchmark patterns (test_memory_path_...): forward
+    # and backward, D=64 fp16, D=128 bf16, and a head dim that is not a power of two
+    for n in MEMORY_PATTERNS:
+        for dtype, d in (("fp16", 64), ("bf16", 128)):
+            cases.append(_case(n, dtype=dtype, head_dim=d, return_lse=lse(n), memory=True))
+            cases.append(_case(n, "bwd", dtype=dtype, head_dim=d, wrt=grads[n], memory=True))
+    for n in ("causal", "document"):
+        cases.append(_case(n, head_dim=96, return_lse=True, memory=True))
+        cases.append(_case(n, "bwd", head_dim=96, memory=True))
     if FULL:
         for n in names:
             for dtype in ("bf16", "fp16", "fp32"):
@@ -106,6 +115,11 @@ def _cases():
         unique.setdefault(c["id"], c)
     return list(unique.values())
 
+
+#: the patterns whose sm_90 kernels must move tiles as 16-byte vectors through pipelined
+#: asynchronous copies, on wgmma, without spills (issue 11's memory path)
+MEMORY_PATTERNS = ("causal", "sliding_window", "document", "alibi", "gaussian_mixture",
+                   "neighborhood_2d", "topk")
 
 #: specs that are not in the standard library, compiled like it: name -> arguments
 SPEC_ARGUMENTS = {"wide": {"m": 20_000_000}}  # q * m leaves int32 at q_len = 200: WIDE kernels
@@ -195,6 +209,23 @@ if __name__ != "__main__":
         assert r is not None and r["ok"], f"{case['id']} did not compile"
         for k in r["kernels"]:
             assert k["wgmma"] > 0 and k["mma_sync"] == 0, f"{case['id']} {k}"
+
+    @pytest.mark.parametrize("case", [c for c in _params() if c.values[0]["memory"]])
+    def test_memory_path_is_vectorized_and_pipelined(case, compiled):
+        """Read from the PTX: no tile moves element by element (scalar 2-byte global loads or
+        stores); every kernel streams its tiles through 16-byte asynchronous copies (cp.async
+        with pipeline stages, or TMA); dots are wgmma; the forward and dQ kernels never spill,
+        nor does dK/dV at head dims up to 128."""
+        r = compiled.get(case["id"])
+        assert r is not None and r["ok"], f"{case['id']} did not compile"
+        for k in r["kernels"]:
+            where = f"{case['id']} {k['name']}: {k}"
+            assert k["ld_b16"] == 0 and k["st_b16"] == 0, "scalar 2-byte global access in " + where
+            assert k["cp_async_16B"] + k["tma"] > 0, "no asynchronous 16-byte tile copy in " + where
+            assert k["ld_16B"] > 0 and k["st_16B"] + (k["name"] == "attn_bwd_kth") > 0, where
+            assert k["wgmma"] > 0 and k["mma_sync"] == 0, where
+            if k["name"] != "attn_bwd_dkdv" or case["head_dim"] <= 128:
+                assert k["spill_stores"] == 0 and k["spill_loads"] == 0, "spills in " + where
 
     def test_both_forward_paths_are_covered(compiled):
         """The representative set reaches the closed-form and the layout-index forward."""

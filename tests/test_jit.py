@@ -61,7 +61,9 @@ def test_generated_text_is_deterministic_and_points_at_the_spec():
     p = attnc.compile(SOFTCAP, path="capped.attn")
     a, b = p.triton_source(), attnc.compile(SOFTCAP, path="capped.attn").triton_source()
     assert a == b
-    assert "prm_cap * _tanh(score / prm_cap)  # capped.attn:4" in a
+    # the per-program reciprocal is computed once, the tile multiplies (lowering/uniform.py)
+    assert "s0 = 1.0 / prm_cap  # capped.attn:4" in a
+    assert "score = prm_cap * _tanh(score * s0)  # capped.attn:4" in a
     assert "keep0 = q >= k  # capped.attn:3" in a
     compile(a, "<generated>", "exec")  # valid Python
 
