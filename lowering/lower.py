@@ -150,7 +150,7 @@ class _Lowerer:
     @expr.register
     def _(self, e: A.Call):
         args = [self.expr(a) for a in e.args]
-        rule = T.FUNCTIONS[e.func][2]
+        rule = T.FUNCTIONS[e.func].result
         if e.func in ("min", "max", "clamp"):
             if any(a.dtype == "float" for a in args):
                 args = [to_float(a) for a in args]
