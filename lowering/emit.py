@@ -19,6 +19,7 @@ from .closed_form import MAX_INTERVALS, Q_HI, Q_LO, ClosedForm, derive_symbolic
 from .emit_expr import ExprPrinter, Line, Operands
 from .ir import Node, PatternIR, const, walk
 from .signature import Constraints, Signature, forward_signature
+from .ops import triton_helpers
 from .simplify import simplify, static_value, substitute
 
 _HOLE = re.compile(r"\{\{([A-Z_][A-Z0-9_]*)\}\}")
@@ -234,6 +235,7 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = 
         "SIGMOID": repr(ir.normalizer == "sigmoid"),
         "TOPK": str(topk),
         "WIDE": repr(bool(wide)),
+        "FUNCTION_HELPERS": triton_helpers(),
         "CLOSED_FORM": repr(closed is not None),
         "N_COVER": str(len(closed.intervals) if closed else 0),
         "KEY_RANGES": render(_key_range_lines(closed), comments),

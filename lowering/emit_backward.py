@@ -17,10 +17,12 @@ from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
 from .emit import (Kernel, constraints, fill, line_spans, pattern_code, render, signature_holes,
                    skeleton, specialize_ir)
-from .emit_expr import ATOM, ExprPrinter, Line, Operands, nonnegative
+from .emit_expr import ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .signature import backward_signatures, dim_name, grad_name
+from .ops import triton_helpers
 from .simplify import simplify, substitute
+from .triton_forms import ATOM
 
 
 def _reads_volatile(n: Node) -> bool:
@@ -178,6 +180,7 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         "SIGMOID": repr(sigmoid),
         "TOPK": str(topk),
         "WIDE": repr(bool(wide)),
+        "FUNCTION_HELPERS": triton_helpers(),
         **signature_holes(signatures, {"attn_bwd_kth": "KTH", "attn_bwd_dq": "DQ",
                                        "attn_bwd_dkdv": "DKDV"}),
     }
