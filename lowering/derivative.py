@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from .ir import Node, PatternIR, const, walk
 from .ops import rule
 from .simplify import simplify
+from .verify import verify_expr
 
 
 def _f(op, *args):
@@ -119,7 +120,10 @@ def statement_grad(stmt: Node) -> StatementGrad:
     for m in walk(stmt):
         if m.op == "score" and id(m) in adj:
             d_score = _f("add", d_score, adj[id(m)])
-    return StatementGrad(simplify(d_score), tuple(loads))
+    grad = StatementGrad(simplify(d_score), tuple(loads))
+    for n in (grad.d_score, *(lg.adjoint for lg in grad.loads)):
+        verify_expr(n)  # the op table's derivative rules must build well-typed IR
+    return grad
 
 
 def pattern_grads(ir: PatternIR) -> tuple[StatementGrad, ...]:

@@ -1,6 +1,6 @@
 """The op table: one entry per IR op, holding everything the passes know about that op.
 
-An `Op` gives an op's arity and result type rule, its
+An `Op` gives an op's arity and result type rule (`verify` checks every node against them), its
 value on Python constants (`fold`: simplification), on tensors (`torch`: the reference
 semantics), on intervals (`interval`: the sparsity analysis and `int_range`), its derivative
 (`derivative`: the backward) and its Triton text (`triton`, and the source of a `helper` that
