@@ -381,7 +381,7 @@ class Checker:
                 hint = f"`{e.func}` is a tensor; index it with square brackets: `{e.func}[...]`"
             self.error(e.span, f"unknown function `{e.func}`", hint)
             return _Val(T.ERR, False)
-        lo, hi, _ = T.FUNCTIONS[e.func]
+        lo, hi = T.FUNCTIONS[e.func].min_args, T.FUNCTIONS[e.func].max_args
         if len(args) < lo or (hi is not None and len(args) > hi):
             want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
             self.error(e.span, f"`{e.func}` takes {want} argument{'s' if want != '1' else ''}, "

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field, replace
 from hypothesis import strategies as st
 
 from . import ast as A
+from . import types as T
 
-FLOAT_FUNCS = ("exp", "tanh", "sigmoid", "softplus", "log", "sqrt", "exp2", "log2")
+#: the language's unary float functions (exp, tanh, ...), in declaration order
+FLOAT_FUNCS = tuple(name for name, f in T.FUNCTIONS.items() if f.result == T.FLOAT and f.max_args == 1)
 COMPARE_OPS = ("<", "<=", ">", ">=", "==", "!=")
 DYADIC = (0.5, 1.0, 1.5, 2.0, 0.25, 3.0)  # exact in every float type, so comparisons agree
 #: tensor shapes a pattern may declare: names of sizes, or static extents given as digit strings
@@ -160,9 +162,9 @@ def float_expr(draw, ctx: Ctx, depth: int = 2):
     if kind == "func":
         f = draw(st.sampled_from(FLOAT_FUNCS))
         arg = sub()
-        if f in ("log", "sqrt", "log2"):
+        if T.FUNCTIONS[f].safe_args == "positive":
             arg = A.Binary("+", A.Num(1.0), A.Call("abs", (arg,)))
-        elif f in ("exp", "exp2"):
+        elif T.FUNCTIONS[f].safe_args == "nonpositive":
             arg = A.Unary("-", A.Call("abs", (arg,)))
         return A.Call(f, (arg,))
     if kind == "from_int":  # small ints scaled down, e.g. -abs(q - k) * 0.25

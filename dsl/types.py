@@ -1,28 +1,55 @@
 """Scalar types and the typing rules shared by the checker and the IR constructors."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 INT, FLOAT, BOOL = "int", "float", "bool"
 ERR = "error"  # poison: an operand already reported; rules return ERR silently
 NUMERIC = (INT, FLOAT)
 
-# name -> (min arity, max arity or None, result rule)
-#   "same": the promoted type of the (numeric) arguments; "float": always float; "int": always int
-FUNCTIONS: dict[str, tuple[int, int | None, str]] = {
-    "abs": (1, 1, "same"),
-    "min": (2, None, "same"),
-    "max": (2, None, "same"),
-    "clamp": (3, 3, "same"),
-    "exp": (1, 1, "float"),
-    "exp2": (1, 1, "float"),
-    "log": (1, 1, "float"),
-    "log2": (1, 1, "float"),
-    "sqrt": (1, 1, "float"),
-    "tanh": (1, 1, "float"),
-    "sigmoid": (1, 1, "float"),
-    "softplus": (1, 1, "float"),
-    "floor": (1, 1, "int"),
-    "ceil": (1, 1, "int"),
+@dataclass(frozen=True)
+class Function:
+    """A built-in function of the language. It takes `min_args` to `max_args` arguments (None:
+    no limit); its `result` is "same" (the promoted type of its numeric arguments), "float" or
+    "int". `safe_args` says where its value is finite and moderate: "any" argument, "positive"
+    ones, or "nonpositive" ones (the fuzzer, dsl/strategies.py, draws only those).
+
+    A function `f` that is not desugared by `lowering/lower.py` (like min/max/clamp) lowers to
+    the IR op `f`, whose meaning is its entry in `lowering/ops.py`."""
+
+    min_args: int
+    max_args: int | None
+    result: str
+    safe_args: str = "any"
+
+
+FUNCTIONS: dict[str, Function] = {
+    "abs": Function(1, 1, "same"),
+    "min": Function(2, None, "same"),
+    "max": Function(2, None, "same"),
+    "clamp": Function(3, 3, "same"),
+    "exp": Function(1, 1, "float", "nonpositive"),
+    "tanh": Function(1, 1, "float"),
+    "sigmoid": Function(1, 1, "float"),
+    "softplus": Function(1, 1, "float"),
+    "log": Function(1, 1, "float", "positive"),
+    "sqrt": Function(1, 1, "float", "positive"),
+    "exp2": Function(1, 1, "float", "nonpositive"),
+    "log2": Function(1, 1, "float", "positive"),
+    "floor": Function(1, 1, "int"),
+    "ceil": Function(1, 1, "int"),
 }
+
+
+def define_function(name: str, function: Function) -> None:
+    """Add a built-in function (a name not defined yet); its IR op is `lowering.ops.register`ed."""
+    if name in FUNCTIONS:
+        raise ValueError(f"function `{name}` is already defined")
+    FUNCTIONS[name] = function
+
+
+def undefine_function(name: str) -> None:
+    del FUNCTIONS[name]
 
 
 def promote(*types: str) -> str:
@@ -62,5 +89,5 @@ def call_result(func: str, args: list[str]) -> str | None:
         return ERR
     if any(a not in NUMERIC for a in args):
         return None
-    rule = FUNCTIONS[func][2]
+    rule = FUNCTIONS[func].result
     return promote(*args) if rule == "same" else rule

@@ -1,4 +1,5 @@
-"""Symbolic differentiation of score expressions over the IR (reverse mode, one rule per op).
+"""Symbolic differentiation of score expressions over the IR (reverse mode, one rule per op: its
+`derivative` entry in the op table, lowering/ops.py).
 
 The backward pass of attention needs, for each score statement ``s_out = f(score, …)``:
   * ∂f/∂score — to carry the logit gradient back to ``q·k`` (and so to dQ, dK), and
@@ -13,73 +14,19 @@ passes the gradient to ``x`` at the boundaries); ``where`` routes it to the take
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .ir import Node, PatternIR, const, walk
+from .ops import rule
 from .simplify import simplify
+from .verify import verify_expr
 
 
 def _f(op, *args):
     return Node(op, "float", tuple(args))
 
 
-def _b(op, *args):
-    return Node(op, "bool", tuple(args))
-
-
-ONE, ZERO = const(1.0), const(0.0)
-
-
-def _where(c, a, b):
-    return Node("where", "float", (c, a, b))
-
-
-# Each rule: (node, adjoint of node) -> adjoints of its float arguments (None for non-float ones).
-def _rule_add(n, g): return (g, g)
-def _rule_sub(n, g): return (g, _f("neg", g))
-def _rule_mul(n, g): a, b = n.args; return (_f("mul", g, b), _f("mul", g, a))
-def _rule_div(n, g):
-    a, b = n.args
-    return (_f("div", g, b), _f("neg", _f("div", _f("mul", g, a), _f("mul", b, b))))
-def _rule_pow(n, g):
-    a, b = n.args
-    da = _f("mul", g, _f("mul", b, _f("pow", a, _f("sub", b, ONE))))
-    if b.op == "const":
-        return (da, None)
-    return (da, _f("mul", g, _f("mul", n, _f("log", a))))
-def _rule_neg(n, g): return (_f("neg", g),)
-def _rule_abs(n, g):
-    (a,) = n.args
-    sign = _where(_b("gt", a, ZERO), ONE, _where(_b("lt", a, ZERO), const(-1.0), ZERO))
-    return (_f("mul", g, sign),)
-def _rule_exp(n, g): return (_f("mul", g, n),)
-def _rule_exp2(n, g): return (_f("mul", g, _f("mul", n, const(math.log(2.0)))),)
-def _rule_log(n, g): return (_f("div", g, n.args[0]),)
-def _rule_log2(n, g): return (_f("div", g, _f("mul", n.args[0], const(math.log(2.0)))),)
-def _rule_sqrt(n, g): return (_f("div", g, _f("mul", const(2.0), n)),)
-def _rule_tanh(n, g): return (_f("mul", g, _f("sub", ONE, _f("mul", n, n))),)
-def _rule_sigmoid(n, g): return (_f("mul", g, _f("mul", n, _f("sub", ONE, n))),)
-def _rule_softplus(n, g): return (_f("mul", g, _f("sigmoid", n.args[0])),)
-def _rule_min(n, g):
-    a, b = n.args
-    first = _b("le", a, b)
-    return (_where(first, g, ZERO), _where(first, ZERO, g))
-def _rule_max(n, g):
-    a, b = n.args
-    first = _b("ge", a, b)
-    return (_where(first, g, ZERO), _where(first, ZERO, g))
-def _rule_where(n, g):
-    c, _, _ = n.args
-    return (None, _where(c, g, ZERO), _where(c, ZERO, g))
-
-
-RULES = {
-    "add": _rule_add, "sub": _rule_sub, "mul": _rule_mul, "div": _rule_div, "pow": _rule_pow,
-    "neg": _rule_neg, "abs": _rule_abs, "exp": _rule_exp, "exp2": _rule_exp2, "log": _rule_log,
-    "log2": _rule_log2, "sqrt": _rule_sqrt, "tanh": _rule_tanh, "sigmoid": _rule_sigmoid,
-    "softplus": _rule_softplus, "min": _rule_min, "max": _rule_max, "where": _rule_where,
-}
+ZERO = const(0.0)
 
 
 @dataclass(frozen=True)
@@ -132,10 +79,9 @@ def adjoints(root: Node, seed: Node = SEED, loops: tuple = (),
                 if id(m) in inner:
                     _accumulate(adj, m, Node("sum", "float", (count, inner[id(m)]), n.value))
             continue
-        rule = RULES.get(n.op)
-        if rule is None:
-            continue  # leaves, casts from int, floor/ceil: no float inputs to propagate to
-        for a, ga in zip(n.args, rule(n, g)):
+        if not n.args:
+            continue  # a leaf
+        for a, ga in zip(n.args, rule(n, "derivative")(n, g)):
             if ga is not None and a.dtype == "float":
                 _accumulate(adj, a, ga)
     return adj, loads
@@ -174,7 +120,10 @@ def statement_grad(stmt: Node) -> StatementGrad:
     for m in walk(stmt):
         if m.op == "score" and id(m) in adj:
             d_score = _f("add", d_score, adj[id(m)])
-    return StatementGrad(simplify(d_score), tuple(loads))
+    grad = StatementGrad(simplify(d_score), tuple(loads))
+    for n in (grad.d_score, *(lg.adjoint for lg in grad.loads)):
+        verify_expr(n)  # the op table's derivative rules must build well-typed IR
+    return grad
 
 
 def pattern_grads(ir: PatternIR) -> tuple[StatementGrad, ...]:

@@ -19,6 +19,7 @@ from ..dsl.source import Span
 from .closed_form import MAX_INTERVALS, Q_HI, Q_LO, ClosedForm, derive_symbolic
 from .emit_expr import ExprPrinter, Line, Operands
 from .ir import Node, PatternIR, const, walk
+from .ops import triton_helpers
 from .printer import canonical_text
 from .signature import Constraints, Signature, forward_signature
 from .simplify import simplify, static_value, substitute
@@ -245,6 +246,7 @@ def common_holes(ir: PatternIR, specialization: dict, code: "PatternCode", opera
         "TOPK": str(code.topk),
         "TOPK_W": str(_next_pow2(code.topk) if code.topk else 1),
         "WIDE": repr(bool(wide)),
+        "FUNCTION_HELPERS": triton_helpers(),
         "LOG2_FOLD": repr(log2_fold(ir)),
         "CLOSED_FORM": repr(closed is not None),
         "N_COVER": str(len(closed.intervals) if closed else 0),

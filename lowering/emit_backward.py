@@ -18,10 +18,11 @@ from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_
 from .emit import (Kernel, common_holes, constraints, fill, kernel_closed_form, line_spans,
                    pattern_code, pattern_key, range_lines, render, signature_holes, skeleton,
                    specialize_ir, transposed_closed_form)
-from .emit_expr import ATOM, ExprPrinter, Line, Operands, nonnegative
+from .emit_expr import ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .signature import backward_signatures, dim_name, grad_name
 from .simplify import simplify, substitute
+from .triton_forms import ATOM
 
 
 def _reads_volatile(n: Node) -> bool:

@@ -20,20 +20,13 @@ from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
-from .ir import COMPARISONS, Node, const, transform, walk
+from .ir import Node, const, transform, walk
+from .ops import COMPARISONS, rule
 from .signature import Operand, dim_name, operand_args, param_name, stride_name, tensor_name
 from .uniform import strength_reduce, uniform_roots
 from .simplify import simplify, substitute
+from .triton_forms import ATOM, CMP, MUL, UNARY, Special, wrap
 
-# Python operator precedence, higher binds tighter (comparisons chain, so they never nest bare).
-ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 12, 11, 10, 7, 5, 4
-_BIN = {"add": ("+", _ADD), "sub": ("-", _ADD), "mul": ("*", _MUL), "div": ("/", _MUL),
-        "and": ("&", _AND), "or": ("|", _OR),
-        "lt": ("<", _CMP), "le": ("<=", _CMP), "gt": (">", _CMP), "ge": (">=", _CMP),
-        "eq": ("==", _CMP), "ne": ("!=", _CMP)}
-_CALL1 = {"abs": "tl.abs", "exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
-          "sqrt": "tl.sqrt", "sigmoid": "tl.sigmoid", "tanh": "_tanh", "softplus": "_softplus"}
-_CALL2 = {"min": "tl.minimum", "max": "tl.maximum"}
 _INDEX = {"b": "b", "h": "h", "q": "q", "k": "k"}
 #: exponents `x ** c` expanded into products
 _MAX_POW = 8
@@ -41,7 +34,7 @@ _MAX_POW = 8
 
 def unroll_sums(node: Node) -> Node:
     """Replace every `sum` by the chain of its terms (its count must be a constant by now)."""
-    def rule(n: Node):
+    def expand(n: Node):
         if n.op != "sum":
             return None
         count, body = n.args
@@ -53,7 +46,7 @@ def unroll_sums(node: Node) -> Node:
             term = simplify(substitute(body, {("loopvar", n.value): const(i, n.span)}))
             total = term if total is None else Node("add", n.dtype, (total, term), None, n.span)
         return total if total is not None else const(0.0 if n.dtype == "float" else 0, n.span)
-    return simplify(transform(node, rule))
+    return simplify(transform(node, expand))
 
 
 def nonnegative(n: Node, memo: dict) -> bool:
@@ -189,40 +182,18 @@ class ExprPrinter:
             return self._load(n), ATOM
         if op in ("sum", "loopvar"):
             raise SpecError(n.span, "internal: `sum` reached the printer unexpanded")
-        if op == "neg":
-            return f"-{self._wrap(n.args[0], _UNARY)}", _UNARY
-        if op == "not":
-            return f"~{self._wrap(n.args[0], _UNARY)}", _UNARY
-        if op == "cast":
-            return f"{self._wrap(n.args[0], ATOM)}.to(tl.float32)", ATOM
-        if op in ("floor", "ceil"):
-            return f"tl.{op}({self.expr(n.args[0])[0]}).to(tl.int32)", ATOM
-        if op in _CALL1:
-            return f"{_CALL1[op]}({self.expr(n.args[0])[0]})", ATOM
-        if op in _CALL2:
-            a, b = (self.expr(x)[0] for x in n.args)
-            return f"{_CALL2[op]}({a}, {b})", ATOM
-        if op == "where":
-            c, a, b = (self.expr(x)[0] for x in n.args)
-            return f"tl.where({c}, {a}, {b})", ATOM
-        if op in ("floordiv", "mod"):
-            return self._divmod(n)
-        if op == "pow":
-            return self._pow(n)
-        if op in _BIN:
-            sym, prec = _BIN[op]
-            left_prec = prec + 1 if prec == _CMP else prec  # comparisons must not chain
-            text = f"{self._wrap(n.args[0], left_prec)} {sym} {self._wrap(n.args[1], prec + 1)}"
-            if op in COMPARISONS and n.args[0].dtype == "float" and _per_program(n):
-                # Triton's interpreter keeps a *scalar* float comparison's result in float storage,
-                # so a later `&`/`|`/`~` with it fails; `!= 0` gives real booleans (a no-op compiled)
-                return f"({text}) != 0", _CMP
-            return text, prec
-        raise SpecError(n.span, f"internal: no Triton lowering for IR op `{op}`")
+        form = rule(n, "triton")
+        if isinstance(form, Special):
+            return getattr(self, self.SPECIAL[form.name])(n)
+        text, prec = form.render([self.expr(a) for a in n.args])
+        if op in COMPARISONS and n.args[0].dtype == "float" and _per_program(n):
+            # Triton's interpreter keeps a *scalar* float comparison's result in float storage,
+            # so a later `&`/`|`/`~` with it fails; `!= 0` gives real booleans (a no-op compiled)
+            return f"({text}) != 0", CMP
+        return text, prec
 
     def _wrap(self, n: Node, need: int) -> str:
-        text, prec = self.expr(n)
-        return text if prec >= need else f"({text})"
+        return wrap(self.expr(n), need)
 
     def _const(self, n: Node) -> tuple[str, int]:
         v = n.value
@@ -235,7 +206,7 @@ class ExprPrinter:
             text = repr(v)
         else:
             text = str(v)
-        return text, (_UNARY if text.startswith("-") else ATOM)
+        return text, (UNARY if text.startswith("-") else ATOM)
 
     def _load(self, n: Node) -> str:
         name = n.value
@@ -260,7 +231,7 @@ class ExprPrinter:
             return f"_fmod({x}, {y})", ATOM
         if nonnegative(a, self.signs) and positive(b, self.signs):
             sym = "//" if n.op == "floordiv" else "%"
-            return f"{self._wrap(a, _MUL)} {sym} {self._wrap(b, _MUL + 1)}", _MUL
+            return f"{self._wrap(a, MUL)} {sym} {self._wrap(b, MUL + 1)}", MUL
         helper = "_floordiv" if n.op == "floordiv" else "_mod"
         return f"{helper}({self.expr(a)[0]}, {self.expr(b)[0]})", ATOM
 
@@ -274,8 +245,8 @@ class ExprPrinter:
             x = self._named(base, n.span)
             prod = " * ".join([x] * count)
             if e.value < 0:
-                return f"1.0 / ({prod})", _MUL
-            return prod, _MUL if count > 1 else ATOM
+                return f"1.0 / ({prod})", MUL
+            return prod, MUL if count > 1 else ATOM
         if n.dtype != "float":
             raise SpecError(n.span, "integer `**` in a kernel needs a constant exponent",
                             "use a float base, or an int parameter / literal as the exponent")
@@ -286,6 +257,9 @@ class ExprPrinter:
             zero = "0.0" if e.value > 0 else 'float("inf")'
             return f"tl.where({x} == 0.0, {zero}, tl.exp2({e.value!r} * tl.log2({x})))", ATOM
         return f"_powf({self.expr(base)[0]}, {self.expr(e)[0]})", ATOM
+
+    #: the printer's own rules (methods) for the ops whose text needs sign proofs or temporaries
+    SPECIAL = {"divmod": "_divmod", "pow": "_pow"}
 
     def _named(self, n: Node, span: Span | None) -> str:
         """`n` as a name or literal, emitting a temporary line when it is a compound."""

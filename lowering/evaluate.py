@@ -1,6 +1,7 @@
-"""Dense evaluation of IR expressions with torch: the meaning of every op, shared by the
-reference interpreter (`runtime/reference.py`), the block-sparsity analysis (single-axis
-subexpressions evaluated per position), the mask pictures and the tests.
+"""Dense evaluation of IR expressions with torch: the meaning of every op (its `torch` entry in
+the op table, lowering/ops.py), shared by the reference interpreter (`runtime/reference.py`),
+the block-sparsity analysis (single-axis subexpressions evaluated per position), the mask
+pictures and the tests.
 
 `Env` holds index grids, sizes, parameter values and tensors for one chunk of query rows;
 `Evaluator.eval(node)` gives a tensor broadcastable to [B, H, chunk, k_len]. Integer `//` and
@@ -13,6 +14,7 @@ import torch
 
 from ..dsl.diagnostics import SpecError
 from .ir import Node, walk
+from .ops import rule
 from .simplify import constant_table, static_value
 
 
@@ -94,9 +96,9 @@ class Evaluator:
         if op == "sum":
             return self._sum(n)
         a = [self.eval(x) for x in n.args]
-        if op == "cast":
+        if op == "cast":  # to the float type of this evaluation (fp32, or fp64 for fp64 inputs)
             return a[0].to(env.fdtype)
-        return _OPS[op](*a)
+        return rule(n, "torch")(*a)
 
     def _load(self, n: Node) -> torch.Tensor:
         t = self.env.tensors[n.value]
@@ -133,37 +135,3 @@ class Evaluator:
             self.volatile[key] = saved_var
         return total if total is not None else self._const(0, self._dtype(n))
 
-
-def _has_zero(b) -> bool:
-    return not torch.compiler.is_compiling() and bool((b == 0).any())
-
-
-def _floordiv(a, b):
-    if a.dtype.is_floating_point:
-        return torch.floor(a / b)
-    if _has_zero(b):
-        raise ZeroDivisionError
-    return torch.div(a, b, rounding_mode="floor")
-
-
-def _mod(a, b):
-    if not a.dtype.is_floating_point and _has_zero(b):
-        raise ZeroDivisionError
-    return torch.remainder(a, b)
-
-
-def _softplus(x):
-    return torch.clamp_min(x, 0) + torch.log1p(torch.exp(-torch.abs(x)))
-
-
-_OPS = {
-    "neg": torch.neg, "not": torch.logical_not, "abs": torch.abs, "exp": torch.exp, "exp2": torch.exp2,
-    "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt, "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid, "softplus": _softplus,
-    "floor": lambda x: torch.floor(x).to(torch.int64), "ceil": lambda x: torch.ceil(x).to(torch.int64),
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "floordiv": _floordiv,
-    "mod": _mod, "pow": torch.pow, "min": torch.minimum, "max": torch.maximum,
-    "and": torch.logical_and, "or": torch.logical_or,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
-    "where": torch.where,
-}

@@ -16,7 +16,8 @@ import functools
 
 import torch
 
-from .intervals import Evaluator, Iv
+from .bounds import Evaluator
+from .intervals import Iv
 from .ir import Node, PatternIR, uses, walk_all
 from .simplify import constant_table, simplify, substitute
 

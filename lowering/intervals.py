@@ -17,16 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .ir import Node
-
 INF = math.inf
 EXACT = float(2 ** 52)
 #: relative margin when comparing float-valued expressions (covers fp32 rounding of a few ops)
 FLOAT_MARGIN = 1e-5
-
-_INCREASING = {"exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
-               "sqrt": torch.sqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-               "softplus": lambda x: torch.nn.functional.softplus(x)}
 
 
 @dataclass
@@ -57,7 +51,8 @@ def tame(iv: Iv) -> Iv:
     return Iv(lo, hi)
 
 
-def _nan_safe(lo, hi):
+def nan_safe(lo, hi) -> Iv:
+    """`Iv(lo, hi)` with a NaN bound (e.g. inf - inf) widened to ±inf."""
     bad = torch.isnan(lo) | torch.isnan(hi)
     if bool(bad.any()):
         lo = torch.where(bad, -INF, lo)
@@ -65,21 +60,30 @@ def _nan_safe(lo, hi):
     return Iv(lo, hi)
 
 
-def _corners(fn, a: Iv, b: Iv) -> Iv:
+def corners(fn, a: Iv, b: Iv) -> Iv:
+    """Bounds of `fn(x, y)` for a `fn` monotone in each argument: the extremes of the 4 corners."""
     cs = [fn(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
     cs = [torch.where(torch.isnan(c), torch.zeros_like(c), c) for c in cs] if fn is torch.mul else cs
     lo = torch.minimum(torch.minimum(cs[0], cs[1]), torch.minimum(cs[2], cs[3]))
     hi = torch.maximum(torch.maximum(cs[0], cs[1]), torch.maximum(cs[2], cs[3]))
-    return _nan_safe(lo, hi)
+    return nan_safe(lo, hi)
 
 
-def _floordiv(a: Iv, b: Iv) -> Iv:
+def div(a: Iv, b: Iv) -> Iv:
+    """`a / b`; unbounded where the divisor's interval holds 0."""
     nonzero = (b.lo > 0) | (b.hi < 0)
-    q = _corners(lambda x, y: torch.floor(x / y), a, b)
+    q = corners(torch.div, a, b)
     return Iv(torch.where(nonzero, q.lo, -INF), torch.where(nonzero, q.hi, INF))
 
 
-def _mod(a: Iv, b: Iv) -> Iv:
+def floordiv(a: Iv, b: Iv) -> Iv:
+    """Integer floor division; unbounded where the divisor's interval holds 0."""
+    nonzero = (b.lo > 0) | (b.hi < 0)
+    q = corners(lambda x, y: torch.floor(x / y), a, b)
+    return Iv(torch.where(nonzero, q.lo, -INF), torch.where(nonzero, q.hi, INF))
+
+
+def mod(a: Iv, b: Iv) -> Iv:
     """Floor-mod: the result has the divisor's sign and magnitude below it."""
     const_pos = (b.lo == b.hi) & (b.lo > 0)
     d = b.hi
@@ -96,9 +100,26 @@ def _mod(a: Iv, b: Iv) -> Iv:
     return Iv(torch.where(unknown_, -INF, lo), torch.where(unknown_, INF, hi))
 
 
-def _abs(a: Iv) -> Iv:
+def absolute(a: Iv) -> Iv:
     lo = torch.where(a.lo >= 0, a.lo, torch.where(a.hi <= 0, -a.hi, torch.zeros_like(a.lo)))
     return Iv(lo, torch.maximum(a.lo.abs(), a.hi.abs()))
+
+
+def minimum(a: Iv, b: Iv) -> Iv:
+    """`min(a, b)`; on 0/1 booleans, `a and b`."""
+    return Iv(torch.minimum(a.lo, b.lo), torch.minimum(a.hi, b.hi))
+
+
+def maximum(a: Iv, b: Iv) -> Iv:
+    """`max(a, b)`; on 0/1 booleans, `a or b`."""
+    return Iv(torch.maximum(a.lo, b.lo), torch.maximum(a.hi, b.hi))
+
+
+def select(c: Iv, x: Iv, y: Iv) -> Iv:
+    """`x if c else y`: one branch where `c` is decided, the hull of both elsewhere."""
+    lo = torch.where(c.lo >= 1, x.lo, torch.where(c.hi <= 0, y.lo, torch.minimum(x.lo, y.lo)))
+    hi = torch.where(c.lo >= 1, x.hi, torch.where(c.hi <= 0, y.hi, torch.maximum(x.hi, y.hi)))
+    return Iv(lo, hi)
 
 
 def _b(x: torch.Tensor) -> torch.Tensor:
@@ -145,95 +166,3 @@ def residue_hits(alo, ahi, d: int, tlo: float, thi: float) -> torch.Tensor:
     second = (e >= d) & (tlo <= e - d)
     return (width >= d - 1) | ~torch.isfinite(width) | first | second | ~torch.isfinite(alo)
 
-
-class Evaluator:
-    """Evaluates IR nodes to intervals over one environment of index intervals.
-
-    `env` maps 'q', 'k', 'b', 'h' to `Iv`s; `dense(node)` may return a precomputed `Iv` for a node
-    (the analysis uses it for single-axis subexpressions, evaluated exactly along their axis);
-    `note(node, text)` records where precision is lost."""
-
-    def __init__(self, env: dict[str, Iv], device, dense=None, note=None):
-        self.env, self.device = env, device
-        self.dense = dense or (lambda n: None)
-        self.note = note or (lambda n, t: None)
-        self.memo: dict[int, Iv] = {}
-
-    def eval(self, n: Node) -> Iv:
-        out = self.memo.get(id(n))
-        if out is None:
-            out = self.dense(n)
-            if out is None:
-                out = self._compute(n)
-                if n.dtype == "int":
-                    out = tame(out)
-            self.memo[id(n)] = out
-        return out
-
-    def _const(self, v) -> Iv:
-        t = torch.tensor(float(v), dtype=torch.float64, device=self.device)
-        return Iv(t, t)
-
-    def _compute(self, n: Node) -> Iv:
-        op = n.op
-        if op == "const":
-            return self._const(n.value)
-        if op == "index":
-            return self.env[n.value]
-        if op in ("score", "size", "param", "loopvar", "load", "sum", "pow"):
-            why = {"score": "reads the score (content-dependent)",
-                   "load": f"reads tensor `{n.value}` with an index that depends on both q and k"}
-            self.note(n, why.get(op, f"uses `{op}`, which the analysis does not bound"))
-            if n.dtype == "bool":
-                return Iv(*(torch.tensor(v, dtype=torch.float64, device=self.device) for v in (0.0, 1.0)))
-            return unknown(self.device)
-        a = [self.eval(x) for x in n.args]
-        if op == "add":
-            return Iv(a[0].lo + a[1].lo, a[0].hi + a[1].hi)
-        if op == "sub":
-            return Iv(a[0].lo - a[1].hi, a[0].hi - a[1].lo)
-        if op == "neg":
-            return Iv(-a[0].hi, -a[0].lo)
-        if op == "mul":
-            return _corners(torch.mul, a[0], a[1])
-        if op == "div":
-            nonzero = (a[1].lo > 0) | (a[1].hi < 0)
-            q = _corners(torch.div, a[0], a[1])
-            return Iv(torch.where(nonzero, q.lo, -INF), torch.where(nonzero, q.hi, INF))
-        if op == "floordiv":
-            if n.dtype == "float":
-                q = self._compute(Node("div", "float", n.args))
-                return Iv(torch.floor(q.lo), torch.floor(q.hi))
-            return _floordiv(a[0], a[1])
-        if op == "mod":
-            if n.dtype == "float":
-                self.note(n, "float `%` is not bounded")
-                return unknown(self.device)
-            return _mod(a[0], a[1])
-        if op == "abs":
-            return _abs(a[0])
-        if op == "min":
-            return Iv(torch.minimum(a[0].lo, a[1].lo), torch.minimum(a[0].hi, a[1].hi))
-        if op == "max":
-            return Iv(torch.maximum(a[0].lo, a[1].lo), torch.maximum(a[0].hi, a[1].hi))
-        if op in ("cast", "floor", "ceil"):
-            f = {"cast": lambda x: x, "floor": torch.floor, "ceil": torch.ceil}[op]
-            return Iv(f(a[0].lo), f(a[0].hi))
-        if op in _INCREASING:
-            f = _INCREASING[op]
-            return _nan_safe(f(a[0].lo), f(a[0].hi))
-        if op == "where":
-            c, x, y = a
-            lo = torch.where(c.lo >= 1, x.lo, torch.where(c.hi <= 0, y.lo, torch.minimum(x.lo, y.lo)))
-            hi = torch.where(c.lo >= 1, x.hi, torch.where(c.hi <= 0, y.hi, torch.maximum(x.hi, y.hi)))
-            return Iv(lo, hi)
-        if op == "and":
-            return Iv(torch.minimum(a[0].lo, a[1].lo), torch.minimum(a[0].hi, a[1].hi))
-        if op == "or":
-            return Iv(torch.maximum(a[0].lo, a[1].lo), torch.maximum(a[0].hi, a[1].hi))
-        if op == "not":
-            return Iv(1 - a[0].hi, 1 - a[0].lo)
-        if op in ("lt", "le", "gt", "ge", "eq", "ne"):
-            return compare(op, a[0], a[1], n.args[0].dtype == "float" or n.args[1].dtype == "float")
-        self.note(n, f"uses `{op}`, which the analysis does not bound")
-        return unknown(self.device)

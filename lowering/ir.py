@@ -5,11 +5,11 @@ so structurally equal expressions are equal (and share cache keys) wherever they
 Lets are inlined, `use` is expanded, chained comparisons and `clamp` are desugared, and every
 int→float promotion is an explicit `cast`, so each op sees operands of one type.
 
-Ops (value / args):
+Ops (value / args); every op's arity, typing and meaning is its entry in lowering/ops.py:
   leaves   const (python value), index ('b'|'h'|'q'|'k'), size (name), param (name),
            score (the running logit), loopvar (name)
   load     value = tensor name, args = indices
-  unary    neg not abs exp exp2 log log2 sqrt tanh sigmoid softplus floor ceil cast
+  unary    neg not abs cast floor ceil, and the language's float functions (exp, tanh, ...)
   binary   add sub mul div floordiv mod pow min max and or lt le gt ge eq ne
   where    args = (cond, then, else)
   sum      value = loop variable name, args = (count, body); count is static
@@ -21,14 +21,6 @@ from typing import Any
 
 from ..dsl.source import Span
 from .traverse import walk, walk_all  # noqa: F401  (walk_all: re-exported for the passes)
-
-LEAVES = ("const", "index", "size", "param", "score", "loopvar")
-UNARY = ("neg", "not", "abs", "exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "softplus",
-         "floor", "ceil", "cast")
-BINARY = ("add", "sub", "mul", "div", "floordiv", "mod", "pow", "min", "max", "and", "or",
-          "lt", "le", "gt", "ge", "eq", "ne")
-COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
-OPS = LEAVES + UNARY + BINARY + ("load", "where", "sum")
 
 
 @dataclass(frozen=True)
@@ -76,17 +68,6 @@ def transform(node: Node, rule, memo: dict | None = None) -> Node:
         out = rule(new)
         memo[id(n)] = new if out is None else out
     return memo[id(node)]
-
-
-def free_names(node: Node) -> set[tuple[str, Any]]:
-    """The (op, value) leaves the expression reads: indices, sizes, params, tensors, score."""
-    out = set()
-    for n in walk(node):
-        if n.op in ("index", "size", "param", "score", "loopvar"):
-            out.add((n.op, n.value))
-        elif n.op == "load":
-            out.add(("load", n.value))
-    return out
 
 
 def uses(node: Node, op: str, value=None) -> bool:

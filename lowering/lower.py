@@ -9,6 +9,7 @@ from ..dsl import types as T
 from ..dsl.loader import PatternRef
 from .ir import Node, ParamDecl, PatternIR, TensorSpec, const
 from .simplify import simplify
+from .verify import verify
 
 _BINOP = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod", "**": "pow",
           "and": "and", "or": "or"}
@@ -150,7 +151,7 @@ class _Lowerer:
     @expr.register
     def _(self, e: A.Call):
         args = [self.expr(a) for a in e.args]
-        rule = T.FUNCTIONS[e.func][2]
+        rule = T.FUNCTIONS[e.func].result
         if e.func in ("min", "max", "clamp"):
             if any(a.dtype == "float" for a in args):
                 args = [to_float(a) for a in args]
@@ -232,7 +233,7 @@ def default_value(p: A.Param):
 
 
 def lower_pattern(ref: PatternRef) -> PatternIR:
-    """Lower one checked pattern to IR, keeping its parameters symbolic."""
+    """Lower one checked pattern to IR, keeping its parameters symbolic (and `verify` it)."""
     p = ref.pattern
     params = {}
     decls = []
@@ -242,4 +243,4 @@ def lower_pattern(ref: PatternRef) -> PatternIR:
     body = _Lowerer(ref, params).run()
     ir = PatternIR(p.name, tuple(decls), tuple(body.tensors.values()), tuple(body.scores),
                    tuple(body.masks), body.topk, body.normalizer, body.bias, ref.module.source.path, p.span)
-    return ir.map(simplify)
+    return verify(ir.map(simplify))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from math import gcd
 
-from .ir import COMPARISONS, Node
+from .ir import Node
+from .ops import COMPARISONS
 
 #: a literal is (bool node, polarity); a term is a conjunction of literals
 Literal = tuple[Node, bool]

@@ -1,4 +1,5 @@
 """Simplification: constant folding and algebraic identities, as a table of rewrite rules.
+Each op's value on constants is its `fold` entry in the op table (lowering/ops.py).
 
 Rules only ever replace an expression by one with the same value for every input (integer
 identities are applied to ints only; float identities that break on inf/nan are not applied).
@@ -6,40 +7,10 @@ identities are applied to ints only; float identities that break on inf/nan are 
 from __future__ import annotations
 
 import math
-import operator
 
 from ..dsl.diagnostics import SpecError
 from .ir import Node, const, transform
-
-
-def _floordiv(a, b):
-    return a // b if isinstance(a, int) and isinstance(b, int) else math.floor(a / b)
-
-
-def _mod(a, b):
-    return a % b
-
-
-def _pow(a, b):
-    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 64:
-        return 2 ** 64  # certainly out of the 64-bit range; avoids computing a huge power
-    return a ** b
-
-
-_FOLD_BIN = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": lambda a, b: a / b,
-    "floordiv": _floordiv, "mod": _mod, "pow": _pow, "min": min, "max": max,
-    "and": lambda a, b: a and b, "or": lambda a, b: a or b,
-    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
-    "eq": operator.eq, "ne": operator.ne,
-}
-_FOLD_UN = {
-    "neg": operator.neg, "not": operator.not_, "abs": abs, "exp": math.exp, "exp2": lambda x: 2.0 ** x,
-    "log": math.log, "log2": math.log2, "sqrt": math.sqrt, "tanh": math.tanh,
-    "sigmoid": lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)),
-    "softplus": lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))),
-    "floor": math.floor, "ceil": math.ceil, "cast": float,
-}
+from .ops import op_of
 
 
 def _is(n: Node, value) -> bool:
@@ -51,16 +22,11 @@ def _fold(n: Node):
         if n.op == "where" and n.args[0].op == "const":
             return n.args[1] if n.args[0].value else n.args[2]
         return None
-    vals = [a.value for a in n.args]
+    fold = op_of(n).fold
+    if fold is None:
+        return None
     try:
-        if n.op in _FOLD_BIN:
-            v = _FOLD_BIN[n.op](*vals)
-        elif n.op in _FOLD_UN:
-            v = _FOLD_UN[n.op](*vals)
-        elif n.op == "where":
-            v = vals[1] if vals[0] else vals[2]
-        else:
-            return None
+        v = fold(*(a.value for a in n.args))
     except (ArithmeticError, ValueError):
         return None  # e.g. division by zero: leave it for run time to report
     if n.dtype == "int":

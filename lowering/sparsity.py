@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bounds import Evaluator
 from .evaluate import Env as DenseEnv, Evaluator as DenseEvaluator
-from .intervals import INF, Evaluator, Iv, point, residue_hits
+from .intervals import INF, Iv, point, residue_hits
 from .ir import Node, walk
 from .normal_form import DNF_CAP, Term, affine, capped, classify_literal, conjunction, dnf
 from .printer import format_expr

@@ -2,6 +2,7 @@
 and Triton errors reported as SpecErrors at the spec line."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 import attnc
-from attnc.lowering import emit, emit_expr
+from attnc.lowering import emit, ops
+from attnc.lowering.triton_forms import Call
 from attnc.runtime import dispatch, jit
 
 SOFTCAP = "# a test pattern\npattern capped(cap: float = 20.0):\n    mask q >= k\n    score = cap * tanh(score / cap)\n"
@@ -152,7 +154,7 @@ def test_processes_share_the_cache_directory(cache_dir):
 
 
 def test_triton_failure_is_a_spec_error_at_the_spec_line(monkeypatch):
-    monkeypatch.setitem(emit_expr._CALL1, "tanh", "tl.no_such_function")
+    monkeypatch.setitem(ops.TABLE, "tanh", dataclasses.replace(ops.TABLE["tanh"], triton=Call("tl.no_such_function")))
     p = attnc.compile(SOFTCAP, path="capped.attn")
     q, k, v = small_qkv()
     with pytest.raises(attnc.SpecError) as info:
