@@ -101,7 +101,7 @@ def _split_arguments(pattern, settings: dict):
 def _bind(pattern, sizes: dict, settings: dict, device, generator):
     """Bind scalar settings, generate the tensor arguments, and check them all."""
     from .runtime.binding import bind
-    from .runtime.maskview import random_tensor_arguments
+    from .runtime.samples import random_tensor_arguments
     scalars = _split_arguments(pattern, settings)
     # bind once without tensors to learn the parameter values (defaults filled in)
     params_only = bind(_scalars_only(pattern.ir), sizes, scalars)

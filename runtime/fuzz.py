@@ -57,9 +57,10 @@ from ..dsl.printer import print_module  # noqa: E402
 from ..dsl.strategies import DYADIC, fuzz_modules  # noqa: E402
 from .binding import sizes_for  # noqa: E402
 from .layout import build_layout  # noqa: E402
-from .maskview import evaluate_masks, final_score, masks_read_score, random_tensor_arguments  # noqa: E402
+from .maskview import evaluate_masks, final_score, masks_read_score  # noqa: E402
 from .pattern import Pattern  # noqa: E402
 from .policy import supported_tiles, tile_override  # noqa: E402
+from .samples import random_tensor_arguments  # noqa: E402
 
 PROPERTIES = ("compile", "roundtrip", "robustness", "layout", "kernel", "grad")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

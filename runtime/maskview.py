@@ -1,47 +1,17 @@
-"""Dense views of a pattern at small sizes, and plausible random arguments for trying one out.
+"""Dense views of a pattern at small sizes: its mask, and the mask as a picture.
 
-Used by `attnc show` (the mask as a picture) and `attnc run` (random inputs). Masks are evaluated
-with the reference interpreter's own evaluator, so the picture means exactly what the reference
-backend computes.
+Used by `attnc show` (the mask as a picture), `attnc run` (fully masked rows) and the fuzzer.
+Masks are evaluated with the reference interpreter's own evaluator, so the picture means exactly
+what the reference backend computes. Random arguments for trying a pattern out are in `samples`.
 """
 from __future__ import annotations
 
 import torch
 
 from ..lowering.ir import PatternIR, uses
-from .binding import Bound, tensor_shapes
+from .binding import Bound
 from ..lowering.evaluate import Env, Evaluator
 from .reference import compute_dtype
-
-
-def random_tensor_arguments(ir: PatternIR, sizes: dict[str, int], params: dict, *,
-                            generator: torch.Generator | None = None,
-                            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Plausible random values for the pattern's tensor arguments.
-
-    - int tensors look like packed-document ids: along the last dimension they start at 0 and
-      step up by one at random boundaries (about four documents per row);
-    - bool tensors are random flags (about one in four true, e.g. global tokens);
-    - float tensors hold small positive values in [0.1, 1) (slopes, widths, per-head scales).
-    """
-    out = {}
-    for name, shape in tensor_shapes(ir, sizes, params).items():
-        elem = ir.tensor(name).elem
-        if any(s < 0 for s in shape):
-            raise ValueError(f"tensor `{name}` would have a negative shape {shape}")
-        if elem == "int":
-            last = shape[-1] if shape else 1
-            p = min(0.5, 4.0 / max(last, 1))
-            steps = torch.rand(shape, generator=generator) < p
-            if shape and last > 0:
-                steps[..., 0] = False
-            value = torch.cumsum(steps.to(torch.int64), dim=-1) if shape else steps.to(torch.int64)
-        elif elem == "bool":
-            value = torch.rand(shape, generator=generator) < 0.25
-        else:
-            value = 0.1 + 0.9 * torch.rand(shape, generator=generator)
-        out[name] = value.to(device)
-    return out
 
 
 def masks_read_score(ir: PatternIR) -> bool:

@@ -12,7 +12,8 @@ import torch
 
 import attnc
 from attnc.cli import main, parse_value
-from attnc.runtime.maskview import random_tensor_arguments, render_mask
+from attnc.runtime.maskview import render_mask
+from attnc.runtime.samples import random_tensor_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))

@@ -17,6 +17,8 @@ import torch
 
 import attnc
 from attnc.runtime import dispatch, jit, policy
+from attnc.runtime.binding import sizes_for
+from attnc.runtime.samples import sample_arguments
 from attnc.lowering.evaluate import Env, Evaluator
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -29,48 +31,6 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 #: the part of runtime.layout.BlockLayout the forward kernel reads
 TileLists = namedtuple("TileLists", "kv_partial_num kv_partial_idx kv_full_num kv_full_idx")
-
-#: arguments for stdlib / example patterns whose parameters have no default, sized for L <= 128
-ARGUMENTS = {
-    "alibi_2d": dict(width=10),
-    "gaussian_mixture": dict(width=10, n=2),
-    "gaussian_mixture_additive": dict(width=10, n=2),
-    "neighborhood_2d": dict(height=10, width=10, kernel=3),
-    "prefix_lm": dict(prefix=20),
-    "sliding_window": dict(window=24),
-    "streaming": dict(window=24, sinks=3),
-    "chunked": dict(chunk=24),
-    "dilated": dict(window=12, dilation=3),
-    "strided": dict(stride=16),
-    "strided_fixed": dict(stride=16, summary=4),
-    "longformer": dict(window=16),
-    "relative_bias": dict(max_distance=16),
-    "topk": dict(top=7),
-    "temperature": dict(tau=0.7),
-    "sharp_topk": dict(top=5),
-    "causal_window": dict(window=20),
-    "dilated_causal": dict(window=10, dilation=2),
-}
-
-
-def tensor_arguments(p, B, H, Lq, Lk, args, seed=0):
-    """Plausible tensors for a pattern: sorted small ids, sparse flags, floats in [0.5, 1.5)."""
-    from attnc.runtime.binding import sizes_for, tensor_shapes
-    g = torch.Generator().manual_seed(seed)
-    sizes = sizes_for((B, H, Lq, 32), (B, max(1, H), Lk, 32))
-    shapes = tensor_shapes(p.ir, sizes, {pp.name: args.get(pp.name, pp.default) for pp in p.params})
-    out = {}
-    for t in p.tensors:
-        shape = shapes[t.name]
-        if t.elem == "int":
-            steps = torch.rand(shape, generator=g) < 0.06
-            out[t.name] = torch.cumsum(steps.to(torch.int64), dim=-1)
-        elif t.elem == "bool":
-            out[t.name] = torch.rand(shape, generator=g) < 0.1
-        else:
-            out[t.name] = 0.5 + torch.rand(shape, generator=g)
-    return {k: v.to(DEVICE) for k, v in out.items()}
-
 
 def qkv(B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -143,9 +103,8 @@ def load_case(case):
 
 
 def case_arguments(p, B, H, Lq, Lk):
-    args = {k: v for k, v in ARGUMENTS.get(p.name, {}).items() if p.ir.param(k) is not None}
-    args.update(tensor_arguments(p, B, H, Lq, Lk, args))
-    return args
+    """The shared sample arguments (parameters for small sizes, random tensors) of a pattern."""
+    return sample_arguments(p.ir, sizes_for((B, H, Lq, 32), (B, H, Lk, 32)), device=DEVICE)
 
 
 # --------------------------------------------------------------------------- every pattern
@@ -411,8 +370,7 @@ def test_gpu_bf16_long(name):
     p = attnc.std(name)
     B, H, L = 2, 4, 1000
     q, k, v = qkv(B, H, H, L, L, 128, dtype=torch.bfloat16)
-    args = {k_: v_ for k_, v_ in ARGUMENTS.get(name, {}).items()}
-    args.update(tensor_arguments(p, B, H, L, L, args))
+    args = case_arguments(p, B, H, L, L)
     truth = p(q.double(), k.double(), v.double(), backend="reference", **_to64(args))
     ref = p(q, k, v, backend="reference", **args)
     got = p(q, k, v, backend="triton", **args)

@@ -10,6 +10,7 @@ from attnc.dsl.diagnostics import SpecError
 from attnc.lowering.ir import Node, PatternIR, TensorSpec, const
 from attnc.runtime.binding import Bound, bind
 from attnc.runtime.layout import build_layout
+from attnc.runtime.samples import sample_arguments
 from attnc.lowering.evaluate import Env, Evaluator
 
 SHAPES = [(100, 100, 16, 16), (132, 77, 32, 16), (70, 130, 64, 64), (97, 97, 16, 32)]
@@ -97,29 +98,13 @@ def test_longformer_window_part_exact(shape):
 
 
 def test_every_stdlib_pattern_sound():
-    """Every stdlib pattern, with generic arguments, at every shape."""
+    """Every stdlib pattern, with the shared sample arguments, at two shapes."""
     for name in attnc.std_names():
         p = attnc.std(name)
         for shape in SHAPES[:2]:
             q_len, k_len = shape[0], shape[1]
-            args = {}
-            for prm in p.ir.params:
-                if prm.default is None:
-                    args[prm.name] = {"int": 7, "float": 1.5, "bool": True}[prm.type]
-            if name.startswith("neighborhood") or "width" in args:
-                args.update(width=10) if "width" in args else None
-                args.update(height=14) if "height" in args else None
             sizes = dict(batch=2, heads=2, kv_heads=2, q_len=q_len, k_len=k_len, head_dim=8)
-            from attnc.runtime.binding import tensor_shapes
-            shapes = tensor_shapes(p.ir, sizes, {**{x.name: x.default for x in p.ir.params}, **args})
-            for t in p.ir.tensors:
-                dims = shapes[t.name]
-                if t.elem == "int":
-                    args[t.name] = torch.sort(torch.randint(0, 4, dims), dim=-1).values
-                elif t.elem == "bool":
-                    args[t.name] = torch.rand(dims) < 0.05
-                else:
-                    args[t.name] = torch.rand(dims)
+            args = sample_arguments(p.ir, sizes)
             try:
                 bound = bind(p.ir, sizes, args)
                 ref = brute(p.ir, bound, q_len, k_len, 16, 16, 2, 2)
