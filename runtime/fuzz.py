@@ -57,7 +57,7 @@ from ..dsl.printer import print_module  # noqa: E402
 from ..dsl.strategies import DYADIC, fuzz_modules  # noqa: E402
 from .binding import sizes_for  # noqa: E402
 from .layout import build_layout  # noqa: E402
-from .maskview import evaluate_masks, final_score, masks_read_score  # noqa: E402
+from .maskview import allowed_mask, evaluate_masks, exact_tile_classes, final_score  # noqa: E402
 from .pattern import Pattern  # noqa: E402
 from .policy import supported_tiles, tile_override  # noqa: E402
 from .samples import random_tensor_arguments  # noqa: E402
@@ -355,22 +355,6 @@ def _reference(case, pattern, q, k, v, args, lse):
         raise _crash("kernel", "the reference interpreter", e) from None
 
 
-def _dense_mask(pattern, bound, q, k, scale):
-    score = final_score(pattern.ir, bound, q, k, scale) if masks_read_score(pattern.ir) else None
-    return evaluate_masks(pattern.ir, bound, score=score)
-
-
-def exact_classes(keep: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """int8 [B, H, nQ, nK] tile classes of a dense bool mask: 0 empty, 1 partial, 2 full."""
-    B, H, Lq, Lk = keep.shape
-    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
-    pad = torch.full((B, H, nq * block_m, nk * block_n), -1, dtype=torch.int8)
-    pad[:, :, :Lq, :Lk] = keep.to(torch.int8)
-    t = pad.view(B, H, nq, block_m, nk, block_n).transpose(3, 4).reshape(B, H, nq, nk, -1)
-    any_true, any_false = (t == 1).any(-1), (t == 0).any(-1)
-    return torch.where(~any_true, 0, torch.where(~any_false, 2, 1)).to(torch.int8)
-
-
 def _unsound(got: torch.Tensor, exact: torch.Tensor, what: str):
     bad = ((got == 0) & (exact != 0)) | ((got == 2) & (exact != 2))
     if bool(bad.any()):
@@ -390,7 +374,7 @@ def check_layout(case: Case, pattern) -> None:
     q, k, v, args = inputs(case, pattern)
     try:
         bound = pattern.bind(q, k, v, args)
-        keep = _dense_mask(pattern, bound, q, k, 1.0 / case.head_dim ** 0.5)
+        keep = allowed_mask(pattern.ir, bound, q, k, 1.0 / case.head_dim ** 0.5)
     except (SpecError, ValueError) as e:
         raise Rejected(f"reference mask: {_first_line(e)}") from None
     odd = ODD_TILES[case.seed % len(ODD_TILES)]
@@ -401,7 +385,7 @@ def check_layout(case: Case, pattern) -> None:
             raise PropertyFailure("layout", f"build_layout refused a valid case:\n{e}") from None
         except Exception as e:  # noqa: BLE001
             raise _crash("layout", "build_layout", e) from None
-        exact = exact_classes(keep, block_m, block_n)
+        exact = exact_tile_classes(keep, block_m, block_n)
         B, H = keep.shape[:2]
         if lay.classes.shape[2:] != exact.shape[2:] or lay.classes.shape[0] not in (1, B) or \
                 lay.classes.shape[1] not in (1, H):
@@ -483,7 +467,7 @@ def check_kernel(case: Case, pattern, backend: str = "triton", stats: Stats | No
         raise PropertyFailure("kernel", f"output has NaN in {int(torch.isnan(out).any(-1).sum())} rows")
     bound64 = pattern.bind(q64, k64, v64, args64)
     scale = 1.0 / case.head_dim ** 0.5
-    empty = ~_dense_mask(pattern, bound64, q64, k64, scale).any(-1)  # [B, H, Lq]
+    empty = ~allowed_mask(pattern.ir, bound64, q64, k64, scale).any(-1)  # [B, H, Lq]
     if softmax:
         got_inf, want_inf = torch.isneginf(lse), torch.isneginf(truth[1])
         if not torch.equal(got_inf, want_inf):

@@ -6,9 +6,7 @@ Shapes are small because the interpreter is slow; tiles are 16 or 32.
 """
 from __future__ import annotations
 
-import math
 import os
-from collections import namedtuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -18,8 +16,9 @@ import torch
 import attnc
 from attnc.runtime import dispatch, jit, policy
 from attnc.runtime.binding import sizes_for
+from attnc.runtime.layout import BlockLayout
+from attnc.runtime.maskview import brute_force_layout
 from attnc.runtime.samples import sample_arguments
-from attnc.lowering.evaluate import Env, Evaluator
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
@@ -28,9 +27,6 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 
 # --------------------------------------------------------------------------- helpers
-
-#: the part of runtime.layout.BlockLayout the forward kernel reads
-TileLists = namedtuple("TileLists", "kv_partial_num kv_partial_idx kv_full_num kv_full_idx")
 
 def qkv(B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -284,49 +280,10 @@ def test_block_layout_full_partial_and_empty_tiles(monkeypatch):
     assert not torch.allclose(out, run_reference(p, q, k, v, lse=False, **args), atol=1e-3)
 
 
-def dense_mask(ir, bound, device):
-    s = bound.sizes
-    env = Env(s, bound.params, bound.tensors, torch.float32, device, 0, s["q_len"], s["batch"],
-               s["heads"], s["k_len"])
-    ev = Evaluator(env)
-    keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
-    for m in ir.masks:
-        keep = keep & ev.eval(m)
-    return keep.expand(s["batch"], s["heads"], s["q_len"], s["k_len"])
-
-
-def brute_force_layout(ir, bound, q_len, k_len, bm, bn, device):
-    """`runtime.layout.build_layout`'s lists, from the dense mask."""
-    keep = dense_mask(ir, bound, device)
-    B, H = keep.shape[:2]
-    nq, nk = math.ceil(q_len / bm), math.ceil(k_len / bn)
-    num = {c: torch.zeros(B, H, nq, dtype=torch.int32) for c in ("p", "f")}
-    idx = {c: torch.zeros(B, H, nq, nk, dtype=torch.int32) for c in ("p", "f")}
-    for i in range(nq):
-        for j in range(nk):
-            blk = keep[:, :, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
-            anyv, allv = blk.flatten(2).any(-1), blk.flatten(2).all(-1)
-            for c, sel in (("f", allv), ("p", anyv & ~allv)):
-                for b, h in sel.nonzero().tolist():
-                    idx[c][b, h, i, num[c][b, h, i]] = j
-                    num[c][b, h, i] += 1
-    return TileLists(num["p"].to(device), idx["p"].to(device), num["f"].to(device),
-                              idx["f"].to(device))
-
-
 def all_full(lay):
-    """Move every PARTIAL tile to the FULL list (a deliberately wrong layout)."""
-    B, H, nq, nk = lay.kv_partial_idx.shape
-    num = torch.zeros_like(lay.kv_full_num)
-    idx = torch.zeros_like(lay.kv_full_idx)
-    for b in range(B):
-        for h in range(H):
-            for i in range(nq):
-                tiles = sorted(lay.kv_partial_idx[b, h, i, :lay.kv_partial_num[b, h, i]].tolist()
-                               + lay.kv_full_idx[b, h, i, :lay.kv_full_num[b, h, i]].tolist())
-                num[b, h, i] = len(tiles)
-                idx[b, h, i, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
-    return TileLists(torch.zeros_like(num), idx, num, idx)
+    """The same layout with every PARTIAL tile claimed FULL (a deliberately wrong layout)."""
+    classes = torch.where(lay.classes == 1, 2, lay.classes).to(torch.int8)
+    return BlockLayout(classes, lay.block_m, lay.block_n, lay.q_len, lay.k_len, (), (), (), None, lay.device)
 
 
 # --------------------------------------------------------------------------- recompilation

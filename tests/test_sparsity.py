@@ -10,26 +10,17 @@ from attnc.dsl.diagnostics import SpecError
 from attnc.lowering.ir import Node, PatternIR, TensorSpec, const
 from attnc.runtime.binding import Bound, bind
 from attnc.runtime.layout import build_layout
+from attnc.runtime.maskview import evaluate_masks, exact_tile_classes
 from attnc.runtime.samples import sample_arguments
-from attnc.lowering.evaluate import Env, Evaluator
 
 SHAPES = [(100, 100, 16, 16), (132, 77, 32, 16), (70, 130, 64, 64), (97, 97, 16, 32)]
 
 
 def brute(ir: PatternIR, bound: Bound, q_len, k_len, bm, bn, B, H) -> torch.Tensor:
-    """Exact classes from the dense mask (reference evaluator), [B, H, nQ, nK]."""
-    env = Env(bound.sizes, bound.params, bound.tensors, torch.float64, "cpu", 0, q_len, B, H, k_len)
-    ev = Evaluator(env)
-    ev.volatile[("score", None)] = torch.randn(B, H, q_len, k_len, dtype=torch.float64)  # one sample
-    keep = torch.ones((B, H, q_len, k_len), dtype=torch.bool)
-    for m in ir.masks:
-        keep = keep & ev.eval(m)
-    nQ, nK = -(-q_len // bm), -(-k_len // bn)
-    pad = torch.full((B, H, nQ * bm, nK * bn), -1, dtype=torch.int8)
-    pad[:, :, :q_len, :k_len] = keep.to(torch.int8)
-    t = pad.view(B, H, nQ, bm, nK, bn).permute(0, 1, 2, 4, 3, 5).reshape(B, H, nQ, nK, -1)
-    any_t, any_f = (t == 1).any(-1), (t == 0).any(-1)
-    return torch.where(~any_t, 0, torch.where(~any_f, 2, 1)).to(torch.int8)
+    """Exact classes from the dense mask (reference evaluator), [B, H, nQ, nK]; a mask that
+    reads `score` sees one random sample of it."""
+    score = torch.randn(B, H, q_len, k_len, dtype=torch.float64)
+    return exact_tile_classes(evaluate_masks(ir, bound, score=score), bm, bn)
 
 
 def compare(p, q_len, k_len, bm, bn, B=1, H=1, **args):
