@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ...dsl import config
 from ...dsl.diagnostics import SpecError
 from ..pattern import Pattern
 from .case import LONG, PROFILES, cases
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.backend == "triton" and not kernel_backend_ready():
-        if torch.cuda.is_available() or os.environ.get("ATTNC_FUZZ_CHILD"):
+        if torch.cuda.is_available() or config.fuzz_child():
             print("attnc fuzz: generated kernels cannot run here", file=sys.stderr)
             return 2
         return reexec_with_interpreter(argv)

@@ -3,12 +3,12 @@ before attnc is imported; without either, `attnc fuzz` runs itself again in a ch
 that has it from the start."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import torch
 
+from ...dsl import config
 from ..pattern import Pattern
 
 _READY: list = []
@@ -22,7 +22,7 @@ def kernel_backend_ready() -> bool:
     if not _READY:
         if torch.cuda.is_available():
             _READY.append(True)
-        elif os.environ.get("TRITON_INTERPRET") != "1":
+        elif not config.interpreted():
             _READY.append(False)
         else:
             probe = Pattern.from_source("pattern probe:\n    mask q >= k\n")
@@ -38,5 +38,5 @@ def kernel_backend_ready() -> bool:
 
 def reexec_with_interpreter(argv) -> int:
     """Run this command again in a fresh process with TRITON_INTERPRET=1 set from the start."""
-    env = dict(os.environ, TRITON_INTERPRET="1", ATTNC_FUZZ_CHILD="1")
-    return subprocess.call([sys.executable, "-m", "attnc.runtime.fuzz", *argv], env=env)
+    return subprocess.call([sys.executable, "-m", "attnc.runtime.fuzz", *argv],
+                           env=config.fuzz_child_environment())
