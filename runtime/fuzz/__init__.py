@@ -20,7 +20,8 @@ Hypothesis generates the cases (`cases()`) and shrinks a failure over the patter
 inputs; `save_reproducer` writes the minimal case as `NAME.attn` + `NAME.json` (the corpus
 format replayed by tests/test_fuzz.py), and `replay` runs a saved case again.
 
-The package, one module per role:
+The package, one module per role (hypothesis, a test dependency, is needed from here on only:
+`import attnc` and the other commands never import this package):
 
 - `case`         `Case`, the `Profile`s, the hypothesis strategy `cases()`, `inputs`;
 - `outcomes`     `PropertyFailure`, `Rejected`, `Unsupported`, `Stats`;
@@ -41,6 +42,14 @@ time, e.g. a tensor index out of range) are *rejected*, counted and not failures
 refuses a case cleanly with a `SpecError` naming the construct is counted as *unsupported*.
 """
 from __future__ import annotations
+
+try:
+    import hypothesis  # noqa: F401  (a test extra; `attnc` itself never imports this package)
+except ModuleNotFoundError as e:
+    if e.name != "hypothesis":
+        raise
+    raise ModuleNotFoundError("the fuzzer needs hypothesis, a test dependency: pip install 'attnc[test]'",
+                              name="hypothesis") from None
 
 from .case import CI_CHEAP, CI_KERNEL, DTYPES, LONG, PROFILES, SUPPORTED_TILES, Case, Profile, cases, inputs
 from .corpus import load_reproducer, replay, save_reproducer
