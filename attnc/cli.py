@@ -4,9 +4,11 @@
     attnc show FILE                 a text picture of the mask at small sizes (or --layout)
     attnc run FILE                  run the pattern on random inputs; report time and statistics
     attnc emit FILE                 print the generated Triton kernel
+    attnc fuzz [FILE]               differential fuzzing (runtime/fuzz/; needs hypothesis, a test extra)
 
 FILE may also name a standard-library pattern as `std.NAME`. Exit codes: 0 success, 1 an error
-in a spec or its arguments, 2 bad command-line usage, 3 an internal error (a bug in attnc).
+in a spec or its arguments, 2 bad command-line usage (or `attnc fuzz` without hypothesis), 3 an
+internal error (a bug in attnc).
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ def _split_arguments(pattern, settings: dict):
 def _bind(pattern, sizes: dict, settings: dict, device, generator):
     """Bind scalar settings, generate the tensor arguments, and check them all."""
     from .runtime.binding import bind
-    from .runtime.maskview import random_tensor_arguments
+    from .runtime.samples import random_tensor_arguments
     scalars = _split_arguments(pattern, settings)
     # bind once without tensors to learn the parameter values (defaults filled in)
     params_only = bind(_scalars_only(pattern.ir), sizes, scalars)
@@ -396,7 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["fuzz"]:  # its own option parser, prog "attnc fuzz"
-        from .runtime.fuzz import main as fuzz_main
+        try:
+            from .runtime.fuzz import main as fuzz_main
+        except ModuleNotFoundError as e:  # hypothesis is a test extra, needed by the fuzzer only
+            if e.name != "hypothesis":
+                raise
+            print("attnc fuzz: error: the fuzzer needs hypothesis, which is not installed; "
+                  "install the test extra: pip install 'attnc[test]'", file=sys.stderr)
+            return EXIT_USAGE
         return fuzz_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ import attnc  # noqa: E402
 from common import add_throughput, bench_main, fmt  # noqa: E402
 from attnc.runtime import dispatch  # noqa: E402
 from attnc.runtime.layout import build_layout  # noqa: E402
+from attnc.runtime.samples import random_tensor_arguments  # noqa: E402
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 PATTERNS = ("causal", "sliding_window", "document", "alibi_causal", "gaussian_mixture",
@@ -55,10 +56,10 @@ def make_case(name: str, B: int, H: int, N: int, device) -> Case:
                     mask_mod=lambda b, h, q, k: (q >= k) & (q - k < w))
     if name == "document":
         # about 12 documents of random lengths per sequence, causal inside each
-        cuts = torch.sort(torch.randint(1, N, (B, 11), generator=g), dim=1).values
-        doc = (torch.arange(N)[None, :, None] >= cuts[:, None, :]).sum(-1).to(device)
-        return Case(name, attnc.std("document"), dict(doc=doc),
-                    mask_mod=lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (q >= k))
+        p = attnc.std("document")
+        sizes = dict(batch=B, heads=H, kv_heads=H, q_len=N, k_len=N, head_dim=64)
+        doc = random_tensor_arguments(p.ir, sizes, {}, generator=g, device=device, documents=12)["doc"]
+        return Case(name, p, dict(doc=doc), mask_mod=lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (q >= k))
     if name == "alibi_causal":
         slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)], device=device)
         return Case(name, attnc.std("alibi"), dict(slopes=slopes),

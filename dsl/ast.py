@@ -200,6 +200,5 @@ INDEX_NAMES = ("b", "h", "q", "k")
 SIZE_NAMES = ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")
 SCALAR_TYPES = ("int", "float", "bool")
 ELEM_TYPES = ("int", "float", "bool")
-SCORE_OPS = ("=", "+=", "-=", "*=", "/=")
 KEYWORDS = ("pattern", "import", "as", "tensor", "let", "mask", "score", "select", "normalize",
             "use", "if", "else", "and", "or", "not", "true", "false", "sum", "for", "in", "range")

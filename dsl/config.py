@@ -11,6 +11,10 @@ before a kernel is defined. The README lists the variables.
 | `ATTNC_CACHE_DIR` | the kernel cache directory (default `~/.cache/attnc`) |
 | `ATTNC_AUTOTUNE=1` | on a GPU, time a few launch configurations per kernel on first use and keep the fastest (runtime/tune.py) |
 | `TRITON_INTERPRET=1` | generated kernels run under Triton's interpreter (CPU tensors) |
+
+Internal, not for users (so not in the README): `ATTNC_FUZZ_CHILD=1` marks the process that
+`attnc fuzz` starts again under Triton's interpreter (`fuzz_child_environment`), so that the
+child, should the interpreter not work there either, reports it instead of starting another.
 """
 from __future__ import annotations
 
@@ -42,3 +46,15 @@ def autotune() -> bool:
 def interpreted() -> bool:
     """`TRITON_INTERPRET=1`: Triton runs kernels on the CPU with its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fuzz_child() -> bool:
+    """`ATTNC_FUZZ_CHILD=1` (internal): this process is `attnc fuzz` run again under Triton's
+    interpreter by `attnc fuzz` itself."""
+    return _flag("ATTNC_FUZZ_CHILD")
+
+
+def fuzz_child_environment() -> dict[str, str]:
+    """The environment `attnc fuzz` runs itself again in: this process's, with
+    `TRITON_INTERPRET=1` and the internal marker `ATTNC_FUZZ_CHILD=1`."""
+    return dict(os.environ, TRITON_INTERPRET="1", ATTNC_FUZZ_CHILD="1")

@@ -31,7 +31,6 @@ from .sparsity import index_deps
 
 Q_LO = Node("index", "int", (), "q_lo")
 Q_HI = Node("index", "int", (), "q_hi")
-_Q = Node("index", "int", (), "q")
 #: the most intervals a closed form may have
 MAX_INTERVALS = 4
 

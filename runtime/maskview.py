@@ -1,47 +1,20 @@
-"""Dense views of a pattern at small sizes, and plausible random arguments for trying one out.
+"""Dense views of a pattern at small sizes: its mask, the mask's exact tile classes, a picture.
 
-Used by `attnc show` (the mask as a picture) and `attnc run` (random inputs). Masks are evaluated
-with the reference interpreter's own evaluator, so the picture means exactly what the reference
-backend computes.
+Masks are evaluated with the reference interpreter's own evaluator, so a view means exactly what
+the reference backend computes. `attnc show` draws the mask, `attnc run` counts fully masked
+rows, and the brute-force tile oracle (`exact_tile_classes`, `brute_force_layout`) is what the
+fuzzer and the tests check the block-sparsity analysis and the kernels against. Random arguments
+for trying a pattern out are in `samples`.
 """
 from __future__ import annotations
 
 import torch
 
-from ..lowering.ir import PatternIR, uses
-from .binding import Bound, tensor_shapes
 from ..lowering.evaluate import Env, Evaluator
+from ..lowering.ir import PatternIR, uses
+from .binding import Bound
+from .layout import BlockLayout
 from .reference import compute_dtype
-
-
-def random_tensor_arguments(ir: PatternIR, sizes: dict[str, int], params: dict, *,
-                            generator: torch.Generator | None = None,
-                            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Plausible random values for the pattern's tensor arguments.
-
-    - int tensors look like packed-document ids: along the last dimension they start at 0 and
-      step up by one at random boundaries (about four documents per row);
-    - bool tensors are random flags (about one in four true, e.g. global tokens);
-    - float tensors hold small positive values in [0.1, 1) (slopes, widths, per-head scales).
-    """
-    out = {}
-    for name, shape in tensor_shapes(ir, sizes, params).items():
-        elem = ir.tensor(name).elem
-        if any(s < 0 for s in shape):
-            raise ValueError(f"tensor `{name}` would have a negative shape {shape}")
-        if elem == "int":
-            last = shape[-1] if shape else 1
-            p = min(0.5, 4.0 / max(last, 1))
-            steps = torch.rand(shape, generator=generator) < p
-            if shape and last > 0:
-                steps[..., 0] = False
-            value = torch.cumsum(steps.to(torch.int64), dim=-1) if shape else steps.to(torch.int64)
-        elif elem == "bool":
-            value = torch.rand(shape, generator=generator) < 0.25
-        else:
-            value = 0.1 + 0.9 * torch.rand(shape, generator=generator)
-        out[name] = value.to(device)
-    return out
 
 
 def masks_read_score(ir: PatternIR) -> bool:
@@ -84,6 +57,35 @@ def evaluate_masks(ir: PatternIR, bound: Bound, q0: int = 0, q1: int | None = No
     for m in ir.masks:
         keep = keep & ev.eval(m)
     return keep.expand(B, H, q1 - q0, Lk)
+
+
+def allowed_mask(ir: PatternIR, bound: Bound, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """bool [batch, heads, q_len, k_len]: `evaluate_masks` over all rows, with the final score of
+    q and k when a mask reads it."""
+    score = final_score(ir, bound, q, k, scale) if masks_read_score(ir) else None
+    return evaluate_masks(ir, bound, score=score, device=q.device)
+
+
+def exact_tile_classes(keep: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """int8 [B, H, nQ, nK] tile classes of a dense bool mask [B, H, Lq, Lk], by brute force:
+    0 EMPTY (nothing allowed), 1 PARTIAL, 2 FULL (every in-range element allowed)."""
+    B, H, Lq, Lk = keep.shape
+    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
+    pad = torch.full((B, H, nq * block_m, nk * block_n), -1, dtype=torch.int8, device=keep.device)
+    pad[:, :, :Lq, :Lk] = keep.to(torch.int8)
+    t = pad.view(B, H, nq, block_m, nk, block_n).transpose(3, 4).reshape(B, H, nq, nk, -1)
+    any_true, any_false = (t == 1).any(-1), (t == 0).any(-1)
+    return torch.where(~any_true, 0, torch.where(~any_false, 2, 1)).to(torch.int8)
+
+
+def brute_force_layout(ir: PatternIR, bound: Bound, q_len: int, k_len: int, block_m: int, block_n: int,
+                       device=None) -> BlockLayout:
+    """The exact block layout, from the dense mask; called like `layout.build_layout`, so a test
+    can put it in the analysis's place. Masks that read `score` have no layout of their own."""
+    device = torch.device("cpu" if device is None else device)
+    inner = Bound(dict(bound.sizes, q_len=q_len, k_len=k_len), bound.params, bound.tensors, bound.topk)
+    classes = exact_tile_classes(evaluate_masks(ir, inner, device=device), block_m, block_n)
+    return BlockLayout(classes, block_m, block_n, q_len, k_len, (), (), (), None, device)
 
 
 def render_mask(mask: torch.Tensor, max_cols: int = 96, max_rows: int = 64) -> str:

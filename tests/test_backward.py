@@ -17,6 +17,8 @@ import attnc
 from attnc.lowering.derivative import differentiable_tensors
 from attnc.runtime import backward, jit, policy
 from attnc.runtime.backward import triton_attention_backward
+from attnc.runtime.binding import sizes_for
+from attnc.runtime.samples import sample_arguments
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
@@ -25,45 +27,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # --------------------------------------------------------------------------- helpers
 
-#: parameters for stdlib patterns without defaults (or with defaults too large for L <= 64)
-ARGUMENTS = {
-    "alibi_2d": dict(width=8),
-    "gaussian_mixture": dict(width=8, n=2),
-    "gaussian_mixture_additive": dict(width=8, n=2),
-    "neighborhood_2d": dict(height=5, width=8, kernel=3),
-    "prefix_lm": dict(prefix=10),
-    "sliding_window": dict(window=12),
-    "streaming": dict(window=12, sinks=3),
-    "chunked": dict(chunk=12),
-    "dilated": dict(window=6, dilation=3),
-    "strided": dict(stride=8),
-    "strided_fixed": dict(stride=8, summary=3),
-    "longformer": dict(window=8),
-    "relative_bias": dict(max_distance=16),
-    "topk": dict(top=5),
-    "temperature": dict(tau=0.7),
-    "softcap": dict(cap=2.0),
-}
-
-
 def make_arguments(p, B, H, Lq, seed=0):
-    """Int/bool parameters from ARGUMENTS and plausible tensors: sorted small ids, sparse flags,
-    floats in [0.5, 1.5) that require grad."""
-    from attnc.runtime.binding import sizes_for, tensor_shapes
-    g = torch.Generator().manual_seed(seed)
-    args = {k: v for k, v in ARGUMENTS.get(p.name, {}).items() if p.ir.param(k) is not None}
-    sizes = sizes_for((B, H, Lq, 16), (B, H, Lq, 16))
-    shapes = tensor_shapes(p.ir, sizes, {pp.name: args.get(pp.name, pp.default) for pp in p.params})
-    for t in p.tensors:
-        shape = shapes[t.name]
-        if t.elem == "int":
-            x = torch.cumsum((torch.rand(shape, generator=g) < 0.1).to(torch.int64), dim=-1)
-        elif t.elem == "bool":
-            x = torch.rand(shape, generator=g) < 0.1
-        else:
-            x = (0.5 + torch.rand(shape, generator=g)).requires_grad_(True)
-        args[t.name] = x.to(DEVICE) if not x.requires_grad else x.detach().to(DEVICE).requires_grad_(True)
-    return args
+    """The shared sample arguments of a pattern (parameters for small sizes, random tensors),
+    float tensors requiring grad."""
+    args = sample_arguments(p.ir, sizes_for((B, H, Lq, 16), (B, H, Lq, 16)), seed=seed, device=DEVICE)
+    return {n: t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for n, t in args.items()}
 
 
 def qkv(B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):

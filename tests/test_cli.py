@@ -12,7 +12,8 @@ import torch
 
 import attnc
 from attnc.cli import main, parse_value
-from attnc.runtime.maskview import random_tensor_arguments, render_mask
+from attnc.runtime.maskview import render_mask
+from attnc.runtime.samples import random_tensor_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
@@ -260,3 +261,43 @@ def test_fuzz_subcommand_is_wired(capsys):
         main(["fuzz", "--help"])
     assert e.value.code == 0
     assert "attnc fuzz" in capsys.readouterr().out
+
+
+#: run in a child: every command but `fuzz`, then whether hypothesis (a test extra) was imported
+WITHOUT_FUZZ = """
+import sys
+import attnc
+from attnc.cli import main
+example = sys.argv[1]
+assert main(["check", example]) == 0
+assert main(["show", example, "--q-len", "8"]) == 0
+assert main(["run", example, "--q-len", "16", "--heads", "1", "--head-dim", "8", "--backend", "reference"]) == 0
+assert main(["emit", "std.causal"]) == 0
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+print("hypothesis imported:", "hypothesis" in sys.modules)
+"""
+
+
+def test_attnc_never_imports_hypothesis():
+    """hypothesis is a test extra: `import attnc` and check / show / run / emit / --help work
+    without it, and do not import it."""
+    example = str(ROOT / "examples" / "streaming.attn")
+    r = subprocess.run([sys.executable, "-c", WITHOUT_FUZZ, example], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("hypothesis imported: False"), r.stdout[-2000:]
+    r = subprocess.run([sys.executable, "-c", "import sys, attnc; print('hypothesis' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_fuzz_without_hypothesis_says_how_to_install_it():
+    """`attnc fuzz` where hypothesis is missing: a one-line usage error (exit 2), no traceback."""
+    code = ("import sys\nsys.modules['hypothesis'] = None  # as if it were not installed\n"
+            "from attnc.cli import main\nsys.exit(main(['fuzz', '--examples', '1']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pip install 'attnc[test]'" in r.stderr and "Traceback" not in r.stderr, r.stderr

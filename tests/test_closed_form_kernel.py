@@ -25,6 +25,7 @@ from attnc.runtime import dispatch, jit, policy
 from attnc.runtime.binding import specialization_of
 from attnc.runtime import layout as layout_module
 from attnc.runtime.layout import build_layout
+from attnc.runtime.samples import ARGUMENTS, pattern_parameters
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
@@ -44,16 +45,16 @@ BAND = "pattern band:\n    mask k >= q - 9 and k <= q + 6\n    mask k < k_len - 
 CASES = [
     ("causal-37", "causal", {}, 37, 37, (16, 16), True),
     ("causal-100", "causal", {}, 100, 100, (32, 32), True),
-    ("sliding_window-200", "sliding_window", dict(window=24), 200, 200, (32, 16), True),
-    ("streaming-100", "streaming", dict(window=24, sinks=3), 100, 100, (16, 16), True),
-    ("streaming-37x100", "streaming", dict(window=24, sinks=3), 37, 100, (16, 32), True),
-    ("prefix_lm-100", "prefix_lm", dict(prefix=20), 100, 100, (16, 16), True),
-    ("prefix_lm-100x37", "prefix_lm", dict(prefix=20), 100, 37, (16, 16), True),
-    ("chunked-100", "chunked", dict(chunk=24), 100, 100, (16, 16), True),
-    ("chunked-noncausal-37", "chunked", dict(chunk=24, causal=False), 37, 37, (16, 16), True),
-    ("dilated-100", "dilated", dict(window=12, dilation=3), 100, 100, (16, 16), False),
-    ("strided-100", "strided", dict(stride=16), 100, 100, (16, 16), False),
-    ("strided_fixed-100", "strided_fixed", dict(stride=16, summary=4), 100, 100, (16, 16), False),
+    ("sliding_window-200", "sliding_window", ARGUMENTS["sliding_window"], 200, 200, (32, 16), True),
+    ("streaming-100", "streaming", ARGUMENTS["streaming"], 100, 100, (16, 16), True),
+    ("streaming-37x100", "streaming", ARGUMENTS["streaming"], 37, 100, (16, 32), True),
+    ("prefix_lm-100", "prefix_lm", ARGUMENTS["prefix_lm"], 100, 100, (16, 16), True),
+    ("prefix_lm-100x37", "prefix_lm", ARGUMENTS["prefix_lm"], 100, 37, (16, 16), True),
+    ("chunked-100", "chunked", ARGUMENTS["chunked"], 100, 100, (16, 16), True),
+    ("chunked-noncausal-37", "chunked", dict(ARGUMENTS["chunked"], causal=False), 37, 37, (16, 16), True),
+    ("dilated-100", "dilated", ARGUMENTS["dilated"], 100, 100, (16, 16), False),
+    ("strided-100", "strided", ARGUMENTS["strided"], 100, 100, (16, 16), False),
+    ("strided_fixed-100", "strided_fixed", ARGUMENTS["strided_fixed"], 100, 100, (16, 16), False),
     ("bottom_right-37x100", BOTTOM_RIGHT, {}, 37, 100, (16, 16), True),
     ("bottom_right-100x37", BOTTOM_RIGHT, {}, 100, 37, (16, 32), True),
     ("bottom_right_stream-37x200", BOTTOM_RIGHT_STREAM, {}, 37, 200, (16, 16), True),
@@ -234,13 +235,10 @@ def test_patterns_without_closed_form_use_the_layout(name, args):
 
 def test_which_stdlib_patterns_take_the_closed_form_path():
     """The list in docs/kernels.md."""
-    needs = {"alibi_2d": dict(width=10), "gaussian_mixture": dict(width=10),
-             "gaussian_mixture_additive": dict(width=10), "prefix_lm": dict(prefix=20),
-             "neighborhood_2d": dict(height=10, width=10)}
     closed = set()
     for name in attnc.std_names():
         p = attnc.std(name)
-        masks = emit.specialize_ir(p.ir, specialization_of(p.ir, needs.get(name, {}))).masks
+        masks = emit.specialize_ir(p.ir, specialization_of(p.ir, pattern_parameters(p.ir))).masks
         if emit.kernel_closed_form(masks) is not None:
             closed.add(name)
     assert closed == set(attnc.std_names()) - {"document", "document_kv", "longformer",

@@ -1,4 +1,4 @@
-"""Differential fuzzing (runtime/fuzz.py): the fixed-seed CI profile, the engine's own checks, and
+"""Differential fuzzing (runtime/fuzz/): the fixed-seed CI profile, the engine's own checks, and
 a replay of every reproducer in tests/corpus/.
 
 The kernel property needs generated kernels to run: on a GPU, or under Triton's interpreter,
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from attnc.runtime import fuzz
+from attnc.runtime.fuzz import differential, properties
 
 CORPUS = Path(__file__).parent / "corpus"
 REPO = Path(__file__).parent.parent
@@ -112,13 +113,13 @@ def test_corpus_replays(sidecar):
 
 def _break_layout(monkeypatch):
     """Plant a soundness bug: every PARTIAL tile is claimed FULL."""
-    real = fuzz.build_layout
+    real = properties.build_layout
 
     def broken(*args, **kwargs):
         lay = copy.copy(real(*args, **kwargs))  # a copy: the real one stays in the layout cache
         lay.classes = torch.where(lay.classes == 1, 2, lay.classes).to(torch.int8)
         return lay
-    monkeypatch.setattr(fuzz, "build_layout", broken)
+    monkeypatch.setattr(properties, "build_layout", broken)
 
 
 def test_finds_shrinks_and_saves_a_planted_layout_bug(monkeypatch, tmp_path, capsys):
@@ -154,12 +155,12 @@ def test_kernel_check_accepts_the_reference_and_rejects_perturbations(monkeypatc
     case = _case(src, dtype=dtype)
     p = fuzz.check_compile(case)
     fuzz.check_kernel(case, p, backend="reference")
-    real = fuzz._call
+    real = differential.call_pattern
 
     def off(pattern, q, k, v, args, backend, lse, tiles=None):
         out, l = real(pattern, q, k, v, args, backend, lse)
         return (out * 1.05 if tiles else out), l
-    monkeypatch.setattr(fuzz, "_call", off)
+    monkeypatch.setattr(differential, "call_pattern", off)
     with pytest.raises(fuzz.PropertyFailure, match="output error"):
         fuzz.check_kernel(case, p, backend="reference")
 
@@ -169,7 +170,7 @@ def test_kernel_check_accepts_the_reference_and_rejects_perturbations(monkeypatc
             l = l.clone()
             l[..., 0] = 0.0
         return out, l
-    monkeypatch.setattr(fuzz, "_call", unmasked)
+    monkeypatch.setattr(differential, "call_pattern", unmasked)
     with pytest.raises(fuzz.PropertyFailure, match="fully masked rows"):
         fuzz.check_kernel(case, p, backend="reference")
 

@@ -16,17 +16,17 @@ from attnc.lowering.derivative import differentiable_tensors
 from attnc.lowering.emit import emit_forward
 from attnc.lowering.emit_backward import emit_backward
 from attnc.runtime.binding import specialization_of
+from attnc.runtime.samples import pattern_parameters
 
 GOLDEN = Path(__file__).parent / "golden" / "kernels"
-#: the patterns, and the int parameters their kernels are specialized on
-PATTERNS = {"causal": {}, "document": {}, "gaussian_mixture": dict(width=10, n=2),
-            "topk": dict(top=7), "sigmoid": {}, "streaming": dict(window=24, sinks=3)}
+#: the patterns; their kernels are specialized on the shared sample arguments (runtime/samples.py)
+PATTERNS = ("causal", "document", "gaussian_mixture", "sigmoid", "streaming", "topk")
 
 
-@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("name", PATTERNS)
 def test_generated_code_matches_golden(name, golden):
     p = attnc.std(name)
-    spec = specialization_of(p.ir, PATTERNS[name])
+    spec = specialization_of(p.ir, pattern_parameters(p.ir))
     golden.check(GOLDEN / f"{name}.ir.txt", p.ir_text())
     golden.check(GOLDEN / f"{name}.forward.txt", emit_forward(p.ir, spec).source)
     wrt = tuple(differentiable_tensors(p.ir))

@@ -106,11 +106,11 @@ def _cases():
             for d, dv in ((128, 128), (256, 256), (64, 128), (96, 32)):
                 cases.append(_case(n, head_dim=d, v_dim=dv, return_lse=lse(n)))
                 cases.append(_case(n, "bwd", head_dim=d, v_dim=dv, wrt=grads[n]))
-    from test_kernels import ARGUMENTS  # the parameter values the interpreter tests use
+    from attnc.runtime.samples import pattern_parameters  # the values the interpreter tests use
     unique = {}
     for c in cases:
         ir = _pattern(c["pattern"]).ir
-        given = SPEC_ARGUMENTS.get(c["pattern"]) or ARGUMENTS.get(c["pattern"], {})
+        given = SPEC_ARGUMENTS.get(c["pattern"]) or pattern_parameters(ir)
         c["arguments"] = {k: v for k, v in given.items() if ir.param(k) is not None}
         unique.setdefault(c["id"], c)
     return list(unique.values())
@@ -240,16 +240,14 @@ def _compile_case(case) -> dict:
     import torch
 
     from attnc.runtime import aot
-    from attnc.runtime.maskview import random_tensor_arguments
+    from attnc.runtime.samples import sample_arguments
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case["dtype"]]
     p = _pattern(case["pattern"])
     shape = dict(SHAPE, head_dim=case["head_dim"], v_dim=case["v_dim"])
-    args = dict(case["arguments"])
-    params = {q.name: args.get(q.name, q.default) for q in p.params}
     sizes = {k: shape[k] for k in ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")}
-    args.update(random_tensor_arguments(p.ir, sizes, params,
-                                        generator=torch.Generator().manual_seed(0)))
+    args = sample_arguments(p.ir, sizes, case["arguments"], seed=0)
+    params = {q.name: args.get(q.name, q.default) for q in p.params}
     if case["direction"] == "fwd":
         launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"], case["cap"])
     else:

@@ -6,9 +6,7 @@ Shapes are small because the interpreter is slow; tiles are 16 or 32.
 """
 from __future__ import annotations
 
-import math
 import os
-from collections import namedtuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -17,7 +15,10 @@ import torch
 
 import attnc
 from attnc.runtime import dispatch, jit, policy
-from attnc.lowering.evaluate import Env, Evaluator
+from attnc.runtime.binding import sizes_for
+from attnc.runtime.layout import BlockLayout
+from attnc.runtime.maskview import brute_force_layout
+from attnc.runtime.samples import sample_arguments
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
@@ -26,51 +27,6 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 
 # --------------------------------------------------------------------------- helpers
-
-#: the part of runtime.layout.BlockLayout the forward kernel reads
-TileLists = namedtuple("TileLists", "kv_partial_num kv_partial_idx kv_full_num kv_full_idx")
-
-#: arguments for stdlib / example patterns whose parameters have no default, sized for L <= 128
-ARGUMENTS = {
-    "alibi_2d": dict(width=10),
-    "gaussian_mixture": dict(width=10, n=2),
-    "gaussian_mixture_additive": dict(width=10, n=2),
-    "neighborhood_2d": dict(height=10, width=10, kernel=3),
-    "prefix_lm": dict(prefix=20),
-    "sliding_window": dict(window=24),
-    "streaming": dict(window=24, sinks=3),
-    "chunked": dict(chunk=24),
-    "dilated": dict(window=12, dilation=3),
-    "strided": dict(stride=16),
-    "strided_fixed": dict(stride=16, summary=4),
-    "longformer": dict(window=16),
-    "relative_bias": dict(max_distance=16),
-    "topk": dict(top=7),
-    "temperature": dict(tau=0.7),
-    "sharp_topk": dict(top=5),
-    "causal_window": dict(window=20),
-    "dilated_causal": dict(window=10, dilation=2),
-}
-
-
-def tensor_arguments(p, B, H, Lq, Lk, args, seed=0):
-    """Plausible tensors for a pattern: sorted small ids, sparse flags, floats in [0.5, 1.5)."""
-    from attnc.runtime.binding import sizes_for, tensor_shapes
-    g = torch.Generator().manual_seed(seed)
-    sizes = sizes_for((B, H, Lq, 32), (B, max(1, H), Lk, 32))
-    shapes = tensor_shapes(p.ir, sizes, {pp.name: args.get(pp.name, pp.default) for pp in p.params})
-    out = {}
-    for t in p.tensors:
-        shape = shapes[t.name]
-        if t.elem == "int":
-            steps = torch.rand(shape, generator=g) < 0.06
-            out[t.name] = torch.cumsum(steps.to(torch.int64), dim=-1)
-        elif t.elem == "bool":
-            out[t.name] = torch.rand(shape, generator=g) < 0.1
-        else:
-            out[t.name] = 0.5 + torch.rand(shape, generator=g)
-    return {k: v.to(DEVICE) for k, v in out.items()}
-
 
 def qkv(B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -143,9 +99,8 @@ def load_case(case):
 
 
 def case_arguments(p, B, H, Lq, Lk):
-    args = {k: v for k, v in ARGUMENTS.get(p.name, {}).items() if p.ir.param(k) is not None}
-    args.update(tensor_arguments(p, B, H, Lq, Lk, args))
-    return args
+    """The shared sample arguments (parameters for small sizes, random tensors) of a pattern."""
+    return sample_arguments(p.ir, sizes_for((B, H, Lq, 32), (B, H, Lk, 32)), device=DEVICE)
 
 
 # --------------------------------------------------------------------------- every pattern
@@ -325,49 +280,10 @@ def test_block_layout_full_partial_and_empty_tiles(monkeypatch):
     assert not torch.allclose(out, run_reference(p, q, k, v, lse=False, **args), atol=1e-3)
 
 
-def dense_mask(ir, bound, device):
-    s = bound.sizes
-    env = Env(s, bound.params, bound.tensors, torch.float32, device, 0, s["q_len"], s["batch"],
-               s["heads"], s["k_len"])
-    ev = Evaluator(env)
-    keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
-    for m in ir.masks:
-        keep = keep & ev.eval(m)
-    return keep.expand(s["batch"], s["heads"], s["q_len"], s["k_len"])
-
-
-def brute_force_layout(ir, bound, q_len, k_len, bm, bn, device):
-    """`runtime.layout.build_layout`'s lists, from the dense mask."""
-    keep = dense_mask(ir, bound, device)
-    B, H = keep.shape[:2]
-    nq, nk = math.ceil(q_len / bm), math.ceil(k_len / bn)
-    num = {c: torch.zeros(B, H, nq, dtype=torch.int32) for c in ("p", "f")}
-    idx = {c: torch.zeros(B, H, nq, nk, dtype=torch.int32) for c in ("p", "f")}
-    for i in range(nq):
-        for j in range(nk):
-            blk = keep[:, :, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
-            anyv, allv = blk.flatten(2).any(-1), blk.flatten(2).all(-1)
-            for c, sel in (("f", allv), ("p", anyv & ~allv)):
-                for b, h in sel.nonzero().tolist():
-                    idx[c][b, h, i, num[c][b, h, i]] = j
-                    num[c][b, h, i] += 1
-    return TileLists(num["p"].to(device), idx["p"].to(device), num["f"].to(device),
-                              idx["f"].to(device))
-
-
 def all_full(lay):
-    """Move every PARTIAL tile to the FULL list (a deliberately wrong layout)."""
-    B, H, nq, nk = lay.kv_partial_idx.shape
-    num = torch.zeros_like(lay.kv_full_num)
-    idx = torch.zeros_like(lay.kv_full_idx)
-    for b in range(B):
-        for h in range(H):
-            for i in range(nq):
-                tiles = sorted(lay.kv_partial_idx[b, h, i, :lay.kv_partial_num[b, h, i]].tolist()
-                               + lay.kv_full_idx[b, h, i, :lay.kv_full_num[b, h, i]].tolist())
-                num[b, h, i] = len(tiles)
-                idx[b, h, i, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
-    return TileLists(torch.zeros_like(num), idx, num, idx)
+    """The same layout with every PARTIAL tile claimed FULL (a deliberately wrong layout)."""
+    classes = torch.where(lay.classes == 1, 2, lay.classes).to(torch.int8)
+    return BlockLayout(classes, lay.block_m, lay.block_n, lay.q_len, lay.k_len, (), (), (), None, lay.device)
 
 
 # --------------------------------------------------------------------------- recompilation
@@ -411,8 +327,7 @@ def test_gpu_bf16_long(name):
     p = attnc.std(name)
     B, H, L = 2, 4, 1000
     q, k, v = qkv(B, H, H, L, L, 128, dtype=torch.bfloat16)
-    args = {k_: v_ for k_, v_ in ARGUMENTS.get(name, {}).items()}
-    args.update(tensor_arguments(p, B, H, L, L, args))
+    args = case_arguments(p, B, H, L, L)
     truth = p(q.double(), k.double(), v.double(), backend="reference", **_to64(args))
     ref = p(q, k, v, backend="reference", **args)
     got = p(q, k, v, backend="triton", **args)

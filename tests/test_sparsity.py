@@ -10,25 +10,17 @@ from attnc.dsl.diagnostics import SpecError
 from attnc.lowering.ir import Node, PatternIR, TensorSpec, const
 from attnc.runtime.binding import Bound, bind
 from attnc.runtime.layout import build_layout
-from attnc.lowering.evaluate import Env, Evaluator
+from attnc.runtime.maskview import evaluate_masks, exact_tile_classes
+from attnc.runtime.samples import sample_arguments
 
 SHAPES = [(100, 100, 16, 16), (132, 77, 32, 16), (70, 130, 64, 64), (97, 97, 16, 32)]
 
 
 def brute(ir: PatternIR, bound: Bound, q_len, k_len, bm, bn, B, H) -> torch.Tensor:
-    """Exact classes from the dense mask (reference evaluator), [B, H, nQ, nK]."""
-    env = Env(bound.sizes, bound.params, bound.tensors, torch.float64, "cpu", 0, q_len, B, H, k_len)
-    ev = Evaluator(env)
-    ev.volatile[("score", None)] = torch.randn(B, H, q_len, k_len, dtype=torch.float64)  # one sample
-    keep = torch.ones((B, H, q_len, k_len), dtype=torch.bool)
-    for m in ir.masks:
-        keep = keep & ev.eval(m)
-    nQ, nK = -(-q_len // bm), -(-k_len // bn)
-    pad = torch.full((B, H, nQ * bm, nK * bn), -1, dtype=torch.int8)
-    pad[:, :, :q_len, :k_len] = keep.to(torch.int8)
-    t = pad.view(B, H, nQ, bm, nK, bn).permute(0, 1, 2, 4, 3, 5).reshape(B, H, nQ, nK, -1)
-    any_t, any_f = (t == 1).any(-1), (t == 0).any(-1)
-    return torch.where(~any_t, 0, torch.where(~any_f, 2, 1)).to(torch.int8)
+    """Exact classes from the dense mask (reference evaluator), [B, H, nQ, nK]; a mask that
+    reads `score` sees one random sample of it."""
+    score = torch.randn(B, H, q_len, k_len, dtype=torch.float64)
+    return exact_tile_classes(evaluate_masks(ir, bound, score=score), bm, bn)
 
 
 def compare(p, q_len, k_len, bm, bn, B=1, H=1, **args):
@@ -97,29 +89,13 @@ def test_longformer_window_part_exact(shape):
 
 
 def test_every_stdlib_pattern_sound():
-    """Every stdlib pattern, with generic arguments, at every shape."""
+    """Every stdlib pattern, with the shared sample arguments, at two shapes."""
     for name in attnc.std_names():
         p = attnc.std(name)
         for shape in SHAPES[:2]:
             q_len, k_len = shape[0], shape[1]
-            args = {}
-            for prm in p.ir.params:
-                if prm.default is None:
-                    args[prm.name] = {"int": 7, "float": 1.5, "bool": True}[prm.type]
-            if name.startswith("neighborhood") or "width" in args:
-                args.update(width=10) if "width" in args else None
-                args.update(height=14) if "height" in args else None
             sizes = dict(batch=2, heads=2, kv_heads=2, q_len=q_len, k_len=k_len, head_dim=8)
-            from attnc.runtime.binding import tensor_shapes
-            shapes = tensor_shapes(p.ir, sizes, {**{x.name: x.default for x in p.ir.params}, **args})
-            for t in p.ir.tensors:
-                dims = shapes[t.name]
-                if t.elem == "int":
-                    args[t.name] = torch.sort(torch.randint(0, 4, dims), dim=-1).values
-                elif t.elem == "bool":
-                    args[t.name] = torch.rand(dims) < 0.05
-                else:
-                    args[t.name] = torch.rand(dims)
+            args = sample_arguments(p.ir, sizes)
             try:
                 bound = bind(p.ir, sizes, args)
                 ref = brute(p.ir, bound, q_len, k_len, 16, 16, 2, 2)

@@ -108,3 +108,18 @@ def test_the_checks_see_the_package():
     assert {"attnc.api", "attnc.runtime.pattern", "attnc.lowering.emit", "attnc.dsl.parser"} <= set(g)
     assert g.has_edge("attnc.runtime.dispatch", "attnc.runtime.launch")
     assert g.has_edge("attnc.lowering.emit", "attnc.lowering.signature")
+
+
+def test_only_config_reads_the_environment():
+    """Environment variables are read in one place, `dsl/config.py` (house style 8)."""
+    wrong = []
+    for name, path in _modules().items():
+        if name == "attnc.dsl.config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb"):
+                wrong.append(f"{name}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom) and node.module == "os" and \
+                    {a.name for a in node.names} & {"environ", "getenv", "environb"}:
+                wrong.append(f"{name}:{node.lineno}")
+    assert not wrong, "environment reads outside dsl/config.py:\n" + "\n".join(wrong)
