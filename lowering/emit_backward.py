@@ -16,8 +16,8 @@ from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
 from .emit import (Kernel, common_holes, constraints, fill, kernel_closed_form, line_spans,
-                   pattern_code, pattern_key, range_lines, render, signature_holes, skeleton,
-                   specialize_ir, transposed_closed_form)
+                   pattern_code, pattern_key, range_lines, reads_score, render, signature_holes,
+                   skeleton, specialize_ir, transposed_closed_form)
 from .emit_expr import ExprPrinter, Line, Operands, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .signature import backward_signatures, dim_name, grad_name
@@ -176,6 +176,7 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         **common_holes(ir, specialization, code, operands, closed, wide, comments),
         "WRT": ", ".join(wrt) or "none",
         "HAS_GRADS": repr(bool(wrt)),
+        "SHARED_DECISIONS": repr(reads_score(ir)),
         "SCORE_GRAD": render(plain.lines, comments),
         "SCORE_GRAD_ACC": render(acc.lines, comments),
         "GRAD_ARGS": "".join(", " + grad_name(name) for name in wrt),

@@ -289,6 +289,6 @@ def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], t
          tensor("DK", "dk"), tensor("DV", "dv"), *strides("q", "q"), *strides("k", "k"),
          *strides("v", "v"), *strides("do", "o"), *strides("dk", "dk"), *strides("dv", "dv"),
          *strides("lse", "s"), *layout(q), *_SCALE, *_SIZES_FWD, *ops),
-        common + ("BLOCK_DV", "V_DIM", "INPUT_PRECISION", "FP64", "KEY_MAJOR"), "key_tiles", "dkdv",
+        common + ("BLOCK_DV", "V_DIM", "INPUT_PRECISION", "FP64"), "key_tiles", "dkdv",
         q))
     return tuple(out)

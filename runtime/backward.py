@@ -100,5 +100,5 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
                for n in kernel.grads}
     call.grads.update(buffers)
     launches.append(bind("attn_bwd_dq", DETERMINISTIC=deterministic))
-    launches.append(bind("attn_bwd_dkdv", KEY_MAJOR=not kernel.constraints.shared_tiles))
+    launches.append(bind("attn_bwd_dkdv"))
     return launches, buffers

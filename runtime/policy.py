@@ -103,29 +103,40 @@ def arch(target: Target) -> int:
 
 
 #: (kernel, arch, head-dim bucket) -> configuration for 16-bit inputs. Chosen with `python
-#: bench/static.py --search` (Triton 3.9; bench/RESULTS.md has the tables): no register spill,
-#: then the largest tile, then the most stages, then the longer key tile (dK/dV re-reads Q and
-#: dO once per key tile). At D = 256 no candidate is spill-free for dK/dV (nor on sm_80 for
-#: any kernel): the one with the fewest spills is listed.
+#: bench/static.py --search` (Triton 3.9; bench/RESULTS.md has the tables) over the benchmark
+#: patterns, the heaviest deciding (the Gaussian mixture's dQ accumulates two tensor
+#: gradients, its dK/dV recomputes three exponentials per element): no register spill, then
+#: the largest tile, then the most stages, then the longer key tile (dK/dV re-reads Q and dO
+#: once per key tile). At D = 256 no candidate is spill-free for dK/dV (nor on sm_80 for any
+#: kernel): the one with the fewest spills is listed.
 TABLE = {
-    ("forward", 90, 64): Config(128, 128, 8, 2),
-    ("forward", 90, 128): Config(128, 128, 8, 2),
+    ("forward", 90, 64): Config(128, 64, 8, 3),
+    ("forward", 90, 128): Config(128, 64, 8, 3),
     ("forward", 90, 256): Config(128, 64, 8, 2),
-    ("dq", 90, 64): Config(128, 64, 8, 3),
-    ("dq", 90, 128): Config(128, 64, 8, 3),
+    ("dq", 90, 64): Config(128, 32, 8, 3),
+    ("dq", 90, 128): Config(128, 32, 8, 3),
     ("dq", 90, 256): Config(128, 32, 8, 2),
     ("dkdv", 90, 64): Config(32, 128, 8, 3),
-    ("dkdv", 90, 128): Config(16, 128, 8, 3),
+    ("dkdv", 90, 128): Config(16, 128, 8, 2),
     ("dkdv", 90, 256): Config(16, 32, 4, 2),
-    ("forward", 80, 64): Config(128, 128, 8, 2),
+    ("forward", 80, 64): Config(128, 64, 8, 3),
     ("forward", 80, 128): Config(128, 64, 8, 3),
     ("forward", 80, 256): Config(64, 32, 8, 2),
-    ("dq", 80, 64): Config(128, 64, 8, 2),
+    ("dq", 80, 64): Config(128, 32, 8, 3),
     ("dq", 80, 128): Config(32, 64, 8, 3),
     ("dq", 80, 256): Config(32, 32, 4, 2),
     ("dkdv", 80, 64): Config(32, 128, 8, 2),
     ("dkdv", 80, 128): Config(32, 64, 8, 3),
     ("dkdv", 80, 256): Config(16, 64, 8, 2),
+    # modules whose keep decisions read the score: one configuration for every pass (see
+    # `config_for`); the dK/dV pass then also forms the forward's dot for its decisions, and
+    # spills where a key-major pass of its own tiles would not (bench/RESULTS.md)
+    ("shared", 90, 64): Config(64, 64, 8, 2),
+    ("shared", 90, 128): Config(64, 64, 8, 2),
+    ("shared", 90, 256): Config(64, 32, 4, 2),
+    ("shared", 80, 64): Config(64, 64, 4, 2),
+    ("shared", 80, 128): Config(64, 32, 4, 2),
+    ("shared", 80, 256): Config(32, 32, 4, 2),
 }
 #: the interpreter: small tiles (it is slow), one stage (nothing to pipeline)
 INTERPRETER_CONFIG = Config(32, 32, 4, 1)
@@ -170,14 +181,16 @@ def fits(kernel: str, cfg: Config, target: Target, head_dim: int, v_dim: int,
     return shared_bytes(kernel, cfg, head_dim, v_dim, dtype.itemsize) <= limit
 
 
-def _table(kernel: str, target: Target, head_dim: int, v_dim: int, dtype: torch.dtype) -> Config:
+def _table(row: str, target: Target, head_dim: int, v_dim: int, dtype: torch.dtype) -> Config:
     a = arch(target)
-    cfg = TABLE[(kernel, 90 if a == 90 else 80, _bucket(max(head_dim, v_dim)))]
+    cfg = TABLE[(row, 90 if a == 90 else 80, _bucket(max(head_dim, v_dim)))]
+    kernels = KERNELS if row == "shared" else (row,)  # a shared configuration serves them all
     if dtype.itemsize >= 4:
         # 4-byte tiles double each stage's shared memory (the fp32 top-k dK/dV pass needed
         # 232 KB at three stages, over sm_80's 163 KB)
         cfg = replace(cfg, num_stages=min(cfg.num_stages, 2))
-    while not fits(kernel, cfg, target, head_dim, v_dim, dtype):  # fewer stages, then smaller tiles
+    while not all(fits(k, cfg, target, head_dim, v_dim, dtype) for k in kernels):
+        # fewer stages, then smaller tiles
         if cfg.num_stages > 2:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         elif cfg.block_n > 16:
@@ -209,7 +222,8 @@ def config_for(kernel: str, target: Target, head_dim: int, v_dim: int, dtype: to
     elif not target.is_cuda:
         cfg = INTERPRETER_CONFIG
     else:
-        cfg = _table(kernel, target, head_dim, v_dim, dtype)
+        cfg = _table("shared" if constraints.shared_tiles else kernel, target, head_dim, v_dim,
+                     dtype)
     if cfg.block_n < constraints.min_block_n:
         cfg = replace(cfg, block_n=constraints.min_block_n)
     return cfg
@@ -224,8 +238,9 @@ def candidates(kernel: str, target: Target, head_dim: int, v_dim: int, dtype: to
     for cfg in CANDIDATES["forward" if constraints.shared_tiles else kernel]:
         if dtype.itemsize >= 4:
             cfg = replace(cfg, num_stages=min(cfg.num_stages, 2))
+        kernels = KERNELS if constraints.shared_tiles else (kernel,)
         if cfg.block_n >= constraints.min_block_n and cfg not in out and \
-                fits(kernel, cfg, target, head_dim, v_dim, dtype):
+                all(fits(k, cfg, target, head_dim, v_dim, dtype) for k in kernels):
             out.append(cfg)
     return out
 
