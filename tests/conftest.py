@@ -27,6 +27,16 @@ def _private_kernel_cache(tmp_path_factory):
         os.environ["ATTNC_CACHE_DIR"] = old
 
 
+@pytest.fixture
+def kernel_cache_dir(tmp_path, monkeypatch):
+    """A fresh kernel cache directory for one test, and no module loaded from memory."""
+    from attnc.runtime import jit
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    jit.clear_memory_cache()
+    yield tmp_path
+    jit.clear_memory_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` are skipped cleanly on machines without CUDA."""
     import torch

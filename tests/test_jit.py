@@ -23,11 +23,8 @@ SOFTCAP = "# a test pattern\npattern capped(cap: float = 20.0):\n    mask q >= k
 
 
 @pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
-    jit.clear_memory_cache()
-    yield tmp_path
-    jit.clear_memory_cache()
+def cache_dir(kernel_cache_dir):
+    return kernel_cache_dir
 
 
 def small_qkv(L=20, D=16):

@@ -25,7 +25,6 @@ from attnc.lowering.intervals import Iv
 from attnc.lowering.ir import Node, PatternIR, const
 from attnc.lowering.triton_forms import Call
 from attnc.lowering.verify import verify, verify_expr
-from attnc.runtime import jit
 
 CUBED = """pattern cubed(a: float = 0.5):
     score = cube(score * a) + cube(2.0)
@@ -59,20 +58,12 @@ def defined(name: str, function: T.Function, op: ops.Op):
         T.undefine_function(name)
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
-    jit.clear_memory_cache()
-    yield tmp_path
-    jit.clear_memory_cache()
-
-
 def _qkv(L=24, D=16):
     g = torch.Generator().manual_seed(0)
     return tuple(torch.randn(1, 2, L, D, generator=g) for _ in range(3))
 
 
-def test_a_registered_unary_function_works_in_every_pass(cache_dir):
+def test_a_registered_unary_function_works_in_every_pass(kernel_cache_dir):
     with defined("cube", T.Function(1, 1, "float"), CUBE):
         p = attnc.compile(CUBED)  # parses, checks, lowers, verifies
 
