@@ -194,6 +194,13 @@ def _d_extremum(n, g):
     return (_f("where", first, g, ZERO), _f("where", first, ZERO, g))
 
 
+def _d_mod(n, g):
+    """Float `a % b` is `a - b * floor(a / b)`: 1 for `a`, `-floor(a / b)` for `b` (torch's
+    `remainder` gradient; the steps themselves have none)."""
+    a, b = n.args
+    return (g, _f("neg", _f("mul", g, _f("floordiv", a, b))))
+
+
 def _d_where(n, g):
     c = n.args[0]
     return (None, _f("where", c, g, ZERO), _f("where", c, ZERO, g))
@@ -281,10 +288,9 @@ register(Op("div", 2, floats, fold=operator.truediv, torch=torch.div, interval=l
             derivative=_d_div, triton=Infix("/", MUL)))
 register(Op("floordiv", 2, same_numeric, fold=_fold_floordiv, torch=_torch_floordiv, interval=_iv_floordiv,
             derivative=no_gradient, triton=Special("divmod")))
-# NOTE: float `%` passes no gradient, as before this table; d(a % b)/da is 1 (to fix separately)
 register(Op("mod", 2, same_numeric, fold=operator.mod, torch=_torch_mod,
             interval=lambda n, a, b: mod(a, b) if n.dtype == INT else "float `%` is not bounded",
-            derivative=no_gradient, triton=Special("divmod")))
+            derivative=_d_mod, triton=Special("divmod")))
 register(Op("pow", 2, same_numeric, fold=_fold_pow, torch=torch.pow, interval=None,
             derivative=_d_pow, triton=Special("pow")))
 register(Op("neg", 1, same_numeric, fold=operator.neg, torch=torch.neg, interval=lambda n, a: Iv(-a.hi, -a.lo),

@@ -181,6 +181,9 @@ CHAINS = {
     "score_mask": ("pattern p:\n    mask score > -0.5 or q == k\n", {}),
     "sigmoid_bias": ("pattern p:\n    tensor bb: float[heads]\n    score *= 0.5\n    mask q >= k\n"
                      "    normalize sigmoid(bias = bb[h] - 0.01 * (q - k))\n", {"bb": (2,)}),
+    # float `%`: gradient 1 for the dividend, -floor(a / b) for a learnable divisor
+    "float_mod": ("pattern p:\n    tensor m: float[heads]\n    score = score % (m[h] + 0.5) - 0.3 * score\n"
+                  "    mask q >= k\n", {"m": (2,)}),
 }
 
 
