@@ -302,10 +302,15 @@ register(Op("min", 2, same_numeric, fold=min, torch=torch.minimum, interval=lamb
 register(Op("max", 2, same_numeric, fold=max, torch=torch.maximum, interval=lambda n, a, b: maximum(a, b),
             derivative=_d_extremum, triton=Call("tl.maximum")))
 for _name, _fn in (("floor", math.floor), ("ceil", math.ceil)):
+    # the result has the pattern's int type: int64 in WIDE modules, as the reference's ints
     register(Op(_name, 1, lambda a: INT if a == FLOAT else None, fold=_fn,  # float -> int
                 torch=lambda x, f=getattr(torch, _name): f(x).to(torch.int64),
                 interval=_endpoints(getattr(torch, _name)), derivative=no_gradient,
-                triton=Call(f"tl.{_name}", ".to(tl.int32)")))
+                triton=Call(f"_i{_name}"),
+                helper=(f"@triton.jit\ndef _i{_name}(x):\n"
+                        f"    \"\"\"{_name}(x) as the pattern's int type (int64 in WIDE modules).\"\"\"\n"
+                        f"    if WIDE:\n        y = tl.{_name}(x).to(tl.int64)\n"
+                        f"    else:\n        y = tl.{_name}(x).to(tl.int32)\n    return y\n")))
 
 # logic and comparisons (0/1 intervals: `and` is min, `or` is max)
 register(Op("not", 1, bools, fold=operator.not_, torch=torch.logical_not,
