@@ -354,6 +354,20 @@ def test_int_arithmetic_beyond_int32_matches_the_reference(m):
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
 
 
+def test_floor_results_are_int64_in_wide_kernels():
+    """`floor` of a float past 2**31 keeps its value in an int64 (WIDE) kernel, as in the
+    reference; an int32 conversion would wrap it."""
+    from attnc.lowering.int_range import int32_overflow
+    from attnc.runtime.binding import sizes_for
+    p = attnc.compile("pattern f:\n    mask floor(q * 30000017.0) % 5 == floor(k * 30000017.0) % 5\n")
+    q, k, v = qkv(1, 2, 2, 120, 120, 32)
+    assert int32_overflow(p.ir, sizes_for(q.shape, k.shape), {}) is not None
+    out, lse = run_triton(p, q, k, v)
+    ref, ref_lse = run_reference(p, q, k, v)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_standard_patterns_stay_int32_at_long_lengths():
     """No false alarm: every stdlib pattern keeps int32 kernels at N = 131072."""
     from attnc.lowering.int_range import int32_overflow
