@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from .api import Pattern, SpecError, compile, load, std, std_names
+from .api import ArgumentError, Pattern, SpecError, compile, load, std, std_names
 
-__all__ = ["Pattern", "SpecError", "compile", "load", "std", "std_names"]
+__all__ = ["ArgumentError", "Pattern", "SpecError", "compile", "load", "std", "std_names"]
 __version__ = "0.1.0"

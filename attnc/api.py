@@ -7,6 +7,7 @@ import os
 from .dsl import config
 from .dsl.diagnostics import SpecError
 from .dsl.loader import read_stdlib, stdlib_names
+from .runtime.binding import ArgumentError
 from .runtime.pattern import Pattern
 
 

@@ -16,10 +16,27 @@ class ArgumentError(SpecError, TypeError):
     """A pattern was called with a missing, unknown or wrongly typed parameter."""
 
 
+#: keywords of SDPA and FlexAttention a pattern does not take, and what to do instead
+FOREIGN_KEYWORDS = {
+    "is_causal": "causality is part of a pattern: use attnc.std(\"causal\") or a `mask q >= k`",
+    "enable_gqa": "GQA is automatic: pass k and v with fewer heads than q (heads % kv_heads == 0)",
+    "attn_mask": "a mask is part of the pattern: write it as `mask ...` (or a bool tensor argument)",
+    "mask_mod": "write the mask as `mask ...` statements in the pattern",
+    "score_mod": "write the score change as `score = ...` statements in the pattern",
+    "block_mask": "attnc derives the block structure from the pattern's masks (p.layout(...))",
+    "dropout_p": "attnc has no attention dropout",
+}
+
+
 @dataclass
 class Bound:
     """Everything a backend needs besides q, k, v: sizes, parameter values, tensors, and the
-    count of `select topk` (None without one), evaluated once by `select_count`."""
+    count of `select topk` (None without one), evaluated once by `select_count`.
+
+    A tensor argument may have size 1 in a dimension declared `batch` or `heads` (broadcast,
+    as FlexAttention's captured tensors are): `tensors` holds it as given (kernels clamp every
+    index into its dims, so they broadcast by themselves); `expanded()` gives the views of the
+    declared shapes that dense evaluation needs."""
 
     sizes: dict[str, int]
     params: dict[str, object]
@@ -29,6 +46,14 @@ class Bound:
     def table(self) -> dict[tuple[str, str], Node]:
         """Substitution table for sizes and parameters, for specializing IR."""
         return constant_table(self.sizes, self.params)
+
+    def expanded(self, ir: PatternIR) -> dict[str, torch.Tensor]:
+        """The tensors at their declared shapes (size-1 broadcast dims expanded, no copy)."""
+        if not self.tensors:
+            return {}
+        shapes = tensor_shapes(ir, self.sizes, self.params)
+        return {n: (t if list(t.shape) == shapes[n] else t.expand(shapes[n]))
+                for n, t in self.tensors.items()}
 
 
 def tensor_shapes(ir: PatternIR, sizes: dict[str, int], params: dict) -> dict[str, list[int]]:
@@ -47,6 +72,11 @@ def check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested or t.layout != torch.strided:
+            raise ValueError(f"`{name}` must be a dense [batch, heads, length, head_dim] tensor, got a "
+                             f"{'nested (jagged)' if t.is_nested else str(t.layout)} tensor; pad the "
+                             f"sequences and mark the padding with a pattern (e.g. a document-id "
+                             f"tensor, see attnc.std(\"document\"))")
         if t.dim() != 4:
             raise ValueError(f"`{name}` must have 4 dimensions [batch, heads, length, head_dim], "
                              f"got shape {list(t.shape)}")
@@ -80,33 +110,48 @@ def select_count(ir: PatternIR, sizes: dict[str, int], params: dict) -> int | No
     return int(n)
 
 
-def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:
-    """Check `arguments` against the pattern's parameters and tensors; fill in defaults."""
+def unknown_keyword(ir: PatternIR, key: str) -> ArgumentError:
+    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    near = closest(key, known)
+    if key in FOREIGN_KEYWORDS:
+        hint = FOREIGN_KEYWORDS[key]
+    elif near:
+        hint = f"did you mean `{near}`?"
+    else:
+        hint = "it takes: " + ", ".join(sorted(known)) if known else "it takes no arguments"
+    return ArgumentError(ir.span, f"pattern `{ir.name}` has no parameter or tensor `{key}`", hint)
+
+
+def bind_params(ir: PatternIR, arguments: dict) -> dict[str, object]:
+    """The parameter values of a call (defaults filled in, types checked); every key of
+    `arguments` must name a parameter or tensor of the pattern, and every tensor be given."""
     known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
     for key in arguments:
         if key not in known:
-            near = closest(key, known)
-            hint = f"did you mean `{near}`?" if near else \
-                ("it takes: " + ", ".join(sorted(known)) if known else "it takes no arguments")
-            raise ArgumentError(ir.span, f"pattern `{ir.name}` has no parameter or tensor `{key}`", hint)
+            raise unknown_keyword(ir, key)
     params: dict[str, object] = {}
     for p in ir.params:
         if p.name in arguments:
-            value = arguments[p.name]
-            params[p.name] = check_scalar(ir, p, value)
+            params[p.name] = check_scalar(ir, p, arguments[p.name])
         elif p.default is not None:
             params[p.name] = p.default
         else:
             raise ArgumentError(p.span, f"pattern `{ir.name}` needs a value for parameter `{p.name}`",
                                 f"pass it as a keyword: `{p.name}=...`")
-    shapes = tensor_shapes(ir, sizes, params)
-    tensors: dict[str, torch.Tensor] = {}
     for t in ir.tensors:
         if t.name not in arguments:
             dims = ", ".join(_dim_text(d) for d in t.dims)
             raise ArgumentError(t.span, f"pattern `{ir.name}` needs the tensor `{t.name}` "
                                         f"({t.elem}[{dims}])", f"pass it as a keyword: `{t.name}=...`")
-        tensors[t.name] = _check_tensor(t, arguments[t.name], shapes[t.name], device)
+    return params
+
+
+def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:
+    """Check `arguments` against the pattern's parameters and tensors; fill in defaults."""
+    params = bind_params(ir, arguments)
+    shapes = tensor_shapes(ir, sizes, params)
+    tensors = {t.name: _check_tensor(t, arguments[t.name], shapes[t.name], device)
+               for t in ir.tensors}
     return Bound(dict(sizes), params, tensors, select_count(ir, sizes, params))
 
 
@@ -154,13 +199,26 @@ def check_scalar(ir, p, value):
                                 f"got {type(value).__name__} {value!r}")
 
 
+def _broadcastable(t, got, shape) -> bool:
+    """`got` is `shape`, or has size 1 where `t` declares `batch` or `heads`."""
+    if len(got) != len(shape):
+        return False
+    return all(g == s or (g == 1 and d.op == "size" and d.value in ("batch", "heads"))
+               for g, s, d in zip(got, shape, t.dims))
+
+
 def _check_tensor(t, value, shape, device):
     dims = ", ".join(_dim_text(d) for d in t.dims)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"tensor argument `{t.name}` must be a torch.Tensor of shape [{dims}] = {shape}, "
                          f"got {type(value).__name__}")
-    if list(value.shape) != shape:
-        raise ValueError(f"tensor argument `{t.name}` must have shape [{dims}] = {shape}, "
+    if value.is_nested or value.layout != torch.strided:
+        raise ValueError(f"tensor argument `{t.name}` must be a dense (strided) tensor, got a "
+                         f"{'nested' if value.is_nested else str(value.layout)} tensor")
+    if not _broadcastable(t, list(value.shape), shape):
+        broadcast = [i for i, d in enumerate(t.dims) if d.op == "size" and d.value in ("batch", "heads")]
+        hint = f" (size 1 is accepted in dimension {', '.join(map(str, broadcast))})" if broadcast else ""
+        raise ValueError(f"tensor argument `{t.name}` must have shape [{dims}] = {shape}{hint}, "
                          f"got {list(value.shape)}")
     ok = {"float": value.dtype.is_floating_point,
           "int": not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool,

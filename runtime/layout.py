@@ -173,6 +173,7 @@ def build_layout(ir: PatternIR, bound, q_len: int, k_len: int, block_m: int, blo
     from .binding import Bound
     sizes = dict(bound.sizes, q_len=q_len, k_len=k_len)
     inner = Bound(sizes, bound.params, bound.tensors)
+    inner = Bound(sizes, bound.params, inner.expanded(ir))  # broadcast dims at declared shapes
     masks = constant_masks(ir.masks, inner.table())
     masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
     deps = set().union(*(index_deps(m) for m in masks)) if masks else set()

@@ -30,7 +30,8 @@ def final_score(ir: PatternIR, bound: Bound, q: torch.Tensor, k: torch.Tensor, s
     if k.shape[1] != H:
         k = k.repeat_interleave(H // k.shape[1], dim=1)
     fdtype = compute_dtype(q.dtype)
-    ev = Evaluator(Env(bound.sizes, bound.params, bound.tensors, fdtype, q.device, q0, q0 + C, B, H, Lk))
+    ev = Evaluator(Env(bound.sizes, bound.params, bound.expanded(ir), fdtype, q.device, q0, q0 + C, B, H,
+                       Lk))
     s = torch.matmul(q.to(fdtype), k.to(fdtype).transpose(-1, -2)) * scale
     for stmt in ir.scores:
         ev.volatile[("score", None)] = s
@@ -50,7 +51,7 @@ def evaluate_masks(ir: PatternIR, bound: Bound, q0: int = 0, q1: int | None = No
     if score is None and masks_read_score(ir):
         raise ValueError(f"a mask of `{ir.name}` reads `score`; pass the score to evaluate it")
     fdtype = score.dtype if score is not None else torch.float32
-    ev = Evaluator(Env(sizes, bound.params, bound.tensors, fdtype, device, q0, q1, B, H, Lk))
+    ev = Evaluator(Env(sizes, bound.params, bound.expanded(ir), fdtype, device, q0, q1, B, H, Lk))
     if score is not None:
         ev.volatile[("score", None)] = score
     keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)

@@ -83,7 +83,7 @@ def reference_attention(ir: PatternIR, q, k, v, bound: Bound, *, scale: float,
         v = v.repeat_interleave(group, dim=1)
     if chunk is None:
         chunk = max(1, CHUNK_ELEMENTS // max(1, B * H * max(Lk, 1)))
-    tensors = bound.tensors
+    tensors = bound.expanded(ir)  # size-1 broadcast dims as views of the declared shapes
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [q, k, v, *tensors.values()] if isinstance(t, torch.Tensor))
     outs, lses = [], []
