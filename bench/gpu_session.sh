@@ -22,7 +22,7 @@ OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 SMOKE=""
 # one budget for the whole session: each step gets a slice (seconds)
-FWD_S=${FWD_S:-230} BWD_S=${BWD_S:-170} TEST_S=${TEST_S:-30} STATIC_S=${STATIC_S:-40}
+FWD_S=${FWD_S:-215} BWD_S=${BWD_S:-170} TEST_S=${TEST_S:-30} STATIC_S=${STATIC_S:-40} OVH_S=${OVH_S:-20}
 if [ "${1:-}" = "--smoke" ]; then
     SMOKE="--smoke"
     export TRITON_INTERPRET=1
@@ -58,6 +58,7 @@ step() {  # step NAME SECONDS OUTFILE COMMAND...: run time-boxed, stderr to erro
 }
 step forward "$FWD_S" "$OUT/forward.md" python bench/forward.py $SMOKE
 step backward "$BWD_S" "$OUT/backward.md" python bench/backward.py $SMOKE
+step overhead "$OVH_S" "$OUT/overhead.md" python bench/overhead.py
 if [ -z "$SMOKE" ]; then
     step gpu-tests "$TEST_S" "$OUT/gpu-tests.txt" python -m pytest -m gpu -q -p no:cacheprovider -x
     step static "$STATIC_S" "$OUT/static.md" python bench/static.py --patterns causal,document,sharp_topk

@@ -109,6 +109,14 @@ class PatternIR:
     path: str = field(default="<string>", compare=False)
     span: Span | None = field(default=None, compare=False, repr=False)  # the pattern's name
 
+    def __hash__(self) -> int:  # cached: an IR keys the per-call caches
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.name, self.params, self.tensors, self.scores, self.masks, self.topk,
+                      self.normalizer, self.bias))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def param(self, name: str) -> ParamDecl | None:
         return next((p for p in self.params if p.name == name), None)
 

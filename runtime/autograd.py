@@ -15,6 +15,9 @@ thanks to checkpointing).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 import threading
 import weakref
 from typing import Optional
@@ -81,13 +84,28 @@ def unpack_params(ir: PatternIR, ints, floats) -> dict:
 
 def rebind(ir: PatternIR, q, k, ints, floats, tensors) -> Bound:
     """The Bound of a call the op already checked: sizes from q and k, parameters unpacked."""
-    sizes = sizes_for(q.shape, k.shape)
+    sizes, params, topk = _bound_parts(ir, tuple(q.shape), tuple(k.shape), tuple(ints),
+                                       tuple(floats))
+    return Bound(sizes, params, {t.name: x for t, x in zip(ir.tensors, tensors)}, topk)
+
+
+@functools.lru_cache(maxsize=256)
+def _bound_parts(ir: PatternIR, q_shape, k_shape, ints, floats):
+    sizes = sizes_for(q_shape, k_shape)
     params = unpack_params(ir, ints, floats)
-    return Bound(sizes, params, {t.name: x for t, x in zip(ir.tensors, tensors)},
-                 select_count(ir, sizes, params))
+    return sizes, params, select_count(ir, sizes, params)
 
 
-def _forward(pattern, q, k, v, bound: Bound, scale, backend):
+def scale_for(scale: float | None, q) -> float:
+    """The scale of a call: as given, else 1/sqrt(head_dim) (1 for head_dim 0)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+
+
+def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = True):
+    """Run `pattern` on `backend` without autograd: (out, lse). The LSE is float32 (float64 for
+    float64 inputs); zeros for sigmoid, and None when not `want_lse`."""
     ir = pattern.ir
     softmax = ir.normalizer == "softmax"
     if backend == "triton":
@@ -95,7 +113,10 @@ def _forward(pattern, q, k, v, bound: Bound, scale, backend):
         out, lse = triton_attention(ir, q, k, v, bound, scale, softmax)
     else:
         from .reference import reference_attention
-        out, lse = reference_attention(ir, q, k, v, bound, scale=scale, return_lse=softmax)
+        out, lse = reference_attention(ir, q, k, v, bound, scale=scale,
+                                       return_lse=softmax and want_lse)
+    if not want_lse:
+        return out, None
     if lse is None:
         lse = q.new_zeros(q.shape[:3], dtype=torch.float32)
     return out, lse.to(torch.float32) if q.dtype != torch.float64 else lse
@@ -103,10 +124,11 @@ def _forward(pattern, q, k, v, bound: Bound, scale, backend):
 
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
-               pattern: str, ints: list[int], floats: list[float], scale: float,
+               pattern: str, ints: list[int], floats: list[float], scale: Optional[float],
                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     p = find(pattern)
-    out, lse = _forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors), scale, backend)
+    out, lse = forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors),
+                       scale_for(scale, q), backend)
     return out.contiguous(), lse.contiguous()
 
 
@@ -127,47 +149,90 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
-    if ctx.backend == "triton":
-        dq, dk, dv, grads = _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse)
-    else:
-        dq, dk, dv, grads = _reference_backward(ctx, q, k, v, tensors, grad_out, grad_lse)
+    dq, dk, dv, grads = _gradients(ctx, ctx.needs_input_grad[3], grad_out, grad_lse)
     # no gradient for the digest, parameters, scale, backend; torch's structure check takes a
     # list of numbers as one leaf (None), but an empty list as a list
     return (dq, dk, dv, grads, None, None if ctx.ints else [], None if ctx.floats else [], None,
             None)
 
 
-def _reference_backward(ctx, q, k, v, tensors, grad_out, grad_lse):
-    """Autograd through the reference interpreter."""
-    from .reference import reference_attention
+def _gradients(ctx, needs, grad_out, grad_lse):
+    """(dq, dk, dv, [gradient or None per tensor argument]) from a context that saved
+    (q, k, v, out, lse, *tensors) and holds pattern, ints, floats, scale, backend; `needs` has
+    one flag per tensor argument."""
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    if ctx.backend == "triton":
+        return _triton_backward(ctx, needs, q, k, v, out, lse, tensors, grad_out, grad_lse)
+    return _reference_backward(ctx, needs, q, k, v, tensors, grad_out, grad_lse)
+
+
+def _reference_backward(ctx, needs, q, k, v, tensors, grad_out, grad_lse):
+    """Autograd through the reference interpreter, behind its own custom op so that a compiled
+    backward holds one opaque node whatever the lengths."""
     ir = ctx.pattern.ir
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.dtype.is_floating_point) for t in (q, k, v, *tensors)]
-        bound = rebind(ir, q, k, ctx.ints, ctx.floats, leaves[3:])
-        want_lse = ir.normalizer == "softmax"
-        out, lse = reference_attention(ir, *leaves[:3], bound, scale=ctx.scale, return_lse=want_lse)
+    flags = [bool(need) and t.dtype.is_floating_point for need, t in zip(needs, tensors)]
+    if ir.normalizer != "softmax":
+        grad_lse = None
+    if grad_out is None:
+        grad_out = q.new_zeros(q.shape[:3] + (v.shape[-1],))
+    got = _attention_reference_backward(q, k, v, list(tensors), grad_out, grad_lse,
+                                        ctx.pattern.digest, list(ctx.ints), list(ctx.floats),
+                                        ctx.scale, flags)
+    it = iter(got[3:])
+    grads = [next(it) if flag else None for flag in flags]
+    return got[0], got[1], got[2], grads
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Record autograd inside a custom op's implementation, which torch runs below autograd."""
+    keys = torch._C.DispatchKey
+    with torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False), \
+            torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False):
+        yield
+
+
+@torch.library.custom_op("attnc::attention_reference_backward", mutates_args=())
+def _attention_reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  tensors: list[torch.Tensor], grad_out: torch.Tensor,
+                                  grad_lse: Optional[torch.Tensor], pattern: str, ints: list[int],
+                                  floats: list[float], scale: Optional[float],
+                                  wrt: list[bool]) -> list[torch.Tensor]:
+    """[dq, dk, dv, gradient of each tensor argument flagged in `wrt`], by autograd through the
+    reference interpreter (exact; O(chunk × k_len) memory thanks to its checkpointing)."""
+    from .reference import reference_attention
+    ir = find(pattern).ir
+    with _autograd_inside_op(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        leaves += [t.detach().requires_grad_(flag) for t, flag in zip(tensors, wrt)]
+        bound = rebind(ir, q, k, ints, floats, leaves[3:])
+        want_lse = grad_lse is not None
+        out, lse = reference_attention(ir, *leaves[:3], bound, scale=scale_for(scale, q),
+                                       return_lse=want_lse)
         outputs, grads = [out], [grad_out]
-        if want_lse and grad_lse is not None:
+        if want_lse:
             finite = torch.isfinite(lse)
             outputs.append(torch.where(finite, lse, torch.zeros_like(lse)))
             grads.append(torch.where(finite, grad_lse.to(lse.dtype), torch.zeros_like(lse)))
-        wrt = [t for t in leaves if t.requires_grad]
+        wrt_leaves = [t for t in leaves if t.requires_grad]
         # an output the pattern cut off from every input (e.g. through `floor(score)`) has no graph
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                  allow_unused=True) if pairs else [None] * len(wrt)
-    it = iter(got)
-    result = [next(it) if t.requires_grad else None for t in leaves]
-    result = [torch.zeros_like(t) if g is None and t.requires_grad else g for g, t in zip(result, leaves)]
-    return result[0], result[1], result[2], result[3:]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt_leaves, [g for _, g in pairs],
+                                  allow_unused=True) if pairs else [None] * len(wrt_leaves)
+    # contiguous, as the fake says: autograd's gradient layout varies with the graph
+    return [t.new_zeros(t.shape) if g is None else g.contiguous() for g, t in zip(got, wrt_leaves)]
 
 
-def _triton_backward(ctx, q, k, v, out, lse, tensors, grad_out, grad_lse):
+@_attention_reference_backward.register_fake
+def _(q, k, v, tensors, grad_out, grad_lse, pattern, ints, floats, scale, wrt):
+    return [t.new_empty(t.shape) for t in (q, k, v)] + [
+        t.new_empty(t.shape) for t, flag in zip(tensors, wrt) if flag]
+
+
+def _triton_backward(ctx, needs, q, k, v, out, lse, tensors, grad_out, grad_lse):
     """The generated backward kernels, through the backward custom op."""
     ir = ctx.pattern.ir
     usable = set(differentiable_tensors(ir))
-    needs = ctx.needs_input_grad[3]  # one flag per tensor of the list
     wrt = [t.name for t, need in zip(ir.tensors, needs) if need and t.name in usable]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
@@ -189,14 +254,15 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
                         tensors: list[torch.Tensor], pattern: str, ints: list[int],
-                        floats: list[float], scale: float, wrt: list[bool]) -> list[torch.Tensor]:
+                        floats: list[float], scale: Optional[float],
+                        wrt: list[bool]) -> list[torch.Tensor]:
     """[dq, dk, dv, gradient of each tensor argument flagged in `wrt`, in declaration order]."""
     from .backward import triton_attention_backward
     ir = find(pattern).ir
     bound = rebind(ir, q, k, ints, floats, tensors)
     wrt = tuple(t.name for t, flag in zip(ir.tensors, wrt) if flag)
     dq, dk, dv, grads = triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse,
-                                                  bound, scale, wrt)
+                                                  bound, scale_for(scale, q), wrt)
     return [dq, dk, dv] + [grads[n] if n in grads else torch.zeros_like(bound.tensors[n])
                            for n in wrt]
 
@@ -207,8 +273,35 @@ def _(q, k, v, out, lse, grad_out, grad_lse, tensors, pattern, ints, floats, sca
         torch.empty_like(t) for t, flag in zip(tensors, wrt) if flag]
 
 
-def attention_op(pattern, q, k, v, tensors: list, ints, floats, scale: float, backend: str):
-    """Run `pattern` (`track`ed) through the custom op; returns (out, lse) (lse zeros for
-    sigmoid). `tensors` are its tensor arguments in declaration order."""
-    return _attention(q, k, v, list(tensors), pattern.digest, list(ints), list(floats),
-                      float(scale), backend)
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's autograd without the custom op: what an eager call with gradients runs
+    (torch's custom-op dispatch costs about 100 µs of Python per call; this, a few)."""
+
+    @staticmethod
+    def forward(ctx, pattern, bound, ints, floats, scale, backend, q, k, v, *tensors):
+        out, lse = forward(pattern, q, k, v, bound, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.pattern, ctx.ints, ctx.floats, ctx.scale, ctx.backend = (pattern, ints, floats,
+                                                                     scale, backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        dq, dk, dv, grads = _gradients(ctx, ctx.needs_input_grad[9:], grad_out, grad_lse)
+        return (None,) * 6 + (dq, dk, dv, *grads)
+
+
+def attention_op(pattern, q, k, v, tensors: list, ints, floats, scale: float | None,
+                 backend: str, bound: Bound | None = None):
+    """Run `pattern` (`track`ed) with autograd; returns (out, lse) (lse zeros for sigmoid).
+    `tensors` are its tensor arguments in declaration order. Traced by torch.compile, it is the
+    custom op; eagerly, the same forward and backward without the op's dispatch. A `scale`
+    of None is 1/sqrt(head_dim), resolved inside the op (so a dynamic head_dim stays dynamic)."""
+    if torch.compiler.is_compiling():
+        return _attention(q, k, v, list(tensors), pattern.digest, list(ints), list(floats),
+                          None if scale is None else float(scale), backend)
+    scale = scale_for(scale, q)
+    if bound is None:
+        bound = rebind(pattern.ir, q, k, ints, floats, tensors)
+    return _EagerAttention.apply(pattern, bound, tuple(ints), tuple(floats), float(scale),
+                                 backend, q, k, v, *tensors)

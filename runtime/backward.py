@@ -32,7 +32,7 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
     Returns (dq, dk, dv, {name: gradient}) for the float tensor arguments named in `wrt` (those
     the score does not read get zeros). fp64 inputs are accepted under the interpreter only."""
     fp64 = q.dtype == torch.float64 and q.device.type == "cpu"
-    check_backend(q, SUPPORTED_DTYPES + ((torch.float64,) if fp64 else ()))
+    check_backend(q.device, q.dtype, SUPPORTED_DTYPES + ((torch.float64,) if fp64 else ()))
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     B, H, Lq, D = q.shape

@@ -18,8 +18,9 @@ from ..dsl import config
 from ..lowering.int_range import int32_overflow
 from ..lowering.ir import PatternIR
 from .binding import Bound
+from . import jit
 from .jit import Compiled, forward_kernel
-from .launch import Call, Launch, launch, run_launch
+from .launch import Call, Launch, Template, launch, run_launch
 from .layout import build_layout
 from .policy import MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, Target, config_for
 from .tune import configure
@@ -42,13 +43,14 @@ def triton_available() -> bool:
     return True
 
 
-def check_backend(q: torch.Tensor, dtypes=SUPPORTED_DTYPES) -> None:
-    """The call can run generated kernels: CUDA tensors, or CPU tensors under a Triton
-    interpreter that runs them; a supported dtype and head dim."""
-    if q.device.type != "cuda":
-        if q.device.type != "cpu":
+def check_backend(device: torch.device, dtype: torch.dtype, dtypes=SUPPORTED_DTYPES) -> None:
+    """A call on `device` with inputs of `dtype` can run generated kernels: CUDA tensors, or CPU
+    tensors under a Triton interpreter that runs them; a supported dtype."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        if device.type != "cpu":
             raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors under Triton's "
-                             f"interpreter), got {q.device.type} tensors")
+                             f"interpreter), got {device.type} tensors")
         if not config.interpreted():
             raise RuntimeError(
                 "backend='triton' got CPU tensors; generated kernels run on the CPU only under "
@@ -62,9 +64,9 @@ def check_backend(q: torch.Tensor, dtypes=SUPPORTED_DTYPES) -> None:
                 f"generated kernels run under Triton's interpreter from Triton "
                 f"{'.'.join(map(str, MIN_INTERPRETER_TRITON))} on (this is {triton.__version__}); "
                 f"upgrade Triton, use CUDA tensors, or use backend='reference'")
-    if q.dtype not in dtypes:
+    if dtype not in dtypes:
         raise ValueError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got "
-                         f"{q.dtype}; use backend='reference' for {q.dtype}")
+                         f"{dtype}; use backend='reference' for {dtype}")
 
 
 def check_head_dims(D: int, Dv: int) -> None:
@@ -102,23 +104,56 @@ def forward_config(ir: PatternIR, bound: Bound, q, v, target: Target | None = No
                       compiled.kernel.constraints)
 
 
+#: prepared forward launches by call signature, least recently used dropped (`launch.Template`)
+_TEMPLATES: collections.OrderedDict = collections.OrderedDict()
+TEMPLATE_CACHE_SIZE = 256
+
+
+def _template_key(ir: PatternIR, q, k, v, bound: Bound, return_lse: bool) -> tuple:
+    """What a prepared launch depends on: the pattern and its compiled-in (int, bool)
+    parameters, the shapes, strides, dtype and device of every tensor. Float parameters, the
+    scale and the tensors themselves are filled in per call."""
+    return (jit.GENERATION, ir, tuple(x for x in bound.params.values() if not isinstance(x, float)),
+            q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+            return_lse, tuple((t.shape, t.stride(), t.dtype) for t in bound.tensors.values()))
+
+
 def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_lse: bool):
-    """Run the generated forward kernel of `ir`. Returns (out [B,H,Lq,Dv], lse [B,H,Lq] or None)."""
-    check_backend(q)
-    B, H, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[3]
-    check_head_dims(D, Dv)
-    compiled = forward_kernel(ir, *call_specialization(ir, bound))
-    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
+    """Run the generated forward kernel of `ir`. Returns (out [B,H,Lq,Dv], lse [B,H,Lq] or None).
+
+    A call with the signature of an earlier one reuses its prepared launch: no validation,
+    planning or binding is repeated, only the per-call arguments are filled in."""
+    key = _template_key(ir, q, k, v, bound, return_lse)
+    hit = _TEMPLATES.get(key)
+    B, H, Lq, _ = q.shape
+    out = torch.empty((B, H, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device) if return_lse else None
+    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse), bound.sizes, scale, bound)
+    if hit is not None:
+        _TEMPLATES.move_to_end(key)
+        compiled, template, path = hit
+        layout = None
+        if template.layout is not None:
+            meta = template.launch.meta
+            layout = build_layout(ir, bound, Lq, k.shape[2], meta["BLOCK_M"], meta["BLOCK_N"],
+                                  q.device)
+        LAUNCHES[path] += 1
+        run_launch(compiled, template.bind(call, layout))
+        return out, lse
+    check_backend(q.device, q.dtype)
+    check_head_dims(q.shape[3], v.shape[3])
+    compiled = forward_kernel(ir, *call_specialization(ir, bound))
     if Lq == 0 or B * H == 0:
         return out, lse
-    if Lk == 0:
+    if k.shape[2] == 0:
         out.zero_()
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
     L, path = forward_launch(compiled, ir, bound, q, k, v, out, lse, scale, Target.of(q.device))
+    _TEMPLATES[key] = (compiled, Template.of(compiled, L), path)
+    while len(_TEMPLATES) > TEMPLATE_CACHE_SIZE:
+        _TEMPLATES.popitem(last=False)
     LAUNCHES[path] += 1
     run_launch(compiled, L)
     return out, lse

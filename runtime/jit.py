@@ -48,8 +48,16 @@ class Compiled:
 def cache_dir() -> str:
     """The kernel cache directory (`config.cache_dir()`), created on demand."""
     d = config.cache_dir()
-    os.makedirs(d, exist_ok=True)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(d, e) from None
     return d
+
+
+def _unwritable(directory: str, e: OSError) -> OSError:
+    return type(e)(f"attnc cannot write generated kernels to its cache directory {directory} "
+                   f"({e.strerror or e}); set ATTNC_CACHE_DIR to a writable directory")
 
 
 def versions() -> str:
@@ -99,7 +107,10 @@ def load_source(source: str) -> tuple[ModuleType, str]:
     if existing == source:
         STATS.disk_hits += 1
     else:  # absent, or torn by a crash of an older writer: (re)write it whole
-        _write_atomic(path, source)
+        try:
+            _write_atomic(path, source)
+        except OSError as e:
+            raise _unwritable(os.path.dirname(path), e) from None
     return _import(path, f"attnc_generated_{key}"), path
 
 
@@ -135,7 +146,14 @@ def _cached(key: tuple, emit) -> Compiled:
         return compiled
 
 
+#: bumped whenever loaded modules are forgotten, so caches of prepared launches built on them
+#: (dispatch's templates) know to rebuild
+GENERATION = 0
+
+
 def clear_memory_cache() -> None:
     """Forget loaded modules (the disk cache stays); for tests of the on-disk path."""
+    global GENERATION
     with _LOCK:
         _MEMORY.clear()
+        GENERATION += 1

@@ -156,6 +156,53 @@ def launch(compiled: Compiled, name: str, call: Call, config: Config, target: Ta
                   arguments(sig, call, layout), meta)
 
 
+#: the argument kinds whose values change from call to call with the same shapes and strides
+_PER_CALL = ("tensor", "scale", "operand", "param", "grad", "layout", "layout_stride")
+
+
+@dataclass
+class Template:
+    """A launch prepared for one call signature (shapes, strides, dtypes, parameter values
+    known to the key it is cached under): the constant arguments bound once, and the slots a
+    call fills (its tensors, tensor arguments, float parameters, layout lists), so a repeated
+    call does no binding work."""
+
+    launch: Launch
+    slots: tuple[tuple[int, object], ...]   # (position, Arg)
+    layout: str | None                      # the layout orientation the kernel reads, if any
+
+    @staticmethod
+    def of(compiled: Compiled, launch: Launch) -> "Template":
+        sig = compiled.kernel.signature(launch.name)
+        slots = tuple((i, a) for i, a in enumerate(sig.args) if a.kind in _PER_CALL)
+        return Template(launch, slots, sig.layout)
+
+    def bind(self, call: Call, layout=None) -> Launch:
+        """The launch for `call` (same signature as the one the template was made from)."""
+        args = list(self.launch.args)
+        lists = layout_lists(layout, self.layout) if self.layout is not None else None
+        bound = call.bound
+        for i, a in self.slots:
+            k = a.kind
+            if k == "tensor":
+                args[i] = call.tensors.get(a.of)
+            elif k == "scale":
+                args[i] = float(call.scale)
+            elif k == "operand":
+                t = bound.tensors[a.of]
+                args[i] = t.view(torch.uint8) if t.dtype == torch.bool else t
+            elif k == "param":
+                args[i] = float(bound.params[a.of])
+            elif k == "grad":
+                args[i] = call.grads[a.of]
+            elif k == "layout":
+                args[i] = lists[a.of]
+            else:
+                args[i] = lists[a.of][a.axis]
+        launch = self.launch
+        return Launch(launch.name, launch.fn, launch.grid, tuple(args), launch.meta)
+
+
 def run_launch(compiled: Compiled, launch: Launch) -> None:
     """Run one generated kernel; a failure inside generated code becomes a SpecError at the spec
     line that produced it (see `spec_error_for`)."""

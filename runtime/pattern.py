@@ -1,9 +1,10 @@
 """`Pattern`: a checked, lowered pattern that can be called like an attention function."""
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
-import math
+from dataclasses import dataclass
 
 import torch
 
@@ -13,8 +14,9 @@ from ..dsl.loader import Library, PatternRef, build_library
 from ..lowering.ir import PatternIR
 from ..lowering.lower import lower_pattern
 from ..lowering.printer import canonical_text, format_pattern
-from .autograd import attention_op, pack_params, track
-from .binding import Bound, bind, check_qkv, sizes_for, specialization_of
+from .autograd import attention_op, forward, pack_params, scale_for, track
+from .binding import (FLOAT_DTYPES, Bound, bind, bind_params, check_qkv, sizes_for,
+                      specialization_of)
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -30,6 +32,8 @@ class Pattern:
     def __init__(self, ir: PatternIR, source: str):
         self.ir = ir
         self.source = source
+        #: validated call signatures -> Plan, least recently used dropped
+        self._plans: collections.OrderedDict = collections.OrderedDict()
 
     @classmethod
     def from_source(cls, source: str, name: str | None = None, path: str = "<string>") -> "Pattern":
@@ -85,15 +89,39 @@ class Pattern:
 
     def __call__(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
                  return_lse: bool = False, **arguments):
+        if torch.compiler.is_compiling():
+            return self._traced_call(q, k, v, scale, backend, return_lse, arguments)
+        key = _call_key(q, k, v, scale, backend, return_lse, arguments)
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:  # validate everything once per call signature
+            plan = Plan.make(self, q, k, v, scale, backend, return_lse, arguments)
+            if key is not None:
+                self._plans[key] = plan
+                if len(self._plans) > PLAN_CACHE_SIZE:
+                    self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        tensors = [arguments[n] for n in plan.tensor_names]
+        bound = plan.bound(tensors)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or any(t.requires_grad for t in tensors)):
+            out, lse = attention_op(self, q, k, v, tensors, plan.ints, plan.floats, plan.scale,
+                                    plan.backend, bound)
+        else:  # nothing to differentiate: no autograd node, no LSE unless asked for
+            out, lse = forward(self, q, k, v, bound, plan.scale, plan.backend, return_lse)
+        return (out, lse) if return_lse else out
+
+    def _traced_call(self, q, k, v, scale, backend, return_lse, arguments):
+        """The call inside torch.compile: what the plan needs is static (dtypes, devices, head
+        dims, parameter values), so lengths may be dynamic without a recompile or graph break;
+        checks that read lengths run when the op runs."""
         tensors = {n: t for n, t in arguments.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
-        scalars = tuple(sorted((n, x.item() if isinstance(x, torch.Tensor) else x)
-                               for n, x in arguments.items() if n not in tensors))
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-        ints, floats, scale, backend = _plan(
-            self, _meta(q), _meta(k), _meta(v), scalars,
-            tuple([(n, _meta(tensors[n])) for n in sorted(tensors)]), scale, backend, return_lse)
+        scalars = tuple(sorted((n, x) for n, x in arguments.items() if n not in tensors))
+        metas = tuple(sorted((n, (t.dim(), t.dtype, str(t.device))) for n, t in tensors.items()))
+        ints, floats, scale, backend = _static_plan(
+            self, (q.dim(), k.dim(), v.dim()), (q.dtype, k.dtype, v.dtype),
+            (str(q.device), str(k.device), str(v.device)), scalars, metas, scale, backend,
+            return_lse)
         out, lse = attention_op(self, q, k, v, [tensors[t.name] for t in self.ir.tensors], ints,
                                 floats, scale, backend)
         return (out, lse) if return_lse else out
@@ -123,35 +151,109 @@ def _pick(lib: Library, name: str | None) -> PatternRef:
                     "it defines: " + ", ".join(r.pattern.name for r in refs))
 
 
-def _meta(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.dtype, str(t.device)
+#: how many call signatures a pattern remembers
+PLAN_CACHE_SIZE = 64
 
 
-@torch.compiler.assume_constant_result
-def _plan(pattern: Pattern, qm, km, vm, scalars, tensor_metas, scale, backend, return_lse):
-    """Validate a call from tensor metadata and choose the kernel; under torch.compile this runs
-    once at trace time and its result is a constant, so the traced graph is one custom op."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    device = torch.device(qm[2])
-    fake = {name: torch.empty(m[0], dtype=m[1], device="meta") for name, m in (("q", qm), ("k", km), ("v", vm))}
-    check_qkv(fake["q"], fake["k"], fake["v"])
-    for name, m in (("k", km), ("v", vm)):
-        if torch.device(m[2]) != device:
-            raise ValueError(f"`q`, `k` and `v` must be on one device, got {qm[2]}, {km[2]}, {vm[2]}")
-    arguments = dict(scalars)
-    for name, m in tensor_metas:
-        if torch.device(m[2]) != device:
-            raise ValueError(f"tensor argument `{name}` is on {m[2]}, but q is on {qm[2]}")
-        arguments[name] = torch.empty(m[0], dtype=m[1], device="meta")
-    bound = bind(pattern.ir, sizes_for(qm[0], km[0]), arguments, None)
-    if scale is None:
-        scale = 1.0 / math.sqrt(qm[0][-1]) if qm[0][-1] > 0 else 1.0
+def _arg_key(x):
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0:  # a 0-dim tensor is a scalar parameter: its value decides the plan
+            return ("0-dim", x.item())
+        return (x.shape, x.dtype, x.device, x.layout, x.is_nested)
+    return (type(x), x)
+
+
+def _call_key(q, k, v, scale, backend, return_lse, arguments):
+    """What a call's validation depends on: shapes, dtypes and devices of every tensor, the
+    scalar arguments, scale, backend; None when something is not hashable (then the call is
+    checked in full, and its error raised, every time)."""
+    try:
+        key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+               scale, backend, return_lse, tuple(sorted((n, _arg_key(x)) for n, x in arguments.items())))
+        hash(key)
+        return key
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated call signature: everything a call with these shapes, dtypes, devices and
+    scalar arguments needs but its tensors (see `Pattern.__call__`)."""
+
+    ints: tuple
+    floats: tuple
+    scale: float
+    backend: str
+    tensor_names: tuple[str, ...]    # the tensor arguments, in declaration order
+    sizes: dict
+    params: dict
+    topk: int | None
+
+    @staticmethod
+    def make(pattern: "Pattern", q, k, v, scale, backend, return_lse, arguments) -> "Plan":
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        check_qkv(q, k, v)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        arguments = {n: (x.item() if isinstance(x, torch.Tensor) and x.dim() == 0 else x)
+                     for n, x in arguments.items()}
+        bound = bind(pattern.ir, sizes_for(q.shape, k.shape), arguments, q.device)
+        scale = scale_for(scale, q)
+        _check_lse(pattern, return_lse)
+        if backend == "auto":
+            backend = pattern._auto_backend(q.device)
+        if backend == "triton":
+            from .dispatch import check_backend, check_head_dims
+            check_backend(q.device, q.dtype)
+            check_head_dims(q.shape[3], v.shape[3])
+        track(pattern)
+        ints, floats = pack_params(pattern.ir, bound.params)
+        return Plan(ints, floats, scale, backend,
+                    tuple(t.name for t in pattern.ir.tensors), bound.sizes, bound.params,
+                    bound.topk)
+
+    def bound(self, tensors: list) -> Bound:
+        """The call's Bound, given its tensor arguments in declaration order."""
+        return Bound(self.sizes, self.params, dict(zip(self.tensor_names, tensors)), self.topk)
+
+
+def _check_lse(pattern: "Pattern", return_lse: bool) -> None:
     if return_lse and pattern.ir.normalizer != "softmax":
         raise ValueError(f"return_lse=True needs the softmax normalizer; `{pattern.name}` uses "
                          f"{pattern.ir.normalizer}")
+
+
+@torch.compiler.assume_constant_result
+def _static_plan(pattern: Pattern, ranks, dtypes, devices, scalars, tensor_metas, scale,
+                 backend, return_lse):
+    """The plan of a traced call from what does not change with lengths; under torch.compile
+    this runs once at trace time and its result is a constant, so the traced graph is one
+    custom op and lengths stay dynamic."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    for name, rank, dtype in zip("qkv", ranks, dtypes):
+        if rank != 4:
+            raise ValueError(f"`{name}` must have 4 dimensions [batch, heads, length, head_dim]")
+        if dtype not in FLOAT_DTYPES or dtype != dtypes[0]:
+            raise ValueError(f"`q`, `k` and `v` must have one float dtype, got {dtypes}")
+    if len(set(devices)) != 1:
+        raise ValueError(f"`q`, `k` and `v` must be on one device, got {', '.join(devices)}")
+    for name, (rank, dtype, device) in tensor_metas:
+        if device != devices[0]:
+            raise ValueError(f"tensor argument `{name}` is on {device}, but q is on {devices[0]}")
+    arguments = dict(scalars)
+    arguments.update({name: None for name, _ in tensor_metas})
+    params = bind_params(pattern.ir, arguments)
+    scale = None if scale is None else float(scale)  # None: the op takes 1/sqrt(head_dim)
+    _check_lse(pattern, return_lse)
     if backend == "auto":
-        backend = pattern._auto_backend(device)
+        backend = pattern._auto_backend(torch.device(devices[0]))
+    if backend == "triton":
+        from .dispatch import check_backend
+        check_backend(torch.device(devices[0]), dtypes[0])
     track(pattern)
-    ints, floats = pack_params(pattern.ir, bound.params)
-    return ints, floats, float(scale), backend
+    ints, floats = pack_params(pattern.ir, params)
+    return ints, floats, scale, backend

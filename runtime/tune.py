@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -69,11 +70,15 @@ class Tuner:
 
     def _save(self) -> None:
         path = self._file()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({k: asdict(v) for k, v in sorted(self.memory.items())}, f, indent=1)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({k: asdict(v) for k, v in sorted(self.memory.items())}, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:  # the choices stay in memory for this process
+            warnings.warn(f"attnc could not save tuned configurations to {path} ({e.strerror or e});"
+                          f" set ATTNC_CACHE_DIR to a writable directory to keep them", stacklevel=2)
 
     def known(self, key: str) -> Config | None:
         with _LOCK:
