@@ -19,7 +19,7 @@ from .printer import print_stmt
 from .source import Span
 
 MAX_INT = 2 ** 63 - 1
-NORMALIZERS = {"softmax": (), "sigmoid": ("bias",)}
+NORMALIZERS = {"softmax": ("sink",), "sigmoid": ("bias",)}
 SELECTS = {"topk": 1}
 
 

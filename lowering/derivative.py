@@ -131,8 +131,16 @@ def pattern_grads(ir: PatternIR) -> tuple[StatementGrad, ...]:
     return tuple(statement_grad(s) for s in ir.scores)
 
 
+def sink_tensors(ir: PatternIR) -> list[str]:
+    """Float tensors the softmax sink reads (their gradients are formed per row, on the host)."""
+    if ir.sink is None:
+        return []
+    return sorted({m.value for m in walk(ir.sink) if m.op == "load" and m.dtype == "float"})
+
+
 def differentiable_tensors(ir: PatternIR) -> list[str]:
-    """Float tensors whose values reach the score (and so can receive gradients)."""
+    """Float tensors whose values reach the score (and so can receive gradients from the
+    kernels); see also `sink_tensors`."""
     names = []
     for s in list(ir.scores) + ([ir.bias] if ir.bias is not None else []):
         for m in walk(s):

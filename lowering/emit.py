@@ -174,17 +174,18 @@ def range_lines(cf: ClosedForm | None, lo: str, hi: str, swap: bool = False) -> 
 
 @dataclass(frozen=True)
 class PatternCode:
-    """The pattern-specific code every kernel shares: the bodies of `_score_mod`, `_mask_mod`
-    and `_bias_mod`, and the static top-k count (0 without `select`)."""
+    """The pattern-specific code every kernel shares: the bodies of `_score_mod`, `_mask_mod`,
+    `_bias_mod` and `_sink_mod`, and the static top-k count (0 without `select`)."""
 
     score: list[Line]
     mask: list[Line]
     bias: list[Line]
+    sink: list[Line]
     topk: int
 
 
 def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
-    """Print a specialized pattern's score statements, masks and sigmoid bias."""
+    """Print a specialized pattern's score statements, masks, sigmoid bias and softmax sink."""
     score = ExprPrinter(operands, "s")
     score.hoist(ir.scores)
     for stmt in ir.scores:
@@ -205,11 +206,17 @@ def pattern_code(ir: PatternIR, operands: Operands) -> PatternCode:
         bias.statement("bias", ir.bias if ir.bias is not None else const(0.0))
     else:
         bias.lines.append(Line("bias = 0.0", None))
+    sink = ExprPrinter(operands, "z")
+    if ir.sink is not None:
+        sink.hoist([ir.sink])
+        sink.statement("sink", ir.sink)
+    else:
+        sink.lines.append(Line("sink = 0.0", None))
     topk = 0
     if ir.topk is not None:
         topk = int(static_value(ir.topk, {}, message="the count of `select topk` must be known when "
                                 "the kernel is compiled", hint="use a literal or an int parameter"))
-    return PatternCode(score.lines, mask.lines, bias.lines, topk)
+    return PatternCode(score.lines, mask.lines, bias.lines, sink.lines, topk)
 
 
 def reads_score(ir: PatternIR) -> bool:
@@ -240,6 +247,8 @@ def common_holes(ir: PatternIR, specialization: dict, code: "PatternCode", opera
         "SCORE_MOD": render(code.score, comments) or "pass",
         "MASK_MOD": render(code.mask, comments),
         "BIAS_MOD": render(code.bias, comments),
+        "SINK_MOD": render(code.sink, comments),
+        "HAS_SINK": repr(ir.sink is not None),
         "MOD_ARGS": operands.mod_args(),
         "HAS_MASK": repr(bool(ir.masks)),
         "SIGMOID": repr(ir.normalizer == "sigmoid"),

@@ -96,7 +96,8 @@ class TensorSpec:
 class PatternIR:
     """A desugared pattern. `scores` are applied in order, each reading the previous `score`;
     `masks` are AND-ed (a `score` leaf in a mask reads the final score); `topk` is the static
-    count of `select topk`; `normalizer` is 'softmax' or 'sigmoid' (with `bias`)."""
+    count of `select topk`; `normalizer` is 'softmax' (with an optional `sink`: one extra logit per
+    query row that attends to nothing) or 'sigmoid' (with `bias`)."""
 
     name: str
     params: tuple[ParamDecl, ...]
@@ -108,12 +109,13 @@ class PatternIR:
     bias: Node | None = None
     path: str = field(default="<string>", compare=False)
     span: Span | None = field(default=None, compare=False, repr=False)  # the pattern's name
+    sink: Node | None = None
 
     def __hash__(self) -> int:  # cached: an IR keys the per-call caches
         h = self.__dict__.get("_hash")
         if h is None:
             h = hash((self.name, self.params, self.tensors, self.scores, self.masks, self.topk,
-                      self.normalizer, self.bias))
+                      self.normalizer, self.bias, self.sink))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -124,7 +126,8 @@ class PatternIR:
         return next((t for t in self.tensors if t.name == name), None)
 
     def nodes(self) -> list[Node]:
-        roots = list(self.scores) + list(self.masks) + [n for n in (self.topk, self.bias) if n is not None]
+        roots = list(self.scores) + list(self.masks) + [
+            n for n in (self.topk, self.bias, self.sink) if n is not None]
         roots += [d for t in self.tensors for d in t.dims]
         return roots
 
@@ -135,4 +138,5 @@ class PatternIR:
             tuple(TensorSpec(t.name, t.elem, tuple(fn(d) for d in t.dims), t.span) for t in self.tensors),
             tuple(fn(s) for s in self.scores), tuple(fn(m) for m in self.masks),
             fn(self.topk) if self.topk is not None else None, self.normalizer,
-            fn(self.bias) if self.bias is not None else None, self.path, self.span)
+            fn(self.bias) if self.bias is not None else None, self.path, self.span,
+            fn(self.sink) if self.sink is not None else None)

@@ -6,8 +6,9 @@ from functools import singledispatchmethod
 
 from ..dsl import ast as A
 from ..dsl import types as T
+from ..dsl.diagnostics import SpecError
 from ..dsl.loader import PatternRef
-from .ir import Node, ParamDecl, PatternIR, TensorSpec, const
+from .ir import Node, ParamDecl, PatternIR, TensorSpec, const, uses
 from .simplify import simplify
 from .verify import verify
 
@@ -42,6 +43,7 @@ class _Body:
         self.topk: Node | None = None
         self.normalizer = "softmax"
         self.bias: Node | None = None
+        self.sink: Node | None = None
 
 
 class _Lowerer:
@@ -94,6 +96,13 @@ class _Lowerer:
         for a in s.args:
             if a.name == "bias":
                 self.body.bias = to_float(self.expr(a.value))
+            elif a.name == "sink":
+                sink = to_float(self.expr(a.value))
+                if uses(sink, "index", "k"):
+                    raise SpecError(a.value.span, "a sink may not depend on the key position `k`",
+                                    "the sink is one extra logit per query row: it may read b, h, "
+                                    "q, sizes, parameters and tensors")
+                self.body.sink = sink
 
     @stmt.register
     def _(self, s: A.Use):
@@ -116,8 +125,9 @@ class _Lowerer:
         self.body.masks.extend(inner.masks)
         if inner.topk is not None:
             self.body.topk = inner.topk
-        if inner.normalizer != "softmax" or inner.bias is not None:
+        if inner.normalizer != "softmax" or inner.bias is not None or inner.sink is not None:
             self.body.normalizer, self.body.bias = inner.normalizer, inner.bias
+            self.body.sink = inner.sink
 
     # ---------------------------------------------------------------- expressions
 
@@ -242,5 +252,6 @@ def lower_pattern(ref: PatternRef) -> PatternIR:
         decls.append(ParamDecl(prm.name, prm.type, default_value(prm), prm.span))
     body = _Lowerer(ref, params).run()
     ir = PatternIR(p.name, tuple(decls), tuple(body.tensors.values()), tuple(body.scores),
-                   tuple(body.masks), body.topk, body.normalizer, body.bias, ref.module.source.path, p.span)
+                   tuple(body.masks), body.topk, body.normalizer, body.bias, ref.module.source.path, p.span,
+                   sink=body.sink)
     return verify(ir.map(simplify))

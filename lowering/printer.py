@@ -89,7 +89,8 @@ def format_pattern(p) -> str:
         lines.append(f"  mask {fmt(m)}")
     if p.topk is not None:
         lines.append(f"  select topk({fmt(p.topk)})")
-    lines.append(f"  normalize {p.normalizer}" + (f"(bias = {fmt(p.bias)})" if p.bias is not None else ""))
+    args = [f"{name} = {fmt(x)}" for name, x in (("bias", p.bias), ("sink", p.sink)) if x is not None]
+    lines.append(f"  normalize {p.normalizer}" + (f"({', '.join(args)})" if args else ""))
     return "\n".join(lines)
 
 
@@ -119,4 +120,6 @@ def canonical_text(p) -> str:
         head.append(f"topk %{num(p.topk)}")
     if p.bias is not None:
         head.append(f"bias %{num(p.bias)}")
+    if p.sink is not None:
+        head.append(f"sink %{num(p.sink)}")
     return "\n".join(lines + head) + "\n"

@@ -50,6 +50,7 @@ def verify(ir: PatternIR) -> PatternIR:
     roles = [("score", s, FLOAT) for s in ir.scores] + [("mask", m, BOOL) for m in ir.masks]
     roles += [("topk count", ir.topk, INT)] if ir.topk is not None else []
     roles += [("sigmoid bias", ir.bias, FLOAT)] if ir.bias is not None else []
+    roles += [("softmax sink", ir.sink, FLOAT)] if ir.sink is not None else []
     roles += [("tensor dimension", d, INT) for t in ir.tensors for d in t.dims]
     for role, n, dtype in roles:
         if n.dtype != dtype:

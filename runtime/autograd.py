@@ -15,7 +15,6 @@ thanks to checkpointing).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
@@ -24,9 +23,10 @@ from typing import Optional
 
 import torch
 
-from ..lowering.derivative import differentiable_tensors
+from ..lowering.derivative import differentiable_tensors, sink_tensors
 from ..lowering.ir import PatternIR
 from .binding import Bound, select_count, sizes_for
+from .grad_mode import autograd_inside_op
 
 _LOCK = threading.Lock()
 #: content digest -> the live patterns with that IR
@@ -183,15 +183,6 @@ def _reference_backward(ctx, needs, q, k, v, tensors, grad_out, grad_lse):
     return got[0], got[1], got[2], grads
 
 
-@contextlib.contextmanager
-def _autograd_inside_op():
-    """Record autograd inside a custom op's implementation, which torch runs below autograd."""
-    keys = torch._C.DispatchKey
-    with torch._C._SetExcludeDispatchKeyGuard(keys.AutogradFunctionality, False), \
-            torch._C._SetExcludeDispatchKeyGuard(keys.ADInplaceOrView, False):
-        yield
-
-
 @torch.library.custom_op("attnc::attention_reference_backward", mutates_args=())
 def _attention_reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   tensors: list[torch.Tensor], grad_out: torch.Tensor,
@@ -202,7 +193,7 @@ def _attention_reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     reference interpreter (exact; O(chunk × k_len) memory thanks to its checkpointing)."""
     from .reference import reference_attention
     ir = find(pattern).ir
-    with _autograd_inside_op(), torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         leaves += [t.detach().requires_grad_(flag) for t, flag in zip(tensors, wrt)]
         bound = rebind(ir, q, k, ints, floats, leaves[3:])
@@ -232,7 +223,7 @@ def _(q, k, v, tensors, grad_out, grad_lse, pattern, ints, floats, scale, wrt):
 def _triton_backward(ctx, needs, q, k, v, out, lse, tensors, grad_out, grad_lse):
     """The generated backward kernels, through the backward custom op."""
     ir = ctx.pattern.ir
-    usable = set(differentiable_tensors(ir))
+    usable = set(differentiable_tensors(ir)) | set(sink_tensors(ir))
     wrt = [t.name for t, need in zip(ir.tensors, needs) if need and t.name in usable]
     if grad_out is None:
         grad_out = torch.zeros_like(out)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..lowering.derivative import differentiable_tensors
+from ..lowering.derivative import differentiable_tensors, sink_tensors
 from .binding import Bound
 from .dispatch import call_sizes, call_specialization, check_backend, check_head_dims, layouts
+from .grad_mode import autograd_inside_op
 from .jit import Compiled, backward_kernel
 from .launch import Call, Launch, grid, launch, run_launch
 from .policy import SUPPORTED_DTYPES, Target, config_for
@@ -45,8 +46,9 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
 
     acc = torch.float64 if fp64 else torch.float32
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if Lq == 0 or Lk == 0 or B * H == 0:
-        return dq, dk, dv, {n: torch.zeros_like(bound.tensors[n]) for n in grad_names}
+    grads = {n: torch.zeros_like(bound.tensors[n]) for n in grad_names}
+    if Lq == 0 or B * H == 0:
+        return dq, dk, dv, grads
     if grad_out is None:
         grad_out = torch.zeros_like(out)
 
@@ -59,15 +61,35 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
     else:
         lse = delta = torch.zeros((B, H, Lq), dtype=acc, device=q.device)
 
-    launches, buffers = backward_launches(compiled, ir, bound, q, k, v, grad_out, lse, delta,
-                                          dq, dk, dv, deterministic, scale, Target.of(q.device))
-    for L in launches:
-        run_launch(compiled, L)
-    grads = {}
-    for n in grad_names:
-        shape, dtype = bound.tensors[n].shape, bound.tensors[n].dtype
-        grads[n] = (buffers[n].sum(0).view(shape) if deterministic else buffers[n]).to(dtype)
+    if Lk > 0:
+        launches, buffers = backward_launches(compiled, ir, bound, q, k, v, grad_out, lse, delta,
+                                              dq, dk, dv, deterministic, scale, Target.of(q.device))
+        for L in launches:
+            run_launch(compiled, L)
+        for n in grad_names:
+            shape, dtype = bound.tensors[n].shape, bound.tensors[n].dtype
+            grads[n] = (buffers[n].sum(0).view(shape) if deterministic else buffers[n]).to(dtype)
+    sink_names = [n for n in wrt if n in sink_tensors(ir)]
+    if sink_names:  # the sink's share of each row, formed here (the kernels see only keys)
+        for n, g in sink_gradients(ir, bound, lse, delta, sink_names, (B, H, Lq, Lk)).items():
+            g = g.to(bound.tensors[n].dtype)
+            grads[n] = grads[n] + g if n in grads else g
     return dq, dk, dv, grads
+
+
+def sink_gradients(ir, bound: Bound, lse, delta, names, shape) -> dict:
+    """Gradients of the tensors `names` that the softmax sink reads. The sink's probability in
+    row i is exp(sink_i − lse_i), and dL/dsink_i = −exp(sink_i − lse_i) · delta_i (delta already
+    holds −dLSE); autograd through the sink's rows takes it to the tensors."""
+    from .reference import sink_logits
+    leaves = {n: bound.tensors[n].detach().to(lse.dtype).requires_grad_() for n in names}
+    with autograd_inside_op():
+        sink = sink_logits(ir, bound, {**bound.tensors, **leaves}, lse.dtype, shape, lse.device)
+        live = torch.isfinite(lse) & torch.isfinite(sink)
+        p = torch.where(live, torch.exp(torch.where(live, sink - lse, 0.0)), 0.0)
+        got = torch.autograd.grad(sink, list(leaves.values()), -(p * delta).detach(),
+                                  allow_unused=True)
+    return {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, got)}
 
 
 def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, lse, delta,

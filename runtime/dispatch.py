@@ -145,10 +145,14 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
     compiled = forward_kernel(ir, *call_specialization(ir, bound))
     if Lq == 0 or B * H == 0:
         return out, lse
-    if k.shape[2] == 0:
+    if k.shape[2] == 0:  # every row is empty: output 0, LSE the sink's (or -inf)
         out.zero_()
         if lse is not None:
-            lse.fill_(float("-inf"))
+            if ir.sink is None:
+                lse.fill_(float("-inf"))
+            else:
+                from .reference import sink_logits
+                lse.copy_(sink_logits(ir, bound, bound.tensors, lse.dtype, (B, H, Lq, 0), q.device))
         return out, lse
     L, path = forward_launch(compiled, ir, bound, q, k, v, out, lse, scale, Target.of(q.device))
     _TEMPLATES[key] = (compiled, Template.of(compiled, L), path)

@@ -55,10 +55,10 @@ class Pattern:
         return self.ir.tensors
 
     def __repr__(self) -> str:
-        sig = ", ".join(f"{p.name}: {p.type}" + (f" = {p.default!r}" if p.default is not None else "")
-                        for p in self.ir.params)
-        ts = "".join(f", {t.name}=<{t.elem} tensor>" for t in self.ir.tensors)
-        return f"<attnc.Pattern {self.ir.name}({sig}{ts}) from {self.ir.path}>"
+        parts = [f"{p.name}: {p.type}" + (f" = {p.default!r}" if p.default is not None else "")
+                 for p in self.ir.params]
+        parts += [f"{t.name}=<{t.elem} tensor>" for t in self.ir.tensors]
+        return f"<attnc.Pattern {self.ir.name}({', '.join(parts)}) from {self.ir.path}>"
 
     @functools.cached_property
     def digest(self) -> str:

@@ -6,7 +6,8 @@ O(chunk × k_len) however long the sequence. Semantics (see docs/language.md):
 1. ``s = (Q Kᵀ) * scale`` in fp32 (fp64 for fp64 inputs).
 2. Score statements in order; then all masks (AND-ed).
 3. ``select topk(n)``: keep allowed keys whose score is ≥ the n-th largest allowed score.
-4. Softmax over kept keys (an empty row gives output 0 and LSE −inf), or sigmoid(s + bias).
+4. Softmax over kept keys (an empty row gives output 0 and LSE −inf); a `sink` adds exp(sink)
+   to each row's denominator (an empty row then gives LSE = sink). Or sigmoid(s + bias).
 5. ``out = P V``.
 """
 from __future__ import annotations
@@ -24,6 +25,17 @@ CHUNK_ELEMENTS = 1 << 22
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sink_logits(ir: PatternIR, bound: Bound, tensors: dict, dtype: torch.dtype, shape,
+                device) -> torch.Tensor:
+    """The softmax sink of every row, [B, H, Lq] for `shape` (B, H, Lq, Lk), in `dtype`
+    (differentiable in `tensors`)."""
+    B, H, Lq, Lk = shape
+    tensors = Bound(bound.sizes, bound.params, tensors).expanded(ir)
+    env = Env(bound.sizes, bound.params, tensors, dtype, device, 0, Lq, B, H, Lk)
+    sink = torch.as_tensor(Evaluator(env).eval(ir.sink), dtype=dtype, device=device)
+    return sink.expand(B, H, Lq, 1).squeeze(-1)
 
 
 def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
@@ -55,11 +67,17 @@ def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
         return torch.matmul(p, vv), None
     neg_inf = torch.full_like(s, float("-inf"))
     sm = torch.where(keep, s, neg_inf)
-    m = sm.amax(dim=-1, keepdim=True)
+    m = sm.amax(dim=-1, keepdim=True) if Lk else s.new_full((B, H, C, 1), float("-inf"))
+    sink = None
+    if ir.sink is not None:  # one more logit per row, in the denominator only
+        sink = torch.as_tensor(ev.eval(ir.sink), dtype=fdtype, device=s.device).expand(B, H, C, 1)
+        m = torch.maximum(m, sink)
     finite = torch.isfinite(m)
     m_safe = torch.where(finite, m, torch.zeros_like(m)).detach()
     p = torch.exp(sm - m_safe)
     l = p.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        l = l + torch.exp(sink - m_safe)
     nonempty = l > 0
     l_safe = torch.where(nonempty, l, torch.ones_like(l))
     out = torch.matmul(p, vv) / l_safe

@@ -20,7 +20,7 @@ from attnc.runtime.samples import pattern_parameters
 
 GOLDEN = Path(__file__).parent / "golden" / "kernels"
 #: the patterns; their kernels are specialized on the shared sample arguments (runtime/samples.py)
-PATTERNS = ("causal", "document", "gaussian_mixture", "sigmoid", "streaming", "topk")
+PATTERNS = ("causal", "document", "gaussian_mixture", "learned_sinks", "sigmoid", "streaming", "topk")
 
 
 @pytest.mark.parametrize("name", PATTERNS)

@@ -59,11 +59,12 @@ class Case:
     score: Callable | None = None
     topk: int | None = None
     sigmoid: bool = False
+    sink: Callable | None = None      # (b, h, q, a) -> the softmax sink of each row
     shapes: tuple = (SQUARE, RECT)
 
     @property
     def flex(self) -> bool:
-        return self.topk is None and not self.sigmoid
+        return self.topk is None and not self.sigmoid and self.sink is None
 
 
 def _table(Lq, Lk, allowed):
@@ -189,6 +190,10 @@ def _bias_table(md):
     return lambda Lq, Lk, gen: {"bias": torch.randn(H, 2 * md + 1, generator=gen)}
 
 
+def _sinks(Lq, Lk, gen):
+    return {"sinks": _rand((H,), gen, -1.0, 2.0)}
+
+
 causal_mask = lambda b, h, q, k, a: k <= q
 
 CASES = [
@@ -261,6 +266,8 @@ CASES = [
     Case("topk", "topk", {"top": 5}, topk=5),
     Case("topk-default", "topk", {}, topk=32),
     Case("sigmoid", "sigmoid", {}, sigmoid=True),
+    Case("learned_sinks", "learned_sinks", {}, tensors=_sinks, mask=causal_mask,
+         sink=lambda b, h, q, a: a.sinks[h]),
 ]
 
 CASE_BY_ID = {c.id: c for c in CASES}
@@ -327,8 +334,11 @@ def dense_attention(case, a, q, k, v, scale):
         p = torch.where(allowed, torch.sigmoid(s - math.log(Lk)), torch.zeros_like(s))
         return p @ v, None
     sm = s.masked_fill(~allowed, NEG_INF)
+    if case.sink:  # one more column in the softmax, with no value
+        sink = case.sink(b, h, qi, a).to(torch.float64).expand(B, H, Lq, 1)
+        sm = torch.cat([sm, sink], dim=-1)
     lse = torch.logsumexp(sm, dim=-1)
-    p = torch.where(allowed, torch.exp(sm - lse[..., None]), torch.zeros_like(s))
+    p = torch.where(allowed, torch.exp(sm - lse[..., None])[..., :Lk], torch.zeros_like(s))
     return p @ v, lse
 
 
@@ -521,7 +531,8 @@ def test_composition_with_use():
     _check_lse(lse, want_lse, "mix")
 
 
-GRAD_CASES = ["alibi", "alibi_2d", "gaussian_mixture", "gaussian_mixture_additive", "relative_bias"]
+GRAD_CASES = ["alibi", "alibi_2d", "gaussian_mixture", "gaussian_mixture_additive", "relative_bias",
+              "learned_sinks"]
 
 
 @pytest.mark.parametrize("cid", GRAD_CASES)
