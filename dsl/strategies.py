@@ -166,6 +166,8 @@ def float_expr(draw, ctx: Ctx, depth: int = 2):
             arg = A.Binary("+", A.Num(1.0), A.Call("abs", (arg,)))
         elif T.FUNCTIONS[f].safe_args == "nonpositive":
             arg = A.Unary("-", A.Call("abs", (arg,)))
+        elif T.FUNCTIONS[f].safe_args == "bounded":
+            arg = A.Call("tanh", (arg,))
         return A.Call(f, (arg,))
     if kind == "from_int":  # small ints scaled down, e.g. -abs(q - k) * 0.25
         return A.Binary("*", draw(int_expr(ctx, depth - 1)), _num(draw(st.sampled_from([0.25, 0.125, -0.5]))))

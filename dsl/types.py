@@ -12,7 +12,8 @@ class Function:
     """A built-in function of the language. It takes `min_args` to `max_args` arguments (None:
     no limit); its `result` is "same" (the promoted type of its numeric arguments), "float" or
     "int". `safe_args` says where its value is finite and moderate: "any" argument, "positive"
-    ones, or "nonpositive" ones (the fuzzer, dsl/strategies.py, draws only those).
+    ones, "nonpositive" ones, or "bounded" ones, |x| < 1 (the fuzzer, dsl/strategies.py, draws
+    only those).
 
     A function `f` that is not desugared by `lowering/lower.py` (like min/max/clamp) lowers to
     the IR op `f`, whose meaning is its entry in `lowering/ops.py`."""
@@ -32,6 +33,10 @@ FUNCTIONS: dict[str, Function] = {
     "tanh": Function(1, 1, "float"),
     "sigmoid": Function(1, 1, "float"),
     "softplus": Function(1, 1, "float"),
+    "sin": Function(1, 1, "float"),
+    "cos": Function(1, 1, "float"),
+    "tan": Function(1, 1, "float", "bounded"),
+    "erf": Function(1, 1, "float"),
     "log": Function(1, 1, "float", "positive"),
     "sqrt": Function(1, 1, "float", "positive"),
     "exp2": Function(1, 1, "float", "nonpositive"),

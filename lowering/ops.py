@@ -27,7 +27,7 @@ import torch
 
 from ..dsl.diagnostics import SpecError
 from ..dsl.types import BOOL, FLOAT, INT, NUMERIC
-from .intervals import (Iv, absolute, compare, corners, div, floordiv, maximum, minimum, mod,
+from .intervals import (INF, Iv, absolute, compare, corners, div, floordiv, maximum, minimum, mod,
                         nan_safe, select)
 from .ir import Node, const
 from .triton_forms import ADD, AND, CMP, MUL, OR, Call, Infix, Postfix, Prefix, Special
@@ -253,11 +253,42 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 '''
 
+_TAN = '''
+@triton.jit
+def _tan(x):
+    return tl.sin(x) / tl.cos(x)
+'''
+
 _SOFTPLUS = '''
 @triton.jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 '''
+
+def _periodic(fn, peak: float) -> Callable:
+    """The interval rule of sin (`peak` π/2) or cos (`peak` 0): the endpoints' values, widened
+    to 1 where the interval holds a maximum (peak + 2πk) and to −1 where it holds a minimum;
+    [−1, 1] for an interval of width ≥ 2π or an infinite one."""
+    def rule(n, a):
+        lo, hi = a.lo, a.hi
+        wide = ~torch.isfinite(lo) | ~torch.isfinite(hi) | (hi - lo >= 2 * math.pi)
+        lo, hi = torch.where(wide, 0.0, lo), torch.where(wide, 0.0, hi)
+        turn = lambda at: torch.floor((hi - at) / (2 * math.pi)) >= torch.ceil((lo - at) / (2 * math.pi))  # noqa: E731
+        f_lo, f_hi = fn(lo), fn(hi)
+        low = torch.where(wide | turn(peak + math.pi), -1.0, torch.minimum(f_lo, f_hi))
+        high = torch.where(wide | turn(peak), 1.0, torch.maximum(f_lo, f_hi))
+        return Iv(low, high)
+    return rule
+
+
+def _iv_tan(n, a):
+    """tan increases between its poles (π/2 + πk); an interval holding a pole is unbounded."""
+    lo, hi = a.lo, a.hi
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    lo_s, hi_s = torch.where(finite, lo, 0.0), torch.where(finite, hi, 0.0)
+    pole = ~finite | (torch.floor((hi_s - math.pi / 2) / math.pi) >= torch.ceil((lo_s - math.pi / 2) / math.pi))
+    return Iv(torch.where(pole, -INF, torch.tan(lo_s)), torch.where(pole, INF, torch.tan(hi_s)))
+
 
 # --- the entries
 
@@ -340,6 +371,17 @@ register(Op("tanh", 1, floats, fold=math.tanh, torch=torch.tanh, interval=increa
             triton=Call("_tanh"), helper=_TANH))
 register(Op("sigmoid", 1, floats, fold=_fold_sigmoid, torch=torch.sigmoid, interval=increasing(torch.sigmoid),
             derivative=lambda n, g: (_f("mul", g, _f("mul", n, _f("sub", ONE, n))),), triton=Call("tl.sigmoid")))
+register(Op("sin", 1, floats, fold=math.sin, torch=torch.sin, interval=_periodic(torch.sin, math.pi / 2),
+            derivative=lambda n, g: (_f("mul", g, _f("cos", n.args[0])),), triton=Call("tl.sin")))
+register(Op("cos", 1, floats, fold=math.cos, torch=torch.cos, interval=_periodic(torch.cos, 0.0),
+            derivative=lambda n, g: (_f("neg", _f("mul", g, _f("sin", n.args[0]))),), triton=Call("tl.cos")))
+register(Op("tan", 1, floats, fold=math.tan, torch=torch.tan, interval=_iv_tan,
+            derivative=lambda n, g: (_f("mul", g, _f("add", ONE, _f("mul", n, n))),),
+            triton=Call("_tan"), helper=_TAN))
+register(Op("erf", 1, floats, fold=math.erf, torch=torch.erf, interval=increasing(torch.erf),
+            derivative=lambda n, g: (_f("mul", g, _f("mul", const(2.0 / math.sqrt(math.pi)),
+                                                     _f("exp", _f("neg", _f("mul", n.args[0], n.args[0]))))),),
+            triton=Call("tl.erf")))
 register(Op("softplus", 1, floats, fold=lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))),
             torch=_torch_softplus, interval=increasing(torch.nn.functional.softplus),
             derivative=lambda n, g: (_f("mul", g, _f("sigmoid", n.args[0])),),
