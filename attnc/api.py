@@ -58,3 +58,16 @@ def std(name: str) -> Pattern:
 def std_names() -> list[str]:
     """Names of the standard-library pattern files."""
     return stdlib_names()
+
+
+@_user_facing
+def kernel_options_for(pattern: Pattern, q, k, v, **arguments) -> dict:
+    """The launch settings attnc chooses for the call ``pattern(q, k, v, **arguments)``:
+    ``{'forward': {...}, 'dq': {...}, 'dkdv': {...}}``, each with block_m, block_n, num_warps
+    and num_stages. Pass it back as ``pattern(q, k, v, kernel_options=..., **arguments)`` to pin
+    the same kernels (benchmarks, bug reports). Takes the call's own keywords (scale=,
+    backend=, kernel_options= to see what partial options resolve to)."""
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"kernel_options_for: `pattern` must be an attnc.Pattern, got "
+                         f"{type(pattern).__name__}")
+    return pattern.kernel_options_for(q, k, v, **arguments)

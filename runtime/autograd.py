@@ -1,13 +1,15 @@
 """PyTorch integration: attnc attention as `torch.library` custom ops with autograd.
 
-``attnc::attention(q, k, v, tensors, pattern, ints, floats, scale, backend)`` runs one call;
-``attnc::attention_backward(...)`` runs the generated backward kernels. `torch.compile` traces
-each as one node (their fake implementations only compute shapes). What a call is travels in
-the op's own arguments, typed: `pattern` is the pattern's content digest, `ints` and `floats`
-its int/bool and float parameter values in declaration order, `tensors` its tensor arguments in
-declaration order, `wrt` one flag per tensor argument. The digest finds a live `Pattern` with that IR through
-`find`, a weak map that holds no pattern alive and forgets a digest when its last pattern dies;
-the eager autograd path keeps the pattern itself on its context.
+``attnc::attention(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options)``
+runs one call; ``attnc::attention_backward(...)`` runs the generated backward kernels.
+`torch.compile` traces each as one node (their fake implementations only compute shapes). What
+a call is travels in the op's own arguments, typed: `pattern` is the pattern's content digest,
+`ints` and `floats` its int/bool and float parameter values in declaration order, `tensors` its
+tensor arguments in declaration order, `wrt` one flag per tensor argument, `kernel_options` the
+call's forced launch settings as text (`policy.KernelOptions.text`, "" for none). The digest
+finds a live `Pattern` with that IR through `find`, a weak map that holds no pattern alive and
+forgets a digest when its last pattern dies; the eager autograd path keeps the pattern itself
+on its context.
 
 The forward runs the chosen backend; the backward runs the generated kernels (Triton backend)
 or recomputes with the reference interpreter under autograd (exact, O(chunk × k_len) memory
@@ -103,14 +105,15 @@ def scale_for(scale: float | None, q) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
 
 
-def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = True):
+def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = True,
+            kernel_options: str = ""):
     """Run `pattern` on `backend` without autograd: (out, lse). The LSE is float32 (float64 for
     float64 inputs); zeros for sigmoid, and None when not `want_lse`."""
     ir = pattern.ir
     softmax = ir.normalizer == "softmax"
     if backend == "triton":
         from .dispatch import triton_attention
-        out, lse = triton_attention(ir, q, k, v, bound, scale, softmax)
+        out, lse = triton_attention(ir, q, k, v, bound, scale, softmax, kernel_options)
     else:
         from .reference import reference_attention
         out, lse = reference_attention(ir, q, k, v, bound, scale=scale,
@@ -125,15 +128,15 @@ def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = Tru
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                pattern: str, ints: list[int], floats: list[float], scale: Optional[float],
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str, kernel_options: str) -> tuple[torch.Tensor, torch.Tensor]:
     p = find(pattern)
     out, lse = forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors),
-                       scale_for(scale, q), backend)
+                       scale_for(scale, q), backend, kernel_options=kernel_options)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention.register_fake
-def _(q, k, v, tensors, pattern, ints, floats, scale, backend):
+def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options):
     B, H, Lq, _ = q.shape
     out = q.new_empty((B, H, Lq, v.shape[-1]))
     lse = q.new_empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -141,25 +144,26 @@ def _(q, k, v, tensors, pattern, ints, floats, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, digest, ints, floats, scale, backend = inputs
+    q, k, v, tensors, digest, ints, floats, scale, backend, kernel_options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
     ctx.pattern = find(digest)  # held here, so the backward never looks it up again
     ctx.ints, ctx.floats, ctx.scale, ctx.backend = ints, floats, scale, backend
+    ctx.kernel_options = kernel_options
 
 
 def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, grads = _gradients(ctx, ctx.needs_input_grad[3], grad_out, grad_lse)
-    # no gradient for the digest, parameters, scale, backend; torch's structure check takes a
-    # list of numbers as one leaf (None), but an empty list as a list
+    # no gradient for the digest, parameters, scale, backend, kernel options; torch's structure
+    # check takes a list of numbers as one leaf (None), but an empty list as a list
     return (dq, dk, dv, grads, None, None if ctx.ints else [], None if ctx.floats else [], None,
-            None)
+            None, None)
 
 
 def _gradients(ctx, needs, grad_out, grad_lse):
     """(dq, dk, dv, [gradient or None per tensor argument]) from a context that saved
-    (q, k, v, out, lse, *tensors) and holds pattern, ints, floats, scale, backend; `needs` has
-    one flag per tensor argument."""
+    (q, k, v, out, lse, *tensors) and holds pattern, ints, floats, scale, backend,
+    kernel_options; `needs` has one flag per tensor argument."""
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     if ctx.backend == "triton":
         return _triton_backward(ctx, needs, q, k, v, out, lse, tensors, grad_out, grad_lse)
@@ -231,7 +235,8 @@ def _triton_backward(ctx, needs, q, k, v, out, lse, tensors, grad_out, grad_lse)
         grad_lse = None
     flags = [t.name in wrt for t in ir.tensors]
     got = _attention_backward(q, k, v, out, lse, grad_out.contiguous(), grad_lse, list(tensors),
-                              ctx.pattern.digest, list(ctx.ints), list(ctx.floats), ctx.scale, flags)
+                              ctx.pattern.digest, list(ctx.ints), list(ctx.floats), ctx.scale,
+                              flags, ctx.kernel_options)
     by_name = dict(zip(wrt, got[3:]))
     grads = [by_name[t.name] if t.name in by_name else (torch.zeros_like(x) if need else None)
              for t, x, need in zip(ir.tensors, tensors, needs)]
@@ -246,20 +251,22 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
                         tensors: list[torch.Tensor], pattern: str, ints: list[int],
                         floats: list[float], scale: Optional[float],
-                        wrt: list[bool]) -> list[torch.Tensor]:
+                        wrt: list[bool], kernel_options: str) -> list[torch.Tensor]:
     """[dq, dk, dv, gradient of each tensor argument flagged in `wrt`, in declaration order]."""
     from .backward import triton_attention_backward
     ir = find(pattern).ir
     bound = rebind(ir, q, k, ints, floats, tensors)
     wrt = tuple(t.name for t, flag in zip(ir.tensors, wrt) if flag)
     dq, dk, dv, grads = triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse,
-                                                  bound, scale_for(scale, q), wrt)
+                                                  bound, scale_for(scale, q), wrt,
+                                                  options=kernel_options)
     return [dq, dk, dv] + [grads[n] if n in grads else torch.zeros_like(bound.tensors[n])
                            for n in wrt]
 
 
 @_attention_backward.register_fake
-def _(q, k, v, out, lse, grad_out, grad_lse, tensors, pattern, ints, floats, scale, wrt):
+def _(q, k, v, out, lse, grad_out, grad_lse, tensors, pattern, ints, floats, scale, wrt,
+      kernel_options):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
         torch.empty_like(t) for t, flag in zip(tensors, wrt) if flag]
 
@@ -269,30 +276,33 @@ class _EagerAttention(torch.autograd.Function):
     (torch's custom-op dispatch costs about 100 µs of Python per call; this, a few)."""
 
     @staticmethod
-    def forward(ctx, pattern, bound, ints, floats, scale, backend, q, k, v, *tensors):
-        out, lse = forward(pattern, q, k, v, bound, scale, backend)
+    def forward(ctx, pattern, bound, ints, floats, scale, backend, kernel_options, q, k, v,
+                *tensors):
+        out, lse = forward(pattern, q, k, v, bound, scale, backend, kernel_options=kernel_options)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         ctx.pattern, ctx.ints, ctx.floats, ctx.scale, ctx.backend = (pattern, ints, floats,
                                                                      scale, backend)
+        ctx.kernel_options = kernel_options
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        dq, dk, dv, grads = _gradients(ctx, ctx.needs_input_grad[9:], grad_out, grad_lse)
-        return (None,) * 6 + (dq, dk, dv, *grads)
+        dq, dk, dv, grads = _gradients(ctx, ctx.needs_input_grad[10:], grad_out, grad_lse)
+        return (None,) * 7 + (dq, dk, dv, *grads)
 
 
 def attention_op(pattern, q, k, v, tensors: list, ints, floats, scale: float | None,
-                 backend: str, bound: Bound | None = None):
+                 backend: str, bound: Bound | None = None, kernel_options: str = ""):
     """Run `pattern` (`track`ed) with autograd; returns (out, lse) (lse zeros for sigmoid).
     `tensors` are its tensor arguments in declaration order. Traced by torch.compile, it is the
     custom op; eagerly, the same forward and backward without the op's dispatch. A `scale`
-    of None is 1/sqrt(head_dim), resolved inside the op (so a dynamic head_dim stays dynamic)."""
+    of None is 1/sqrt(head_dim), resolved inside the op (so a dynamic head_dim stays dynamic).
+    `kernel_options`: `KernelOptions.text` of the call's options ("" for none)."""
     if torch.compiler.is_compiling():
         return _attention(q, k, v, list(tensors), pattern.digest, list(ints), list(floats),
-                          None if scale is None else float(scale), backend)
+                          None if scale is None else float(scale), backend, kernel_options)
     scale = scale_for(scale, q)
     if bound is None:
         bound = rebind(pattern.ir, q, k, ints, floats, tensors)
     return _EagerAttention.apply(pattern, bound, tuple(ints), tuple(floats), float(scale),
-                                 backend, q, k, v, *tensors)
+                                 backend, kernel_options, q, k, v, *tensors)

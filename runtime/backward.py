@@ -20,15 +20,16 @@ from .dispatch import call_sizes, call_specialization, check_backend, check_head
 from .grad_mode import autograd_inside_op
 from .jit import Compiled, backward_kernel
 from .launch import Call, Launch, grid, launch, run_launch
-from .policy import SUPPORTED_DTYPES, Target, config_for
-from .tune import configure
+from .policy import SUPPORTED_DTYPES, KernelOptions, Target, config_for, forced_configs
+from .tune import chosen, configure
 
 
 def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: Bound,
-                              scale: float, wrt=(), deterministic: bool | None = None):
+                              scale: float, wrt=(), deterministic: bool | None = None,
+                              options: str = ""):
     """Gradients of one attention call of the pattern `ir`. q [B,H,Lq,D], k [B,Hkv,Lk,D],
     v [B,Hkv,Lk,Dv]; `out` and `lse` are the forward's outputs (lse ignored for sigmoid);
-    `grad_lse` may be None.
+    `grad_lse` may be None; `options` the call's kernel options (`KernelOptions.text`).
 
     Returns (dq, dk, dv, {name: gradient}) for the float tensor arguments named in `wrt` (those
     the score does not read get zeros). fp64 inputs are accepted under the interpreter only."""
@@ -63,7 +64,8 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
 
     if Lk > 0:
         launches, buffers = backward_launches(compiled, ir, bound, q, k, v, grad_out, lse, delta,
-                                              dq, dk, dv, deterministic, scale, Target.of(q.device))
+                                              dq, dk, dv, deterministic, scale, Target.of(q.device),
+                                              KernelOptions.parse(options))
         for L in launches:
             run_launch(compiled, L)
         for n in grad_names:
@@ -93,29 +95,36 @@ def sink_gradients(ir, bound: Bound, lse, delta, names, shape) -> dict:
 
 
 def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, lse, delta,
-                      dq, dk, dv, deterministic: bool, scale: float,
-                      target: Target) -> tuple[list[Launch], dict]:
+                      dq, dk, dv, deterministic: bool, scale: float, target: Target,
+                      options: KernelOptions | None = None) -> tuple[list[Launch], dict]:
     """The launches of one backward call on `target` (q's device, or a GPU for `runtime/aot.py`,
     which passes CPU tensors of the call's shapes), in order: `attn_bwd_kth` (top-k only),
     `attn_bwd_dq`, `attn_bwd_dkdv`; and {name: buffer} for the gradients of the module's
     tensor arguments (`Kernel.grads`), zeroed, in lse's dtype: the gradient's shape, or
     [programs, numel] slices to sum when deterministic. `lse` and `delta` are [B, H, Lq],
-    contiguous."""
+    contiguous. `options`: the call's kernel options."""
     kernel = compiled.kernel
+    D, Dv = q.shape[3], v.shape[3]
+    forced = forced_configs(options, target, D, Dv, q.dtype, kernel.constraints) if options else {}
     kth = torch.empty_like(lse) if kernel.topk else None
     call = Call(dict(q=q, k=k, v=v, do=grad_out, lse=lse, delta=delta, kth=kth, dq=dq, dk=dk, dv=dv),
                 call_sizes(bound, v), scale, bound)
 
     def bind(name: str, **facts) -> Launch:
         layout_for = layouts(ir, bound, q, k, kernel.signature(name))
-        cfg = configure(compiled, name, target, call, layout_for, **facts)
+        cfg = configure(compiled, name, target, call, layout_for,
+                        forced=forced.get(kernel.signature(name).config), **facts)
         return launch(compiled, name, call, cfg, target, layout_for(cfg), **facts)
 
     launches = [bind("attn_bwd_kth")] if kernel.topk else []
     # gradient buffers first (a tuning run of dQ times scratch copies of them)
+    # sized by the configuration dQ launches with when deterministic (see `tune.configure`)
     dq_sig = kernel.signature("attn_bwd_dq")
-    base = config_for(dq_sig.config, target, q.shape[3], v.shape[3], q.dtype, kernel.constraints)
-    tiles_m, heads = grid(dq_sig, base, call)
+    dq_cfg = (forced.get(dq_sig.config)
+              or chosen(kernel.pattern_key, dq_sig.config, target, D, Dv, q.dtype, q.device,
+                        kernel.constraints)
+              or config_for(dq_sig.config, target, D, Dv, q.dtype, kernel.constraints))
+    tiles_m, heads = grid(dq_sig, dq_cfg, call)
     programs = tiles_m * heads  # one gradient slice per dQ program when deterministic
     buffers = {n: torch.zeros((programs, bound.tensors[n].numel()) if deterministic
                               else bound.tensors[n].shape, dtype=lse.dtype, device=q.device)

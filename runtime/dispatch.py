@@ -22,8 +22,9 @@ from . import jit
 from .jit import Compiled, forward_kernel
 from .launch import Call, Launch, Template, launch, run_launch
 from .layout import build_layout
-from .policy import MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, Target, config_for
-from .tune import configure
+from .policy import (KERNELS, MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, KernelOptions, Target,
+                     config_for, forced_configs)
+from .tune import chosen, configure
 
 #: forward launches per path, for tests and benchmarks
 LAUNCHES: collections.Counter = collections.Counter()
@@ -104,26 +105,49 @@ def forward_config(ir: PatternIR, bound: Bound, q, v, target: Target | None = No
                       compiled.kernel.constraints)
 
 
+def call_configs(ir: PatternIR, bound: Bound, q, v, options: KernelOptions | None = None,
+                 settled: bool = False) -> dict[str, Config | None]:
+    """{kernel: the configuration a call launches it with ('forward', 'dq', 'dkdv')}: what
+    `options` force (checked: ValueError naming the key), else the policy's or the tuner's
+    choice; None for a kernel the autotuner has yet to tune, or once the call has run
+    (`settled`) the policy's (what `tune.configure` falls back to where it does not tune)."""
+    kernel = forward_kernel(ir, *call_specialization(ir, bound)).kernel
+    target = Target.of(q.device)
+    D, Dv = q.shape[3], v.shape[3]
+    forced = forced_configs(options, target, D, Dv, q.dtype, kernel.constraints) if options else {}
+    out = {}
+    for name in KERNELS:
+        cfg = forced.get(name) or chosen(kernel.pattern_key, name, target, D, Dv, q.dtype,
+                                         q.device, kernel.constraints)
+        if cfg is None and settled:
+            cfg = config_for(name, target, D, Dv, q.dtype, kernel.constraints)
+        out[name] = cfg
+    return out
+
+
 #: prepared forward launches by call signature, least recently used dropped (`launch.Template`)
 _TEMPLATES: collections.OrderedDict = collections.OrderedDict()
 TEMPLATE_CACHE_SIZE = 256
 
 
-def _template_key(ir: PatternIR, q, k, v, bound: Bound, return_lse: bool) -> tuple:
+def _template_key(ir: PatternIR, q, k, v, bound: Bound, return_lse: bool, options: str) -> tuple:
     """What a prepared launch depends on: the pattern and its compiled-in (int, bool)
-    parameters, the shapes, strides, dtype and device of every tensor. Float parameters, the
-    scale and the tensors themselves are filled in per call."""
+    parameters, the shapes, strides, dtype and device of every tensor, the kernel options.
+    Float parameters, the scale and the tensors themselves are filled in per call."""
     return (jit.GENERATION, ir, tuple(x for x in bound.params.values() if not isinstance(x, float)),
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
-            return_lse, tuple((t.shape, t.stride(), t.dtype) for t in bound.tensors.values()))
+            return_lse, tuple((t.shape, t.stride(), t.dtype) for t in bound.tensors.values()),
+            options)
 
 
-def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_lse: bool):
+def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_lse: bool,
+                     options: str = ""):
     """Run the generated forward kernel of `ir`. Returns (out [B,H,Lq,Dv], lse [B,H,Lq] or None).
+    `options`: the call's kernel options in their text form (`KernelOptions.text`; "" for none).
 
     A call with the signature of an earlier one reuses its prepared launch: no validation,
     planning or binding is repeated, only the per-call arguments are filled in."""
-    key = _template_key(ir, q, k, v, bound, return_lse)
+    key = _template_key(ir, q, k, v, bound, return_lse, options)
     hit = _TEMPLATES.get(key)
     B, H, Lq, _ = q.shape
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
@@ -154,7 +178,8 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
                 from .reference import sink_logits
                 lse.copy_(sink_logits(ir, bound, bound.tensors, lse.dtype, (B, H, Lq, 0), q.device))
         return out, lse
-    L, path = forward_launch(compiled, ir, bound, q, k, v, out, lse, scale, Target.of(q.device))
+    L, path = forward_launch(compiled, ir, bound, q, k, v, out, lse, scale, Target.of(q.device),
+                             KernelOptions.parse(options))
     _TEMPLATES[key] = (compiled, Template.of(compiled, L), path)
     while len(_TEMPLATES) > TEMPLATE_CACHE_SIZE:
         _TEMPLATES.popitem(last=False)
@@ -164,14 +189,17 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
 
 
 def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out, lse,
-                   scale: float, target: Target) -> tuple[Launch, str]:
+                   scale: float, target: Target,
+                   options: KernelOptions | None = None) -> tuple[Launch, str]:
     """The forward launch of a call on `target` (q's device, or a GPU for `runtime/aot.py`,
     which passes CPU tensors of the call's shapes) and its path: 'closed_form' or 'layout'.
-    `lse` is None unless the call returns it."""
+    `lse` is None unless the call returns it; `options` are the call's kernel options."""
     sig = compiled.kernel.signature("attn_fwd")
     call = Call(dict(q=q, k=k, v=v, out=out, lse=lse), call_sizes(bound, v), scale, bound)
     layout_for = layouts(ir, bound, q, k, sig)
     facts = dict(RETURN_LSE=lse is not None)
-    cfg = configure(compiled, "attn_fwd", target, call, layout_for, **facts)
+    forced = forced_configs(options, target, q.shape[3], v.shape[3], q.dtype,
+                            compiled.kernel.constraints)["forward"] if options else None
+    cfg = configure(compiled, "attn_fwd", target, call, layout_for, forced=forced, **facts)
     return (launch(compiled, "attn_fwd", call, cfg, target, layout_for(cfg), **facts),
             "layout" if sig.uses_layout() else "closed_form")

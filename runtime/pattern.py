@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from ..lowering.printer import canonical_text, format_pattern
 from .autograd import attention_op, forward, pack_params, scale_for, track
 from .binding import (FLOAT_DTYPES, Bound, bind, bind_params, check_qkv, sizes_for,
                       specialization_of)
+from .policy import KERNELS, OPTION_FIELDS, KernelOptions
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -27,6 +29,8 @@ class Pattern:
     q is [batch, heads, q_len, head_dim]; k and v are [batch, kv_heads, k_len, head_dim] (v may
     have its own head_dim). Returns the output [batch, heads, q_len, v_head_dim] in q's dtype,
     and with ``return_lse=True`` also the row log-sum-exp [batch, heads, q_len] in fp32.
+    ``kernel_options={...}`` forces the generated kernels' tiles, warps and stages
+    (`policy.KernelOptions`; `kernel_options_for` says what a call launches with).
     """
 
     def __init__(self, ir: PatternIR, source: str):
@@ -88,13 +92,14 @@ class Pattern:
         return bind(self.ir, sizes_for(q.shape, k.shape), arguments, q.device)
 
     def __call__(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
-                 return_lse: bool = False, **arguments):
+                 return_lse: bool = False, kernel_options: dict | None = None, **arguments):
         if torch.compiler.is_compiling():
-            return self._traced_call(q, k, v, scale, backend, return_lse, arguments)
-        key = _call_key(q, k, v, scale, backend, return_lse, arguments)
+            return self._traced_call(q, k, v, scale, backend, return_lse, kernel_options,
+                                     arguments)
+        key = _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments)
         plan = self._plans.get(key) if key is not None else None
         if plan is None:  # validate everything once per call signature
-            plan = Plan.make(self, q, k, v, scale, backend, return_lse, arguments)
+            plan = Plan.make(self, q, k, v, scale, backend, return_lse, kernel_options, arguments)
             if key is not None:
                 self._plans[key] = plan
                 if len(self._plans) > PLAN_CACHE_SIZE:
@@ -106,25 +111,51 @@ class Pattern:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or any(t.requires_grad for t in tensors)):
             out, lse = attention_op(self, q, k, v, tensors, plan.ints, plan.floats, plan.scale,
-                                    plan.backend, bound)
+                                    plan.backend, bound, plan.options)
         else:  # nothing to differentiate: no autograd node, no LSE unless asked for
-            out, lse = forward(self, q, k, v, bound, plan.scale, plan.backend, return_lse)
+            out, lse = forward(self, q, k, v, bound, plan.scale, plan.backend, return_lse,
+                               plan.options)
         return (out, lse) if return_lse else out
 
-    def _traced_call(self, q, k, v, scale, backend, return_lse, arguments):
+    def _traced_call(self, q, k, v, scale, backend, return_lse, kernel_options, arguments):
         """The call inside torch.compile: what the plan needs is static (dtypes, devices, head
-        dims, parameter values), so lengths may be dynamic without a recompile or graph break;
-        checks that read lengths run when the op runs."""
+        dims, parameter values, kernel options), so lengths may be dynamic without a recompile
+        or graph break; checks that read lengths or head dims (kernel options against the
+        kernel's limits among them) run when the op runs."""
         tensors = {n: t for n, t in arguments.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
         scalars = tuple(sorted((n, x) for n, x in arguments.items() if n not in tensors))
         metas = tuple(sorted((n, (t.dim(), t.dtype, str(t.device))) for n, t in tensors.items()))
-        ints, floats, scale, backend = _static_plan(
+        ints, floats, scale, backend, options = _static_plan(
             self, (q.dim(), k.dim(), v.dim()), (q.dtype, k.dtype, v.dtype),
             (str(q.device), str(k.device), str(v.device)), scalars, metas, scale, backend,
-            return_lse)
+            return_lse, _frozen(kernel_options))
         out, lse = attention_op(self, q, k, v, [tensors[t.name] for t in self.ir.tensors], ints,
-                                floats, scale, backend)
+                                floats, scale, backend, kernel_options=options)
         return (out, lse) if return_lse else out
+
+    def kernel_options_for(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
+                           kernel_options: dict | None = None, **arguments) -> dict:
+        """The launch settings of the generated kernels for the call ``self(q, k, v, ...)``:
+        ``{'forward': {...}, 'dq': {...}, 'dkdv': {...}}``, each with block_m, block_n,
+        num_warps, num_stages. Passed back as ``kernel_options=`` it reproduces the same
+        kernels. With autotuning on and nothing tuned yet for a kernel, the call is run once
+        (forward and backward, on copies) so that the tuner chooses, as the call would."""
+        plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, arguments)
+        if plan.backend != "triton":
+            raise ValueError(f"kernel_options_for: this call runs on backend='{plan.backend}', "
+                             f"which launches no generated kernels; generated kernels run with "
+                             f"CUDA tensors, or with backend='triton' under TRITON_INTERPRET=1")
+        from .dispatch import call_configs
+        bound = plan.bound([arguments[n] for n in plan.tensor_names])
+        options = KernelOptions.parse(plan.options)
+        configs = call_configs(self.ir, bound, q, v, options)
+        if any(c is None for c in configs.values()):  # the autotuner has yet to choose
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                self(*leaves, scale=scale, backend=backend, kernel_options=kernel_options,
+                     **arguments).float().sum().backward()
+            configs = call_configs(self.ir, bound, q, v, options, settled=True)
+        return {name: {f: getattr(configs[name], f) for f in OPTION_FIELDS} for name in KERNELS}
 
     def _auto_backend(self, device: torch.device) -> str:
         if device.type == "cuda":
@@ -163,13 +194,30 @@ def _arg_key(x):
     return (type(x), x)
 
 
-def _call_key(q, k, v, scale, backend, return_lse, arguments):
+def _frozen(value):
+    """A hashable form of a (nested) dict of kernel options, which `_thawed` reverses."""
+    if isinstance(value, dict):
+        return (_DICT, tuple(sorted((n, _frozen(x)) for n, x in value.items())))
+    return value
+
+
+def _thawed(value):
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == _DICT:
+        return {n: _thawed(x) for n, x in value[1]}
+    return value
+
+
+_DICT = "<dict>"
+
+
+def _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments):
     """What a call's validation depends on: shapes, dtypes and devices of every tensor, the
-    scalar arguments, scale, backend; None when something is not hashable (then the call is
-    checked in full, and its error raised, every time)."""
+    scalar arguments, scale, backend, kernel options; None when something is not hashable (then
+    the call is checked in full, and its error raised, every time)."""
     try:
         key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
-               scale, backend, return_lse, tuple(sorted((n, _arg_key(x)) for n, x in arguments.items())))
+               scale, backend, return_lse, _frozen(kernel_options),
+               tuple(sorted((n, _arg_key(x)) for n, x in arguments.items())))
         hash(key)
         return key
     except (AttributeError, TypeError, RuntimeError):
@@ -189,9 +237,11 @@ class Plan:
     sizes: dict
     params: dict
     topk: int | None
+    options: str                     # `KernelOptions.text` of the kernel options, "" for none
 
     @staticmethod
-    def make(pattern: "Pattern", q, k, v, scale, backend, return_lse, arguments) -> "Plan":
+    def make(pattern: "Pattern", q, k, v, scale, backend, return_lse, kernel_options,
+             arguments) -> "Plan":
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
@@ -203,21 +253,40 @@ class Plan:
         bound = bind(pattern.ir, sizes_for(q.shape, k.shape), arguments, q.device)
         scale = scale_for(scale, q)
         _check_lse(pattern, return_lse)
+        requested = backend
         if backend == "auto":
             backend = pattern._auto_backend(q.device)
+        options = _options_for(KernelOptions.of(kernel_options), requested, backend)
         if backend == "triton":
-            from .dispatch import check_backend, check_head_dims
+            from .dispatch import call_configs, check_backend, check_head_dims
             check_backend(q.device, q.dtype)
             check_head_dims(q.shape[3], v.shape[3])
+            if options is not None:  # against the kernels' limits, at the door
+                call_configs(pattern.ir, bound, q, v, options)
         track(pattern)
         ints, floats = pack_params(pattern.ir, bound.params)
         return Plan(ints, floats, scale, backend,
                     tuple(t.name for t in pattern.ir.tensors), bound.sizes, bound.params,
-                    bound.topk)
+                    bound.topk, options.text if options is not None else "")
 
     def bound(self, tensors: list) -> Bound:
         """The call's Bound, given its tensor arguments in declaration order."""
         return Bound(self.sizes, self.params, dict(zip(self.tensor_names, tensors)), self.topk)
+
+
+def _options_for(options: KernelOptions | None, requested: str,
+                 backend: str) -> KernelOptions | None:
+    """The kernel options a call keeps: they set generated kernels, so `backend='reference'`
+    rejects them, and `backend='auto'` that chose the reference drops them with a warning."""
+    if options is None or backend == "triton":
+        return options
+    if requested == "reference":
+        raise ValueError("kernel_options set the generated kernels' launches; backend='reference' "
+                         "launches none: drop kernel_options or use backend='triton'")
+    warnings.warn("kernel_options are ignored: backend='auto' chose the reference interpreter for "
+                  "these tensors (generated kernels run with CUDA tensors, or with "
+                  "backend='triton' under TRITON_INTERPRET=1)", stacklevel=4)
+    return None
 
 
 def _check_lse(pattern: "Pattern", return_lse: bool) -> None:
@@ -228,7 +297,7 @@ def _check_lse(pattern: "Pattern", return_lse: bool) -> None:
 
 @torch.compiler.assume_constant_result
 def _static_plan(pattern: Pattern, ranks, dtypes, devices, scalars, tensor_metas, scale,
-                 backend, return_lse):
+                 backend, return_lse, kernel_options):
     """The plan of a traced call from what does not change with lengths; under torch.compile
     this runs once at trace time and its result is a constant, so the traced graph is one
     custom op and lengths stay dynamic."""
@@ -249,11 +318,13 @@ def _static_plan(pattern: Pattern, ranks, dtypes, devices, scalars, tensor_metas
     params = bind_params(pattern.ir, arguments)
     scale = None if scale is None else float(scale)  # None: the op takes 1/sqrt(head_dim)
     _check_lse(pattern, return_lse)
+    requested = backend
     if backend == "auto":
         backend = pattern._auto_backend(torch.device(devices[0]))
+    options = _options_for(KernelOptions.of(_thawed(kernel_options)), requested, backend)
     if backend == "triton":
         from .dispatch import check_backend
         check_backend(torch.device(devices[0]), dtypes[0])
     track(pattern)
     ints, floats = pack_params(pattern.ir, params)
-    return ints, floats, scale, backend
+    return ints, floats, scale, backend, options.text if options is not None else ""

@@ -7,17 +7,20 @@ The runtime, `runtime/aot.py`, the autotuner, the fuzzer, the benchmarks and the
 'dq' or 'dkdv'. `TABLE` holds, per GPU architecture and head-dim bucket, the shapes chosen from
 the compiler's own statistics (`python bench/static.py --search`: memory path, registers,
 spills, shared memory, MMA instructions; figures in bench/RESULTS.md); on a GPU,
-`ATTNC_AUTOTUNE=1` times `candidates` instead (runtime/tune.py).
+`ATTNC_AUTOTUNE=1` times `candidates` instead (runtime/tune.py). A call may force them
+(`kernel_options=`, `KernelOptions`): checked here against what each kernel allows.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import threading
 from dataclasses import dataclass, replace
 
 import torch
 
+from ..dsl.diagnostics import closest
 from ..lowering.signature import Constraints
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -255,3 +258,177 @@ def supported_tiles() -> tuple[tuple[int, int], ...]:
                 c = config_for(kernel, target, d, d, torch.bfloat16)
                 tiles.add((c.block_m, c.block_n))
     return tuple(sorted(tiles))
+
+
+# --------------------------------------------------------------------------- kernel options
+
+#: the fields a call may force, per kernel or for all of them (`KernelOptions`)
+OPTION_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+NUM_WARPS = (1, 2, 4, 8, 16)
+#: Triton's largest tensor (`TRITON_MAX_TENSOR_NUMEL`): bounds a tile's elements
+MAX_TILE_NUMEL = 1 << 20
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The launch settings a call forces (``p(q, k, v, kernel_options={...})``).
+
+    Either per kernel, ``{'forward': {...}, 'dq': {...}, 'dkdv': {...}}`` (any of them), or flat,
+    ``{'block_m': 64, ...}``, which sets every kernel of the call. Each dict holds some of
+    `OPTION_FIELDS`; a field left out takes the policy's value (`config_for`, not the
+    autotuner's). `fields` holds, per kernel, the (field, value) pairs it sets, sorted; `flat`
+    whether they were given flat (error messages name the key as written)."""
+
+    fields: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+    flat: bool = False
+
+    @staticmethod
+    def of(value) -> "KernelOptions | None":
+        """Options from what a caller passed (a dict; None or {} for none). Raises ValueError
+        naming the key for an unknown key (with a did-you-mean) or a value no kernel takes."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"kernel_options must be a dict, got {type(value).__name__}")
+        if not value:
+            return None
+        flat = not any(key in KERNELS for key in value)
+        if flat:
+            settings = _option_fields(value, "kernel_options", KERNELS)
+            return KernelOptions(tuple((k, settings) for k in KERNELS), True)
+        per = []
+        for key, sub in value.items():
+            if key in OPTION_FIELDS:
+                named = ", ".join(repr(k) for k in value if k in KERNELS)
+                raise ValueError(f"kernel_options mixes per-kernel dicts ({named}) with the flat "
+                                 f"key {key!r}; put {key!r} inside each kernel's dict")
+            if key not in KERNELS:
+                raise ValueError(_unknown(key, "kernel_options", KERNELS + OPTION_FIELDS))
+            if not isinstance(sub, dict):
+                raise ValueError(f"kernel_options[{key!r}] must be a dict of "
+                                 f"{', '.join(OPTION_FIELDS)}, got {type(sub).__name__}")
+            per.append((key, _option_fields(sub, f"kernel_options[{key!r}]")))
+        return KernelOptions(tuple(sorted(per)))
+
+    @property
+    def text(self) -> str:
+        """The canonical string form (the custom ops carry it; `parse` reads it back)."""
+        if self.flat:
+            return json.dumps(dict(self.fields[0][1]), sort_keys=True)
+        return json.dumps({k: dict(f) for k, f in self.fields}, sort_keys=True)
+
+    @staticmethod
+    def parse(text: str) -> "KernelOptions | None":
+        """Options from `text` ("" for none)."""
+        return _parse(text) if text else None
+
+    def given(self, kernel: str) -> dict[str, int] | None:
+        """The fields forced for `kernel`, or None when it is not named."""
+        for k, f in self.fields:
+            if k == kernel:
+                return dict(f)
+        return None
+
+    def where(self, kernel: str, field: str | None = None) -> str:
+        """How the caller wrote the key (for messages)."""
+        if self.flat:
+            key = f"kernel_options[{field!r}]" if field else "kernel_options"
+            return f"{key} (for the {kernel} kernel)"
+        return f"kernel_options[{kernel!r}]" + (f"[{field!r}]" if field else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> "KernelOptions | None":
+    return KernelOptions.of(json.loads(text))
+
+
+def _unknown(key, where: str, allowed) -> str:
+    near = closest(key, allowed) if isinstance(key, str) else None
+    return (f"unknown key {key!r} in {where}" + (f"; did you mean {near!r}?" if near else "") +
+            f" (allowed: {', '.join(allowed)})")
+
+
+def _option_fields(value: dict, where: str, also=()) -> tuple[tuple[str, int], ...]:
+    """A kernel's fields, each checked on its own (what no kernel would take); `also`: other
+    keys that would have been allowed instead (suggested for an unknown one)."""
+    out = []
+    for key, x in value.items():
+        if key not in OPTION_FIELDS:
+            raise ValueError(_unknown(key, where, OPTION_FIELDS + tuple(also)))
+        name = f"{where}[{key!r}]"
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ValueError(f"{name} must be an int, got {x!r}")
+        if key in ("block_m", "block_n") and (x < 16 or x & (x - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {x}")
+        if key == "num_warps" and x not in NUM_WARPS:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, NUM_WARPS))}, got {x}")
+        if key == "num_stages" and x < 1:
+            raise ValueError(f"{name} must be >= 1, got {x}")
+        out.append((key, x))
+    return tuple(sorted(out))
+
+
+@functools.lru_cache(maxsize=256)
+def forced_configs(options: KernelOptions, target: Target, head_dim: int, v_dim: int,
+                   dtype: torch.dtype, constraints: Constraints = Constraints()) -> dict:
+    """{kernel: the Config `options` force on it, or None where they leave it to the policy},
+    checked against what each kernel allows on `target` at these head dims, dtype and module
+    constraints: a key tile of at least `constraints.min_block_n`, one configuration for every
+    pass where `constraints.shared_tiles`, tiles Triton can hold, and (on a GPU) the policy's
+    shared-memory estimate within the target's limit. Raises ValueError naming the key."""
+    out = {}
+    for kernel in KERNELS:
+        given = options.given(kernel)
+        if given is None:
+            out[kernel] = None
+            continue
+        cfg = replace(config_for(kernel, target, head_dim, v_dim, dtype, constraints), **given)
+        if cfg.block_n < constraints.min_block_n:
+            raise ValueError(
+                f"{options.where(kernel, 'block_n')} must be >= {constraints.min_block_n} for this "
+                f"call (a `select topk` keeps its threshold in one key tile), got {cfg.block_n}")
+        d = _pow2(max(head_dim, v_dim))
+        for rows, cols in ((cfg.block_m, cfg.block_n), (cfg.block_m, d), (cfg.block_n, d)):
+            if rows * cols > MAX_TILE_NUMEL:
+                raise ValueError(
+                    f"{options.where(kernel)}: block_m={cfg.block_m}, "
+                    f"block_n={cfg.block_n} at head dim {max(head_dim, v_dim)} make a "
+                    f"{rows} x {cols} tile, more than the {MAX_TILE_NUMEL} elements Triton "
+                    f"allows in one tensor; use a smaller tile")
+        out[kernel] = cfg
+    if constraints.shared_tiles:
+        _check_shared_tiles(options, out, target, head_dim, v_dim, dtype, constraints)
+    if target.is_cuda:
+        limit = MAX_SHARED.get(target.capability or 80, MAX_SHARED[80])
+        for kernel, cfg in out.items():
+            used = 0 if cfg is None else shared_bytes(kernel, cfg, head_dim, v_dim, dtype.itemsize)
+            if used > limit:
+                key = options.where(kernel if options.given(kernel) else "forward")
+                raise ValueError(
+                    f"{key}: block_m={cfg.block_m}, block_n={cfg.block_n}, "
+                    f"num_stages={cfg.num_stages} needs about {used // 1024} KB of shared memory "
+                    f"in the {kernel} kernel at head dims {head_dim}/{v_dim} in "
+                    f"{str(dtype).replace('torch.', '')}, "
+                    f"more than the {limit // 1024} KB a block may use on sm_{target.capability}; "
+                    f"use smaller tiles or fewer stages")
+    return out
+
+
+def _check_shared_tiles(options: KernelOptions, out: dict, target: Target, head_dim: int,
+                        v_dim: int, dtype: torch.dtype, constraints: Constraints) -> None:
+    """Where keep decisions read the score every pass launches with the forward's configuration
+    (`config_for`): the backward's options must agree with it, and it must fit them all."""
+    fwd = out["forward"] or config_for("forward", target, head_dim, v_dim, dtype, constraints)
+    for kernel in ("dq", "dkdv"):
+        if out[kernel] is not None and out[kernel] != fwd:
+            raise ValueError(
+                f"{options.where(kernel)} resolves to {_fields(out[kernel])} but this pattern's "
+                f"keep decisions read the score, so dq and dkdv launch with the forward kernel's "
+                f"configuration ({_fields(fwd)}); set only 'forward' (or give them the same "
+                f"values)")
+    if out["forward"] is not None:
+        out["dq"] = out["dkdv"] = fwd
+
+
+def _fields(cfg: Config) -> str:
+    return ", ".join(f"{f}={getattr(cfg, f)}" for f in OPTION_FIELDS)

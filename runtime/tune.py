@@ -9,7 +9,8 @@ head dims, dtype, device name, attnc and Triton versions) and stored as JSON nex
 cache (`$ATTNC_CACHE_DIR/tuning.json`), so a second process does not tune again.
 
 A module whose keep decisions read the score (`Constraints.shared_tiles`) tunes only its forward
-configuration; its backward passes use that one, as the policy requires.
+configuration; its backward passes use that one, as the policy requires. A configuration the
+call forces (`kernel_options=`) is launched as given and never tuned.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import asdict
 import torch
 
 from ..dsl import config
+from ..lowering.signature import Constraints
 from .jit import Compiled
 from .launch import Call, launch
 from .policy import Config, Target, candidates, config_for
@@ -127,30 +129,47 @@ def enabled(target: Target) -> bool:
 OUTPUTS = ("out", "lse", "kth", "dq", "dk", "dv")
 
 
+def chosen(pattern_key: str, kernel: str, target: Target, head_dim: int, v_dim: int,
+           dtype: torch.dtype, device: torch.device, constraints: Constraints,
+           tuner: Tuner | None = None) -> Config | None:
+    """What `configure` gives `kernel` ('forward', 'dq', 'dkdv') of a pattern's module when
+    the call forces nothing, as far as it is known without launching: the policy's table, or
+    with autotuning on the remembered choice (None while the tuner has not chosen)."""
+    base = config_for(kernel, target, head_dim, v_dim, dtype, constraints)
+    if not enabled(target):
+        return base
+    role = "forward" if constraints.shared_tiles else kernel
+    key = tuning_key(pattern_key, role, head_dim, v_dim, dtype, _device_name(device))
+    return (tuner or TUNER).known(key)
+
+
 def configure(compiled: Compiled, name: str, target: Target, call: Call, layout_for,
-              tuner: Tuner = TUNER, **facts) -> Config:
-    """The launch configuration of kernel `name` for this call: the policy's table, or with
-    autotuning on (`enabled`) a remembered or freshly tuned one. `layout_for(config)` gives the
-    block layout a configuration's tiles need (None when the kernel reads none); `facts` are
-    the call's constexprs (see `launch.launch`).
+              tuner: Tuner = TUNER, forced: Config | None = None, **facts) -> Config:
+    """The launch configuration of kernel `name` for this call: `forced` (the call's
+    `kernel_options`, already checked), else the policy's table, or with autotuning on
+    (`enabled`) a remembered or freshly tuned one. `layout_for(config)` gives the block layout
+    a configuration's tiles need (None when the kernel reads none); `facts` are the call's
+    constexprs (see `launch.launch`).
 
     The top-k threshold kernel and the passes of a module whose keep decisions read the score
     take the forward's configuration (tuned by the forward); deterministic tensor gradients
-    ([programs, numel] buffers sized by the table's grid) are not tuned."""
+    ([programs, numel] buffers sized by the grid of `chosen`'s configuration, see
+    `backward.backward_launches`) are not tuned."""
+    if forced is not None:
+        return forced
     kernel = compiled.kernel
     sig = kernel.signature(name)
     q, v = call.tensors["q"], call.tensors["v"]
-    base = config_for(sig.config, target, q.shape[3], v.shape[3], q.dtype, kernel.constraints)
-    if not enabled(target):
-        return base
-    role = "forward" if kernel.constraints.shared_tiles else sig.config
-    key = tuning_key(kernel.pattern_key, role, q.shape[3], v.shape[3], q.dtype,
-                     _device_name(q.device))
-    known = tuner.known(key)
+    known = chosen(kernel.pattern_key, sig.config, target, q.shape[3], v.shape[3], q.dtype,
+                   q.device, kernel.constraints, tuner)
     if known is not None:
         return known
+    base = config_for(sig.config, target, q.shape[3], v.shape[3], q.dtype, kernel.constraints)
+    role = "forward" if kernel.constraints.shared_tiles else sig.config
     if (role == "forward" and name != "attn_fwd") or facts.get("DETERMINISTIC"):
         return base
+    key = tuning_key(kernel.pattern_key, role, q.shape[3], v.shape[3], q.dtype,
+                     _device_name(q.device))
 
     def run(cfg: Config) -> None:
         scratch = Call({r: (torch.empty_like(t) if r in OUTPUTS and t is not None else t)
