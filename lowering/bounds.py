@@ -16,11 +16,13 @@ class Evaluator:
 
     `env` maps 'q', 'k', 'b', 'h' to `Iv`s; `dense(node)` may return a precomputed `Iv` for a node
     (the analysis uses it for single-axis subexpressions, evaluated exactly along their axis);
-    `note(node, text)` records where precision is lost."""
+    `load(node)` may bound a tensor read the other rules cannot (one whose indices read both q
+    and k: a block map); `note(node, text)` records where precision is lost."""
 
-    def __init__(self, env: dict[str, Iv], device, dense=None, note=None):
+    def __init__(self, env: dict[str, Iv], device, dense=None, note=None, load=None):
         self.env, self.device = env, device
         self.dense = dense or (lambda n: None)
+        self.load = load or (lambda n: None)
         self.note = note or (lambda n, t: None)
         self.memo: dict[int, Iv] = {}
 
@@ -45,6 +47,10 @@ class Evaluator:
             return self._const(n.value)
         if op == "index":
             return self.env[n.value]
+        if op == "load":
+            out = self.load(n)
+            if out is not None:
+                return out
         rule = op_of(n).interval
         if rule is None:  # the other leaves, `load`, `sum`, and ops without an interval rule
             return self._unbounded(n, _why_unbounded(n))

@@ -134,6 +134,7 @@ class _Grid:
             "h": point(torch.arange(Hd, **f64).view(1, -1, 1, 1)),
         }
         self._dense: dict[Node, Iv | None] = {}
+        self._loads: dict[Node, Iv | None] = {}
         self.atoms: dict[str, Iv] = {}
 
     def atom(self, n: Node) -> str | None:
@@ -199,7 +200,61 @@ class _Grid:
         return Iv(lo.view(view), hi.view(view))
 
     def evaluator(self, box) -> Evaluator:
-        return Evaluator(box, self.device, self.dense, self.note)
+        return Evaluator(box, self.device, self.dense, self.note, self.load)
+
+    def load(self, n: Node) -> Iv | None:
+        """Bounds of a tensor read whose indices read both q and k (a block map such as
+        `blocks[b, h, q // 64, k // 64]`, a tree mask `ancestor[q, k]`): the min and max of the
+        tensor over the box of indices each cell's queries and keys reach. Each index is bounded
+        over the cell box (exactly, when it reads one axis), then the tensor is reduced one
+        dimension at a time over the distinct index ranges, so memory is O(cells) times the
+        dimensions not yet reduced. None (unbounded) when an index is not bounded or the work
+        would be too large."""
+        if n in self._loads:
+            return self._loads[n]
+        out = None
+        t = self.bound.tensors.get(n.value)
+        if t is not None and t.dim() == len(n.args) and t.numel() > 0:
+            ev = Evaluator(self.box, self.device, self.dense)
+            ranges = [ev.eval(i) for i in n.args]
+            if all(bool(torch.isfinite(r.lo).all() and torch.isfinite(r.hi).all()) for r in ranges):
+                out = _range_extremes(t.to(self.device), ranges)
+        if out is not None:
+            self.note(n, f"reads tensor `{n.value}` with indices on both q and k: summarized per tile by "
+                         f"its min/max over the block of indices the tile reaches")
+        self._loads[n] = out
+        return out
+
+
+#: most elements a block-map reduction may hold at once (else the read stays unbounded)
+MAX_MAP_ELEMENTS = 1 << 25
+
+
+def _range_extremes(t: torch.Tensor, ranges: list[Iv]) -> Iv | None:
+    """(min, max) of `t` over the index box `ranges` (one Iv per dimension, broadcastable to
+    the grid [Bd, Hd, cells_q, cells_k]), reducing one dimension at a time over the distinct
+    index ranges; None when that would hold more than MAX_MAP_ELEMENTS."""
+    lo = hi = t.to(torch.float64).reshape(1, 1, 1, 1, *t.shape)  # [*grid, *dims left]
+    for d, r in enumerate(ranges):
+        size = t.shape[d]
+        a, b = (x.reshape((1,) * (4 - x.dim()) + tuple(x.shape)) for x in (r.lo, r.hi))
+        a, b = torch.broadcast_tensors(a.clamp(0, size - 1).to(torch.int64),
+                                       b.clamp(0, size - 1).to(torch.int64))
+        held, rest = lo.shape[:4], lo.shape[5:]
+        grid = torch.broadcast_shapes(held, a.shape)
+        pairs, inverse = torch.unique(torch.stack([a.flatten(), b.flatten()], 1), dim=0,
+                                      return_inverse=True)
+        if (len(pairs) * held.numel() + grid.numel()) * max(1, rest.numel()) > MAX_MAP_ELEMENTS:
+            return None
+        lo_u = torch.stack([lo.narrow(4, i, j - i + 1).amin(4) for i, j in pairs.tolist()])
+        hi_u = torch.stack([hi.narrow(4, i, j - i + 1).amax(4) for i, j in pairs.tolist()])
+        # each grid point takes the reduction of its own range: [unique, *held, *rest] -> [*grid, *rest]
+        pick = inverse.view(a.shape).expand(grid)
+        dims = [torch.arange(n, device=t.device).view([-1 if j == i else 1 for j in range(4)]).expand(grid)
+                if n > 1 else torch.zeros(grid, dtype=torch.int64, device=t.device)
+                for i, n in enumerate(held)]
+        lo, hi = lo_u[(pick, *dims)], hi_u[(pick, *dims)]
+    return Iv(lo, hi)
 
 
 def _form_range(key, box):
