@@ -19,6 +19,9 @@ from ..lowering.sparsity import EMPTY, FULL, PARTIAL, analyze, constant_masks, i
 #: how many layouts the cache keeps (least recently used are dropped)
 CACHE_SIZE = 64
 _CHARS = {EMPTY: " ", PARTIAL: "░", FULL: "█"}
+#: what the characters of `BlockLayout.text` mean
+LEGEND = (f"'{_CHARS[FULL]}' full tile (every position allowed: no mask work), '{_CHARS[PARTIAL]}' partial "
+          f"(the mask is evaluated per element), '{_CHARS[EMPTY]}' empty (skipped); '|' frames each row")
 
 
 class BlockLayout:

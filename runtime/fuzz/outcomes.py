@@ -30,8 +30,9 @@ class Unsupported(Rejected):
 
 @dataclass
 class Stats:
-    """The counts of a run, which `attnc fuzz` prints: cases, distinct patterns, passes per
-    property, rejections and refusals by message, fragile top-k rows, seconds per property."""
+    """The counts of a run, which `attnc fuzz` prints: cases, distinct patterns, failures found,
+    passes per property, rejections and refusals by message, fragile top-k rows, seconds per
+    property, cases abandoned at the deadline, and whether the deadline was reached."""
 
     examples: int = 0
     patterns: set = field(default_factory=set)
@@ -40,11 +41,16 @@ class Stats:
     unsupported: Counter = field(default_factory=Counter)
     fragile_rows: int = 0
     seconds: Counter = field(default_factory=Counter)
+    failures: int = 0
+    abandoned: int = 0
+    out_of_time: bool = False
 
     def line(self) -> str:
         passed = ", ".join(f"{p} {self.passed[p]}" for p in PROPERTIES if self.passed[p])
-        return (f"{self.examples} cases, {len(self.patterns)} patterns; passed: {passed or 'none'}; "
-                f"rejected {sum(self.rejected.values())}, unsupported {sum(self.unsupported.values())}")
+        return (f"{self.examples} cases, {len(self.patterns)} patterns, {self.failures} failures; "
+                f"passed: {passed or 'none'}; rejected {sum(self.rejected.values())}, "
+                f"unsupported {sum(self.unsupported.values())}"
+                + (f"; {self.abandoned} abandoned at the deadline" if self.abandoned else ""))
 
 
 def first_line(e: BaseException) -> str:
