@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 
 from ..lowering.closed_form import ClosedForm, derive
-from ..lowering.ir import PatternIR
+from ..lowering.ir import PatternIR, walk
 from ..lowering.sparsity import EMPTY, FULL, PARTIAL, analyze, constant_masks, index_deps, text
 
 #: how many layouts the cache keeps (least recently used are dropped)
@@ -194,6 +194,12 @@ def build_layout(ir: PatternIR, bound, q_len: int, k_len: int, block_m: int, blo
     return layout
 
 
+def _masks_read(ir: PatternIR, index: str, size: str) -> bool:
+    """Whether a mask reads the index `index` or the size `size` (other than through a tensor)."""
+    return any((n.op == "index" and n.value == index) or (n.op == "size" and n.value == size)
+               for m in ir.masks for n in walk(m))
+
+
 def layout_for(ir: PatternIR, q_len: int, k_len: int, block, batch, heads, kv_heads, head_dim,
                device, arguments: dict) -> BlockLayout:
     """`Pattern.layout`: infer batch / heads from tensor arguments, bind, build."""
@@ -209,6 +215,12 @@ def layout_for(ir: PatternIR, q_len: int, k_len: int, block, batch, heads, kv_he
             for d, n in zip(t.dims, value.shape):
                 if d.op == "size" and d.value in ("batch", "heads"):
                     inferred.setdefault(d.value, int(n))
+    given = {"batch": batch, "heads": heads}
+    for index, size, one in (("b", "batch", "batch element"), ("h", "heads", "head")):
+        if given[size] is None and size not in inferred and _masks_read(ir, index, size):
+            raise ValueError(f"the masks of `{ir.name}` read `{index}`, so the layout can differ "
+                             f"from one {one} to the next: pass {size}= to `layout` (or a tensor "
+                             f"argument with a `{size}` dimension)")
     batch = inferred.get("batch", 1) if batch is None else batch
     heads = inferred.get("heads", 1) if heads is None else heads
     sizes = {"batch": batch, "heads": heads, "kv_heads": heads if kv_heads is None else kv_heads,

@@ -293,3 +293,21 @@ def test_text_downsamples_large_layouts():
     lay = attnc.compile(INLINE, "window_bidir").layout(q_len=65536, block=128, w=1024)
     lines = lay.text(max_width=64).splitlines()
     assert max(len(l) for l in lines[2:]) <= 66
+
+
+# Pattern.layout and the batch / head indices ---------------------------------------------------
+
+def test_layout_of_a_mask_reading_h_needs_heads():
+    p = attnc.compile("pattern alt:\n    mask h % 2 == 0 or q >= k\n")
+    with pytest.raises(ValueError, match=r"read `h`.*pass heads="):
+        p.layout(q_len=128, block=64)
+    lay = p.layout(q_len=128, block=64, heads=2)
+    assert lay.classes.shape[1] == 2 and not torch.equal(lay.classes[:, 0], lay.classes[:, 1])
+    b = attnc.compile("pattern by_batch:\n    mask b == 0 or q >= k\n")
+    with pytest.raises(ValueError, match=r"read `b`.*pass batch="):
+        b.layout(q_len=64, block=32)
+    # a tensor argument with that dimension says how many there are
+    doc = torch.zeros(3, 64, dtype=torch.int64)
+    assert attnc.std("document").layout(q_len=64, block=32, doc=doc).classes.shape[0] == 3
+    # a mask that reads neither needs neither
+    assert attnc.std("causal").layout(q_len=64, block=32).classes.shape[:2] == (1, 1)
