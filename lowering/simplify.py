@@ -28,7 +28,7 @@ def _fold(n: Node):
     try:
         v = fold(*(a.value for a in n.args))
     except (ArithmeticError, ValueError):
-        return None  # e.g. division by zero: leave it for run time to report
+        return None  # e.g. a float division by zero: leave it to IEEE at run time
     if n.dtype == "int":
         if not isinstance(v, int) or isinstance(v, bool):
             return None
@@ -70,6 +70,8 @@ def _identities(n: Node):
             if _is(a, 0) or _is(b, 0): return const(0, n.span)
         if n.op == "floordiv" and _is(b, 1): return a
         if n.op == "mod" and _is(b, 1): return const(0, n.span)
+        if n.op == "floordiv" and _is(b, 0): return const(0, n.span)  # total: x // 0 == 0
+        if n.op == "mod" and _is(b, 0): return a                      # and x % 0 == x
     if n.dtype == "float":
         if n.op == "mul":
             if _is(a, 1.0): return b

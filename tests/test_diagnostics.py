@@ -47,7 +47,6 @@ CALL_ERRORS = {
     "call_tensor_dtype": (lambda: dict(window=4, slopes=torch.ones(2, dtype=torch.int64)), ValueError, None),
     # run-time errors of the reference, in their own files
     "call_index_out_of_range": (lambda: dict(t=torch.ones(2)), attnc.SpecError, (3, 16)),
-    "call_division_by_zero": (lambda: dict(), attnc.SpecError, (2, 10)),
 }
 
 
