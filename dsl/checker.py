@@ -367,7 +367,7 @@ class Checker:
             return _Val(T.ERR, False)
         visible = list(A.INDEX_NAMES) + list(A.SIZE_NAMES) + list(info.params) + list(info.lets) + \
             list(scope.loop_vars) + (["score"] if self._allow_score else [])
-        near = closest(n, visible)
+        near = n.lower() if n in ("True", "False") else closest(n, visible)
         self.error(e.span, f"unknown name `{n}`", f"did you mean `{near}`?" if near else None)
         return _Val(T.ERR, False)
 
