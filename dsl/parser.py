@@ -163,6 +163,10 @@ class _Build(Transformer):
         (target, _), args = items
         return A.Use(target, tuple(args or ()), span=self._span(meta))
 
+    @v_args(meta=True)
+    def require_stmt(self, meta, items):
+        return A.Require(items[0], span=self._span(meta))
+
     def arglist(self, items):
         return tuple(a for a in items if a is not None)
 

@@ -230,6 +230,24 @@ def bool_expr(draw, ctx: Ctx, depth: int = 2):
     return draw(bool_expr(ctx, 0))
 
 
+@st.composite
+def requirement(draw, ctx: Ctx):
+    """`require` over int parameters and sizes (never positions, the score or tensors), e.g.
+    `require q_len >= -7 and p0 % -3 >= -5`: it holds for every size and every parameter value
+    the fuzzer draws (ints >= -4), so it refuses no case; the round trip and the lowering of
+    `require` through `use` are what it exercises."""
+    static = [n for n in ctx.ints if n.startswith("p")] + list(A.SIZE_NAMES)
+    def term():
+        left = A.Name(draw(st.sampled_from(static)))
+        if draw(st.booleans()):
+            left = A.Binary("%", left, draw(nonzero_divisor()))  # > -5: the divisors are >= -5
+        return A.Compare((">=",), (left, draw(int_literal(-12, -5))))
+    cond = term()
+    if draw(st.integers(0, 2)) == 2:
+        cond = A.Binary(draw(st.sampled_from(["and", "or"])), cond, term())
+    return A.Require(cond)
+
+
 def _param_default(typ: str):
     return {"int": int_literal(0, 16), "float": st.sampled_from([0.5, 1.0, 2.0]).map(A.Num),
             "bool": st.booleans().map(A.Bool)}[typ]
@@ -278,6 +296,8 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
     ctx.score = False
     for _ in range(draw(st.integers(0, 3))):
         body.append(A.Mask(draw(bool_expr(ctx, depth))))
+    if draw(st.integers(0, 4)) == 4:
+        body.append(draw(requirement(ctx)))
     if allow_topk and draw(st.integers(0, 5)) == 5:
         n = draw(st.one_of(st.integers(1, 8), st.integers(9, 40)))
         body.append(A.Select("topk", (A.Arg(None, A.Num(n)),)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..dsl.diagnostics import SpecError
-from .ir import Node, const, transform
+from .ir import Node, const, transform, walk
 from .ops import op_of
 
 
@@ -120,9 +120,25 @@ def static_value(node: Node, table: dict[tuple[str, object], Node], *,
     the one place such values are computed; an expression that reads anything else (an index,
     the score, a tensor) is a SpecError at its span."""
     n = simplify(substitute(node, table))
+    while n.op != "const" and any(m.op == "sum" and m.args[0].op == "const" for m in walk(n)):
+        n = simplify(transform(n, _unroll_sum))
     if n.op != "const":
         raise SpecError(node.span, message, hint)
     return n.value
+
+
+def _unroll_sum(n: Node):
+    """A `sum` with a constant count as the chain of its terms (a rule for `transform`)."""
+    if n.op != "sum" or n.args[0].op != "const":
+        return None
+    count, body = n.args
+    terms = [substitute(body, {("loopvar", n.value): const(i, n.span)}) for i in range(max(count.value, 0))]
+    if not terms:
+        return const(0.0 if n.dtype == "float" else 0, n.span)
+    out = terms[0]
+    for t in terms[1:]:
+        out = Node("add", n.dtype, (out, t), None, n.span)
+    return out
 
 
 def substitute(node: Node, table: dict[tuple[str, object], Node]) -> Node:

@@ -46,6 +46,10 @@ SPEC_ERRORS = {
     "pipes_for_or": (2, 17),
     "bang_for_not": (2, 10),
     "assign_for_compare": (2, 16),
+    # `require`: a condition on parameters and sizes only, bool, true for some call
+    "require_reads_index": (2, 13),
+    "require_not_bool": (2, 13),
+    "require_never_holds": (3, 5),
 }
 
 # the hint each of these errors must give
@@ -56,6 +60,7 @@ HINTS = {
     "pipes_for_or": "write `or`",
     "bang_for_not": "write `not`",
     "assign_for_compare": "write `==` to compare",
+    "require_reads_index": "to exclude positions write `mask ...`",
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
@@ -67,6 +72,7 @@ CALL_ERRORS = {
     "call_tensor_dtype": (lambda: dict(window=4, slopes=torch.ones(2, dtype=torch.int64)), ValueError, None),
     # run-time errors of the reference, in their own files
     "call_index_out_of_range": (lambda: dict(t=torch.ones(2)), attnc.SpecError, (3, 16)),
+    "call_require_failed": (lambda: dict(window=-1), attnc.SpecError, (2, 5)),
 }
 
 
