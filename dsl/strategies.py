@@ -296,8 +296,6 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
     ctx.score = False
     for _ in range(draw(st.integers(0, 3))):
         body.append(A.Mask(draw(bool_expr(ctx, depth))))
-    if draw(st.integers(0, 4)) == 4:
-        body.append(draw(requirement(ctx)))
     if allow_topk and draw(st.integers(0, 5)) == 5:
         n = draw(st.one_of(st.integers(1, 8), st.integers(9, 40)))
         body.append(A.Select("topk", (A.Arg(None, A.Num(n)),)))
@@ -306,6 +304,8 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
             st.sampled_from([None, A.Unary("-", A.Call("log", (A.Name("k_len"),))), A.Num(0.5)]),
             float_expr(ctx, 1).map(lambda e: A.Binary("-", e, A.Num(2.0)))))
         body.append(A.Normalize("sigmoid", (A.Arg("bias", bias),) if bias is not None else ()))
+    if draw(st.integers(0, 4)) == 4:  # drawn last, so that it disturbs shrinking the least
+        body.append(draw(requirement(ctx)))
     if not body:
         body.append(A.Mask(A.Compare((">=",), (A.Name("q"), A.Name("k")))))
     return A.Pattern(name, tuple(params), tuple(body))
