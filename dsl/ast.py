@@ -156,7 +156,15 @@ class Use:
     span: Span | None = span_field()
 
 
-Stmt = TensorDecl | Let | Mask | ScoreStmt | Select | Normalize | Use
+@dataclass(frozen=True)
+class Require:
+    """`require cond`: a condition on parameters and sizes, checked when a call binds its
+    arguments (before any kernel runs)."""
+    cond: Expr
+    span: Span | None = span_field()
+
+
+Stmt = TensorDecl | Let | Mask | ScoreStmt | Select | Normalize | Use | Require
 
 
 # ----------------------------------------------------------------------------- top level
@@ -201,4 +209,4 @@ SIZE_NAMES = ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")
 SCALAR_TYPES = ("int", "float", "bool")
 ELEM_TYPES = ("int", "float", "bool")
 KEYWORDS = ("pattern", "import", "as", "tensor", "let", "mask", "score", "select", "normalize",
-            "use", "if", "else", "and", "or", "not", "true", "false", "sum", "for", "in", "range")
+            "use", "require", "if", "else", "and", "or", "not", "true", "false", "sum", "for", "in", "range")

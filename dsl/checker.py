@@ -37,12 +37,14 @@ class PatternInfo:
     let_origin: dict[str, str] = field(default_factory=dict)  # name -> "at line N" / "by `use P` at line N"
     has_select: bool = False
     has_normalize: bool = False
+    # this pattern's own lets whose value is known before the kernel runs (see `_Val.static`)
+    static_lets: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
 class _Val:
     type: str
-    static: bool  # known before the kernel runs: literals, parameters and sizes only
+    static: bool  # known before the kernel runs: literals, parameters, sizes and lets of those
 
 
 class _Scope:
@@ -174,6 +176,8 @@ class Checker:
         v = self.expr(s.value, scope, allow_score=False)
         if self._check_new_name(s.name, s.span, scope.info, "let"):
             scope.info.lets[s.name] = v.type
+            if v.static:
+                scope.info.static_lets.add(s.name)
             scope.info.let_origin[s.name] = f"at line {s.span.line}" if s.span else "here"
 
     @stmt.register
@@ -229,6 +233,17 @@ class Checker:
             v = self.expr(a.value, scope, allow_score=False)
             if v.type not in T.NUMERIC + (T.ERR,):
                 self.error(a.value.span, f"`{a.name}` must be a number, not {v.type}")
+
+    @stmt.register
+    def _(self, s: A.Require, scope, ref):
+        v = self.expr(s.cond, scope, allow_score=False)
+        if v.type not in (T.BOOL, T.ERR):
+            self.error(s.cond.span, f"a `require` must be a boolean, but this is {v.type}",
+                       "compare it: e.g. `require window > 0`")
+        elif v.type == T.BOOL and not v.static:
+            self.error(s.cond.span, "a `require` may use only parameters, sizes, literals and lets of those",
+                       "it is checked when a call binds its arguments, before any position "
+                       "(`b h q k`), score or tensor exists; to exclude positions write `mask ...`")
 
     @stmt.register
     def _(self, s: A.Use, scope, ref):
@@ -357,7 +372,7 @@ class Checker:
                        "rename one of the lets, or compute the value here with a `let` of another name")
             return _Val(T.ERR, False)
         if n in info.lets:
-            return _Val(info.lets[n], False)
+            return _Val(info.lets[n], n in info.static_lets)
         if n in info.tensors:
             self.error(e.span, f"tensor `{n}` must be indexed",
                        f"e.g. `{n}[{', '.join(['h'] * len(info.tensors[n].dims))}]`")
@@ -367,7 +382,7 @@ class Checker:
             return _Val(T.ERR, False)
         visible = list(A.INDEX_NAMES) + list(A.SIZE_NAMES) + list(info.params) + list(info.lets) + \
             list(scope.loop_vars) + (["score"] if self._allow_score else [])
-        near = closest(n, visible)
+        near = n.lower() if n in ("True", "False") else closest(n, visible)
         self.error(e.span, f"unknown name `{n}`", f"did you mean `{near}`?" if near else None)
         return _Val(T.ERR, False)
 

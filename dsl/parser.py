@@ -21,6 +21,22 @@ class _IndentError(Exception):
         self.message = message
 
 
+class _KeywordError(Exception):
+    """A keyword spelled where a name is expected (`let mask = 3`, `pattern true:`)."""
+
+    def __init__(self, token: Token):
+        super().__init__(f"`{token}` is a keyword")
+        self.token = token
+
+
+def _reject_keyword(token: Token) -> Token:
+    """Lexer callback for NAME: the lexer reads a keyword as a NAME where no keyword can stand
+    (after `let`, in a parameter list, ...); keywords are reserved, so that is an error."""
+    if token in A.KEYWORDS:
+        raise _KeywordError(token)
+    return token
+
+
 class AttnIndenter(Indenter):
     """Python-style INDENT/DEDENT tokens; a dedent to a column never opened is an error."""
 
@@ -55,7 +71,7 @@ class AttnIndenter(Indenter):
 def _lark() -> Lark:
     grammar = resources.files("attnc.dsl").joinpath("grammar.lark").read_text()
     return Lark(grammar, parser="lalr", postlex=AttnIndenter(), propagate_positions=True,
-                maybe_placeholders=True)
+                maybe_placeholders=True, lexer_callbacks={"NAME": _reject_keyword})
 
 
 # ----------------------------------------------------------------------------- AST building
@@ -146,6 +162,10 @@ class _Build(Transformer):
     def use_stmt(self, meta, items):
         (target, _), args = items
         return A.Use(target, tuple(args or ()), span=self._span(meta))
+
+    @v_args(meta=True)
+    def require_stmt(self, meta, items):
+        return A.Require(items[0], span=self._span(meta))
 
     def arglist(self, items):
         return tuple(a for a in items if a is not None)
@@ -249,6 +269,10 @@ _TOKEN_TEXT = {
 }
 
 
+#: operators of other languages, longest first, and the word this language spells them with
+_FOREIGN_OPERATORS = (("&&", "and"), ("||", "or"), ("&", "and"), ("|", "or"), ("!", "not"))
+
+
 def _describe_expected(expected) -> str:
     names = []
     for e in sorted(expected):
@@ -292,8 +316,19 @@ def _convert(src: SourceFile, err: Exception) -> SpecError:
         col = len(text) - len(text.lstrip()) + 1
         return SpecError(_error_span(src, line, col), err.message,
                          "indent every statement of a pattern by the same amount")
+    if isinstance(err, _KeywordError):
+        tok = err.token
+        return SpecError(_error_span(src, tok.line, tok.column, len(tok)),
+                         f"`{tok}` is a keyword and cannot be used as a name",
+                         f"pick another name, e.g. `{tok}_`")
     if isinstance(err, UnexpectedCharacters):
         ch = src.text[err.pos_in_stream] if err.pos_in_stream < len(src.text) else "?"
+        pair = src.text[err.pos_in_stream:err.pos_in_stream + 2]
+        for spelled, word in _FOREIGN_OPERATORS:
+            if pair.startswith(spelled):
+                return SpecError(_error_span(src, err.line, err.column, len(spelled)),
+                                 f"`{spelled}` is not an operator of the language",
+                                 f"write `{word}`: the boolean operators are `and`, `or` and `not`")
         shown = f"`{ch}`" if ch.isprintable() else f"U+{ord(ch):04X}"
         return SpecError(_error_span(src, err.line, err.column), f"unexpected character {shown}")
     if isinstance(err, UnexpectedToken):
@@ -322,6 +357,10 @@ def _convert(src: SourceFile, err: Exception) -> SpecError:
             return SpecError(_error_span(src, line, col, length),
                              f"expected an indented block, found {_describe_token(tok)}",
                              "the statements of a pattern are indented under its header")
+        if tok.type == "EQUAL" and "COMP_OP" in err.expected:
+            return SpecError(_error_span(src, line, col, length), "`=` is not a comparison",
+                             "write `==` to compare; `=` only gives a value (`let x = ...`, "
+                             "`score = ...`, `name = value` in arguments)")
         msg = f"expected {expected}, found {_describe_token(tok)}" if expected else \
             f"unexpected {_describe_token(tok)}"
         hint = None
@@ -345,7 +384,7 @@ def parse(text: str, path: str = "<string>") -> A.Module:
     body = text if text.endswith("\n") else text + "\n"
     try:
         tree = _lark().parse(body)
-    except (LarkError, _IndentError) as err:
+    except (LarkError, _IndentError, _KeywordError) as err:
         raise _convert(src, err) from None
     except RecursionError:
         raise SpecError(Span(src, 1, 1, 1, 2), "expression is nested too deeply") from None

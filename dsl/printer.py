@@ -19,7 +19,7 @@ def print_module(m: A.Module) -> str:
 
 def print_import(i: A.Import) -> str:
     path = f'"{i.path}"' if i.is_file else i.path
-    return f"import {path}" + (f" as {i.alias}" if i.alias else "") 
+    return f"import {path}" + (f" as {i.alias}" if i.alias else "")
 
 
 def print_pattern(p: A.Pattern) -> str:
@@ -76,6 +76,11 @@ def _(s: A.Normalize) -> str:
 @print_stmt.register
 def _(s: A.Use) -> str:
     return f"use {s.target}" + (f"({_args(s.args)})" if s.args else "")
+
+
+@print_stmt.register
+def _(s: A.Require) -> str:
+    return f"require {print_expr(s.cond)}"
 
 
 def print_expr(e: A.Expr, need: int = _IFEXP) -> str:

@@ -232,6 +232,24 @@ def bool_expr(draw, ctx: Ctx, depth: int = 2):
     return draw(bool_expr(ctx, 0))
 
 
+@st.composite
+def requirement(draw, ctx: Ctx):
+    """`require` over int parameters and sizes (never positions, the score or tensors), e.g.
+    `require q_len >= -7 and p0 % -3 >= -5`: it holds for every size and every parameter value
+    the fuzzer draws (ints >= -4), so it refuses no case; the round trip and the lowering of
+    `require` through `use` are what it exercises."""
+    static = [n for n in ctx.ints if n.startswith("p")] + list(A.SIZE_NAMES)
+    def term():
+        left = A.Name(draw(st.sampled_from(static)))
+        if draw(st.booleans()):
+            left = A.Binary("%", left, draw(nonzero_divisor()))  # > -5: the divisors are >= -5
+        return A.Compare((">=",), (left, draw(int_literal(-12, -5))))
+    cond = term()
+    if draw(st.integers(0, 2)) == 2:
+        cond = A.Binary(draw(st.sampled_from(["and", "or"])), cond, term())
+    return A.Require(cond)
+
+
 def _param_default(typ: str):
     return {"int": int_literal(0, 16), "float": st.sampled_from([0.5, 1.0, 2.0]).map(A.Num),
             "bool": st.booleans().map(A.Bool)}[typ]
@@ -288,6 +306,8 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
             st.sampled_from([None, A.Unary("-", A.Call("log", (A.Name("k_len"),))), A.Num(0.5)]),
             float_expr(ctx, 1).map(lambda e: A.Binary("-", e, A.Num(2.0)))))
         body.append(A.Normalize("sigmoid", (A.Arg("bias", bias),) if bias is not None else ()))
+    if draw(st.integers(0, 4)) == 4:  # drawn last, so that it disturbs shrinking the least
+        body.append(draw(requirement(ctx)))
     if not body:
         body.append(A.Mask(A.Compare((">=",), (A.Name("q"), A.Name("k")))))
     return A.Pattern(name, tuple(params), tuple(body))

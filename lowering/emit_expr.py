@@ -11,7 +11,8 @@ Conventions of the generated code (the skeletons rely on them):
   (strides); loads clamp every index into range, so memory is never read out of bounds;
 * ints are int32/int64 tensors, floats fp32, bools int1; integer `//` and `%` follow Python
   (floor) semantics through the `_floordiv` / `_mod` helpers unless both operands are provably
-  non-negative (and the divisor positive), where C and Python semantics agree.
+  non-negative (and the divisor positive), where C and Python semantics agree; a divisor that
+  is not a constant is guarded, so `x // 0 == 0` and `x % 0 == x` as in the reference.
 """
 from __future__ import annotations
 
@@ -233,7 +234,14 @@ class ExprPrinter:
             sym = "//" if n.op == "floordiv" else "%"
             return f"{self._wrap(a, MUL)} {sym} {self._wrap(b, MUL + 1)}", MUL
         helper = "_floordiv" if n.op == "floordiv" else "_mod"
-        return f"{helper}({self.expr(a)[0]}, {self.expr(b)[0]})", ATOM
+        if b.op == "const" and b.value != 0:
+            return f"{helper}({self.expr(a)[0]}, {self.expr(b)[0]})", ATOM
+        if b.op == "const":  # `x // 0 == 0` and `x % 0 == x`, as in the reference
+            return ("0", ATOM) if n.op == "floordiv" else self.expr(a)
+        # a divisor known only at run time may be 0: `x // 0 == 0`, `x % 0 == x` (as the reference)
+        x, d = self._named(a, n.span), self._named(b, n.span)
+        at_zero = "0" if n.op == "floordiv" else x
+        return f"tl.where({d} == 0, {at_zero}, {helper}({x}, tl.where({d} == 0, 1, {d})))", ATOM
 
     def _pow(self, n: Node) -> tuple[str, int]:
         base, e = n.args

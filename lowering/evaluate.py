@@ -5,8 +5,8 @@ pictures and the tests.
 
 `Env` holds index grids, sizes, parameter values and tensors for one chunk of query rows;
 `Evaluator.eval(node)` gives a tensor broadcastable to [B, H, chunk, k_len]. Integer `//` and
-`%` round toward -inf (Python); a division by zero, or a tensor index out of range, is a
-SpecError at the expression's span.
+`%` round toward -inf (Python) and are total (`x // 0 == 0`, `x % 0 == x`); a tensor index out
+of range is a SpecError at the expression's span.
 """
 from __future__ import annotations
 
@@ -58,14 +58,7 @@ class Evaluator:
         table = self.local if self._is_volatile(n) else self.memo
         out = table.get(id(n))
         if out is None:
-            try:
-                out = self._compute(n)
-            except SpecError:
-                raise
-            except (RuntimeError, ZeroDivisionError) as e:
-                if "ZeroDivision" in str(e) or isinstance(e, ZeroDivisionError):
-                    raise SpecError(n.span, "integer division by zero at run time") from None
-                raise
+            out = self._compute(n)
             table[id(n)] = out
         return out
 

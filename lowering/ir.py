@@ -13,12 +13,16 @@ Ops (value / args); every op's arity, typing and meaning is its entry in lowerin
   binary   add sub mul div floordiv mod pow min max and or lt le gt ge eq ne
   where    args = (cond, then, else)
   sum      value = loop variable name, args = (count, body); count is static
+
+A pattern's `require`s are `Requirement`s, kept apart from its scores and masks (`nodes()`):
+they are checked on the host when a call binds, and no kernel reads them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .traverse import walk, walk_all  # noqa: F401  (walk_all: re-exported for the passes)
 
@@ -93,11 +97,42 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """A `require` statement: `cond` (bool, over parameters and sizes only) must hold when a call
+    binds its arguments. For the message of a failure: `text` is the condition as written, and
+    `names` the values of the names it mentions (as IR over this pattern's parameters and sizes),
+    `span` the statement, `via` the `use` statements that brought it in, innermost first. Only
+    `cond` takes part in equality."""
+
+    cond: Node
+    text: str = field(default="", compare=False)
+    names: tuple[tuple[str, Node], ...] = field(default=(), compare=False)
+    span: Span | None = field(default=None, compare=False, repr=False)
+    via: tuple[Span, ...] = field(default=(), compare=False, repr=False)
+
+    def map(self, fn) -> "Requirement":
+        return Requirement(fn(self.cond), self.text, tuple((n, fn(v)) for n, v in self.names),
+                           self.span, self.via)
+
+    def failure(self, values: dict[str, object]) -> SpecError:
+        """The error of a call where the condition is false; `values` are the names' values."""
+        def show(v):
+            return ("true" if v else "false") if isinstance(v, bool) else repr(v)
+        given = ", ".join(f"{n} = {show(values[n])}" for n, _ in self.names if n in values)
+        hint = None
+        if self.via:
+            hint = "required by " + ", by ".join(f"the `use` at {s}" for s in self.via)
+        return SpecError(self.span, f"require failed: {self.text}" + (f" with {given}" if given else ""),
+                         hint)
+
+
+@dataclass(frozen=True)
 class PatternIR:
     """A desugared pattern. `scores` are applied in order, each reading the previous `score`;
     `masks` are AND-ed (a `score` leaf in a mask reads the final score); `topk` is the static
     count of `select topk`; `normalizer` is 'softmax' (with an optional `sink`: one extra logit per
-    query row that attends to nothing) or 'sigmoid' (with `bias`)."""
+    query row that attends to nothing) or 'sigmoid' (with `bias`); `requires` are the conditions
+    a call's parameters and sizes must meet."""
 
     name: str
     params: tuple[ParamDecl, ...]
@@ -110,12 +145,13 @@ class PatternIR:
     path: str = field(default="<string>", compare=False)
     span: Span | None = field(default=None, compare=False, repr=False)  # the pattern's name
     sink: Node | None = None
+    requires: tuple[Requirement, ...] = ()  # checked when a call binds (runtime/binding.py)
 
     def __hash__(self) -> int:  # cached: an IR keys the per-call caches
         h = self.__dict__.get("_hash")
         if h is None:
             h = hash((self.name, self.params, self.tensors, self.scores, self.masks, self.topk,
-                      self.normalizer, self.bias, self.sink))
+                      self.normalizer, self.bias, self.sink, self.requires))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -139,4 +175,5 @@ class PatternIR:
             tuple(fn(s) for s in self.scores), tuple(fn(m) for m in self.masks),
             fn(self.topk) if self.topk is not None else None, self.normalizer,
             fn(self.bias) if self.bias is not None else None, self.path, self.span,
-            fn(self.sink) if self.sink is not None else None)
+            sink=fn(self.sink) if self.sink is not None else None,
+            requires=tuple(r.map(fn) for r in self.requires))

@@ -2,13 +2,15 @@
 int→float promotions explicit. Assumes the checker passed; violations are internal errors."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import singledispatchmethod
 
 from ..dsl import ast as A
 from ..dsl import types as T
 from ..dsl.diagnostics import SpecError
 from ..dsl.loader import PatternRef
-from .ir import Node, ParamDecl, PatternIR, TensorSpec, const, uses
+from ..dsl.printer import print_expr
+from .ir import Node, ParamDecl, PatternIR, Requirement, TensorSpec, const, uses
 from .simplify import simplify
 from .verify import verify
 
@@ -44,6 +46,7 @@ class _Body:
         self.normalizer = "softmax"
         self.bias: Node | None = None
         self.sink: Node | None = None
+        self.requires: list[Requirement] = []
 
 
 class _Lowerer:
@@ -105,6 +108,16 @@ class _Lowerer:
                 self.body.sink = sink
 
     @stmt.register
+    def _(self, s: A.Require):
+        names = []
+        for e in _names_in(s.cond):
+            if e.id not in dict(names):
+                names.append((e.id, self.expr(e)))
+        span = s.span.to(s.cond.span) if s.span else None  # the statement, not its comment
+        self.body.requires.append(Requirement(self.expr(s.cond), print_expr(s.cond), tuple(names),
+                                              span))
+
+    @stmt.register
     def _(self, s: A.Use):
         target = self.ref.module.scope[s.target]
         positional = [p.name for p in target.pattern.params]
@@ -123,6 +136,8 @@ class _Lowerer:
         self.body.lets.update(inner.lets)
         self.body.scores.extend(inner.scores)
         self.body.masks.extend(inner.masks)
+        self.body.requires.extend(replace(r, via=r.via + (s.span,)) if s.span else r
+                                  for r in inner.requires)
         if inner.topk is not None:
             self.body.topk = inner.topk
         if inner.normalizer != "softmax" or inner.bias is not None or inner.sink is not None:
@@ -233,6 +248,35 @@ class _Lowerer:
         return Node("sum", body.dtype, (count, body), var.value, e.span)
 
 
+def _names_in(e: A.Expr) -> list[A.Name]:
+    """The names an expression reads from its pattern, in source order (loop variables of its
+    sums are not: they are bound inside)."""
+    if isinstance(e, A.Name):
+        return [e]
+    if isinstance(e, A.SumGen):
+        return _names_in(e.count) + [n for n in _names_in(e.body) if n.id != e.var]
+    children = {A.Call: lambda: e.args, A.Index: lambda: e.indices, A.Unary: lambda: (e.operand,),
+                A.Binary: lambda: (e.left, e.right), A.Compare: lambda: e.operands,
+                A.IfExp: lambda: (e.body, e.cond, e.orelse)}
+    get = children.get(type(e))
+    return [n for c in (get() if get else ()) for n in _names_in(c)]
+
+
+def _static_requires(requires) -> tuple[Requirement, ...]:
+    """The requires left to check at call time: each once; one that holds for every call is
+    dropped, one that holds for none is an error now."""
+    out: list[Requirement] = []
+    for r in requires:
+        if r.cond.op == "const":
+            if not r.cond.value:
+                known = {n: v.value for n, v in r.names if v.op == "const"}
+                raise r.failure(known)
+            continue
+        if r not in out:
+            out.append(r)
+    return tuple(out)
+
+
 def default_value(p: A.Param):
     """The Python value of a parameter's (constant) default, or None if it has none."""
     if p.default is None:
@@ -253,5 +297,5 @@ def lower_pattern(ref: PatternRef) -> PatternIR:
     body = _Lowerer(ref, params).run()
     ir = PatternIR(p.name, tuple(decls), tuple(body.tensors.values()), tuple(body.scores),
                    tuple(body.masks), body.topk, body.normalizer, body.bias, ref.module.source.path, p.span,
-                   sink=body.sink)
-    return verify(ir.map(simplify))
+                   sink=body.sink, requires=tuple(body.requires)).map(simplify)
+    return verify(replace(ir, requires=_static_requires(ir.requires)))

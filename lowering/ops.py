@@ -210,7 +210,15 @@ def _d_where(n, g):
 
 
 def _fold_floordiv(a, b):
-    return a // b if isinstance(a, int) and isinstance(b, int) else math.floor(a / b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b if b != 0 else 0
+    return math.floor(a / b)
+
+
+def _fold_mod(a, b):
+    if isinstance(a, int) and isinstance(b, int) and b == 0:
+        return a
+    return a % b
 
 
 def _fold_pow(a, b):
@@ -219,22 +227,21 @@ def _fold_pow(a, b):
     return a ** b
 
 
-def _has_zero(b) -> bool:
-    return not torch.compiler.is_compiling() and bool((b == 0).any())
-
+# Integer `//` and `%` are total: `a // 0 == 0` and `a % 0 == a` (so `a == (a // b) * b + a % b`
+# still holds), in every rule here and in the kernels (lowering/emit_expr.py). Floats follow IEEE.
 
 def _torch_floordiv(a, b):
     if a.dtype.is_floating_point:
         return torch.floor(a / b)
-    if _has_zero(b):
-        raise ZeroDivisionError
-    return torch.div(a, b, rounding_mode="floor")
+    zero = b == 0
+    return torch.where(zero, 0, torch.div(a, torch.where(zero, 1, b), rounding_mode="floor"))
 
 
 def _torch_mod(a, b):
-    if not a.dtype.is_floating_point and _has_zero(b):
-        raise ZeroDivisionError
-    return torch.remainder(a, b)
+    if a.dtype.is_floating_point:
+        return torch.remainder(a, b)
+    zero = b == 0
+    return torch.where(zero, a, torch.remainder(a, torch.where(zero, 1, b)))
 
 
 def _torch_softplus(x):
@@ -319,7 +326,7 @@ register(Op("div", 2, floats, fold=operator.truediv, torch=torch.div, interval=l
             derivative=_d_div, triton=Infix("/", MUL)))
 register(Op("floordiv", 2, same_numeric, fold=_fold_floordiv, torch=_torch_floordiv, interval=_iv_floordiv,
             derivative=no_gradient, triton=Special("divmod")))
-register(Op("mod", 2, same_numeric, fold=operator.mod, torch=_torch_mod,
+register(Op("mod", 2, same_numeric, fold=_fold_mod, torch=_torch_mod,
             interval=lambda n, a, b: mod(a, b) if n.dtype == INT else "float `%` is not bounded",
             derivative=_d_mod, triton=Special("divmod")))
 register(Op("pow", 2, same_numeric, fold=_fold_pow, torch=torch.pow, interval=None,

@@ -79,6 +79,8 @@ def format_pattern(p) -> str:
                                              for x in p.params) + ")"]
     names = shared_names(p.nodes())
     fmt = lambda n: format_node(n, names)  # noqa: E731
+    for r in p.requires:
+        lines.append(f"  require {format_node(r.cond)}")
     for t in p.tensors:
         lines.append(f"  tensor {t.name}: {t.elem}[{', '.join(fmt(d) for d in t.dims)}]")
     for m, name in names.items():
@@ -122,4 +124,5 @@ def canonical_text(p) -> str:
         head.append(f"bias %{num(p.bias)}")
     if p.sink is not None:
         head.append(f"sink %{num(p.sink)}")
+    head += [f"require %{num(r.cond)}" for r in p.requires]
     return "\n".join(lines + head) + "\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from ..dsl.diagnostics import SpecError
-from .ir import Node, const, transform
+from .ir import Node, const, transform, walk
 from .ops import op_of
 
 
@@ -28,7 +28,7 @@ def _fold(n: Node):
     try:
         v = fold(*(a.value for a in n.args))
     except (ArithmeticError, ValueError):
-        return None  # e.g. division by zero: leave it for run time to report
+        return None  # e.g. a float division by zero: leave it to IEEE at run time
     if n.dtype == "int":
         if not isinstance(v, int) or isinstance(v, bool):
             return None
@@ -70,6 +70,8 @@ def _identities(n: Node):
             if _is(a, 0) or _is(b, 0): return const(0, n.span)
         if n.op == "floordiv" and _is(b, 1): return a
         if n.op == "mod" and _is(b, 1): return const(0, n.span)
+        if n.op == "floordiv" and _is(b, 0): return const(0, n.span)  # total: x // 0 == 0
+        if n.op == "mod" and _is(b, 0): return a                      # and x % 0 == x
     if n.dtype == "float":
         if n.op == "mul":
             if _is(a, 1.0): return b
@@ -118,9 +120,25 @@ def static_value(node: Node, table: dict[tuple[str, object], Node], *,
     the one place such values are computed; an expression that reads anything else (an index,
     the score, a tensor) is a SpecError at its span."""
     n = simplify(substitute(node, table))
+    while n.op != "const" and any(m.op == "sum" and m.args[0].op == "const" for m in walk(n)):
+        n = simplify(transform(n, _unroll_sum))
     if n.op != "const":
         raise SpecError(node.span, message, hint)
     return n.value
+
+
+def _unroll_sum(n: Node):
+    """A `sum` with a constant count as the chain of its terms (a rule for `transform`)."""
+    if n.op != "sum" or n.args[0].op != "const":
+        return None
+    count, body = n.args
+    terms = [substitute(body, {("loopvar", n.value): const(i, n.span)}) for i in range(max(count.value, 0))]
+    if not terms:
+        return const(0.0 if n.dtype == "float" else 0, n.span)
+    out = terms[0]
+    for t in terms[1:]:
+        out = Node("add", n.dtype, (out, t), None, n.span)
+    return out
 
 
 def substitute(node: Node, table: dict[tuple[str, object], Node]) -> Node:

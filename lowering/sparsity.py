@@ -90,7 +90,8 @@ def _cells(length: int, block: int, splits, device):
     """Cell starts/ends (inclusive) along an axis and the tile of each cell."""
     starts = [torch.arange(0, length, block, dtype=torch.int64)]
     for period, phase in splits:
-        starts.append(torch.arange(phase, length, period, dtype=torch.int64))
+        if phase < length:  # a phase past a short axis starts no cell (and arange would refuse it)
+            starts.append(torch.arange(phase, length, period, dtype=torch.int64))
     s = torch.unique(torch.cat(starts)) if len(starts) > 1 else starts[0]
     s = s[s < length]
     e = torch.cat([s[1:], torch.tensor([length], dtype=torch.int64)]) - 1

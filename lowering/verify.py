@@ -1,6 +1,7 @@
 """IR validity: every node's op is in the op table (lowering/ops.py), with the arity and a
 dtype its result rule allows; a pattern's parameters and tensor reads match its declarations,
-its scores and bias are float, its masks bool, its counts and tensor dimensions int.
+its scores and bias are float, its masks bool, its counts and tensor dimensions int, and its
+requires bool, over parameters and sizes only.
 
 A violation is a compiler bug, never the user's: it is an internal SpecError at the node.
 """
@@ -52,7 +53,15 @@ def verify(ir: PatternIR) -> PatternIR:
     roles += [("sigmoid bias", ir.bias, FLOAT)] if ir.bias is not None else []
     roles += [("softmax sink", ir.sink, FLOAT)] if ir.sink is not None else []
     roles += [("tensor dimension", d, INT) for t in ir.tensors for d in t.dims]
+    roles += [("require", r.cond, BOOL) for r in ir.requires]
     for role, n, dtype in roles:
         if n.dtype != dtype:
             _fail(n, f"a {role} is {n.dtype}, not {dtype}")
+    for r in ir.requires:
+        for n in walk_all([r.cond] + [v for _, v in r.names]):
+            _check(n)
+            if n.op in ("index", "score", "load"):
+                _fail(n, f"a require reads `{n.op}`; it may read only parameters and sizes")
+            if n.op == "param" and ir.param(n.value) is None:
+                _fail(n, f"a require reads `{n.value}`, which is not a parameter")
     return ir

@@ -27,7 +27,7 @@ import torch
 
 from ..lowering.derivative import differentiable_tensors, sink_tensors
 from ..lowering.ir import PatternIR
-from .binding import Bound, select_count, sizes_for
+from .binding import Bound, check_requires, select_count, sizes_for
 from .grad_mode import autograd_inside_op
 
 _LOCK = threading.Lock()
@@ -95,6 +95,7 @@ def rebind(ir: PatternIR, q, k, ints, floats, tensors) -> Bound:
 def _bound_parts(ir: PatternIR, q_shape, k_shape, ints, floats):
     sizes = sizes_for(q_shape, k_shape)
     params = unpack_params(ir, ints, floats)
+    check_requires(ir, sizes, params)  # a traced call meets its sizes only here
     return sizes, params, select_count(ir, sizes, params)
 
 

@@ -146,9 +146,22 @@ def bind_params(ir: PatternIR, arguments: dict) -> dict[str, object]:
     return params
 
 
+def check_requires(ir: PatternIR, sizes: dict[str, int], params: dict) -> None:
+    """Raise the SpecError of the first `require` of the pattern that these sizes and parameter
+    values break (at its statement, with the values of the names it reads)."""
+    if not ir.requires:
+        return
+    table = constant_table(sizes, params)
+    for r in ir.requires:
+        if not static_value(r.cond, table):
+            raise r.failure({n: static_value(v, table) for n, v in r.names})
+
+
 def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:
-    """Check `arguments` against the pattern's parameters and tensors; fill in defaults."""
+    """Check `arguments` against the pattern's parameters, requires and tensors; fill in
+    defaults."""
     params = bind_params(ir, arguments)
+    check_requires(ir, sizes, params)
     shapes = tensor_shapes(ir, sizes, params)
     tensors = {t.name: _check_tensor(t, arguments[t.name], shapes[t.name], device)
                for t in ir.tensors}

@@ -91,3 +91,23 @@ def test_load_picks_a_pattern_by_name(tmp_path):
         attnc.load(f)
     with pytest.raises(SpecError, match="did you mean `a`"):
         attnc.load(f, name="aa")
+
+
+def test_a_let_of_parameters_and_sizes_is_static():
+    # it may size a tensor, bound a `sum` and appear in a `require`; a let of positions may not
+    p = attnc.compile("pattern p(w: int = 2):\n    let n = w + 1\n    tensor t: float[n]\n"
+                      "    require n <= q_len\n    score += sum(t[i] for i in range(n))\n")
+    q = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64)
+    s = q @ q.transpose(-1, -2) / 2 + t.sum()
+    torch.testing.assert_close(p(q, q, q, t=t), torch.softmax(s, -1) @ q)
+    diags = _errors("pattern p:\n    let n = q + 1\n    tensor t: float[n]\n    mask q >= k\n")
+    assert len(diags) == 1 and "may use only sizes, parameters and literals" in diags[0].message
+
+
+def test_a_let_brought_in_by_use_is_not_static():
+    # its value depends on the arguments of the `use`, which need not be static (floats, bools)
+    helper = "pattern two(causal: bool = true):\n    let m = 1 if causal else 2\n"
+    attnc.compile(helper + "pattern p:\n    use two(causal = false)\n    mask q - k < m\n", name="p")
+    diags = _errors(helper + "pattern p:\n    use two(causal = q > k)\n    require m > 0\n")
+    assert len(diags) == 1 and "`require` may use only" in diags[0].message

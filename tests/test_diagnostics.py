@@ -36,6 +36,31 @@ SPEC_ERRORS = {
     "int_overflow": (2, 18),
     "ambiguous_let": (8, 14),
     "use_positional_after_keyword": (5, 20),
+    # keywords are reserved: the caret is under the keyword spelled as a name
+    "keyword_as_let": (2, 9),
+    "keyword_true_as_let": (2, 9),
+    "keyword_as_pattern": (1, 9),
+    "keyword_as_parameter": (1, 11),
+    # operators of other languages get the word this one spells them with
+    "ampersands_for_and": (2, 17),
+    "pipes_for_or": (2, 17),
+    "bang_for_not": (2, 10),
+    "assign_for_compare": (2, 16),
+    # `require`: a condition on parameters and sizes only, bool, true for some call
+    "require_reads_index": (2, 13),
+    "require_not_bool": (2, 13),
+    "require_never_holds": (3, 5),
+}
+
+# the hint each of these errors must give
+HINTS = {
+    "keyword_as_let": "pick another name, e.g. `mask_`",
+    "keyword_true_as_let": "pick another name, e.g. `true_`",
+    "ampersands_for_and": "write `and`",
+    "pipes_for_or": "write `or`",
+    "bang_for_not": "write `not`",
+    "assign_for_compare": "write `==` to compare",
+    "require_reads_index": "to exclude positions write `mask ...`",
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
@@ -47,7 +72,7 @@ CALL_ERRORS = {
     "call_tensor_dtype": (lambda: dict(window=4, slopes=torch.ones(2, dtype=torch.int64)), ValueError, None),
     # run-time errors of the reference, in their own files
     "call_index_out_of_range": (lambda: dict(t=torch.ones(2)), attnc.SpecError, (3, 16)),
-    "call_division_by_zero": (lambda: dict(), attnc.SpecError, (2, 10)),
+    "call_require_failed": (lambda: dict(window=-1), attnc.SpecError, (2, 5)),
 }
 
 
@@ -83,6 +108,18 @@ def test_spec_error(name, golden):
     assert str(d.span).startswith(f"{name}.attn:")
     assert "internal error" not in d.message
     golden.check(GOLDEN / f"{name}.txt", _render(err))
+
+
+@pytest.mark.parametrize("name", sorted(HINTS))
+def test_hint(name):
+    assert HINTS[name] in (_compile_error(name).diagnostics[0].hint or "")
+
+
+def test_keyword_errors_underline_the_whole_keyword():
+    span = _compile_error("keyword_as_parameter").diagnostics[0].span
+    assert span.end_col - span.col == len("score")
+    span = _compile_error("ampersands_for_and").diagnostics[0].span
+    assert span.end_col - span.col == len("&&")
 
 
 def test_unknown_name_suggests_the_nearest():

@@ -196,11 +196,14 @@ def test_out_of_range_tensor_index_is_reported():
     assert e.value.span.line == 3
 
 
-def test_integer_division_by_zero_is_reported():
-    p = attnc.compile("pattern p(d: int = 0):\n    mask q // d >= 0\n")
+def test_integer_division_by_zero_is_defined():
+    # x // 0 == 0 and x % 0 == x (docs/language.md): total, and x == (x // d) * d + x % d holds
+    p = attnc.compile("pattern p(d: int = 0):\n    mask q // d == 0 and q % d == q\n")
     q, k, v = _qkv()
-    with pytest.raises(SpecError, match="division by zero"):
-        p(q, k, v)
+    torch.testing.assert_close(p(q, k, v, d=0), attnc.compile("pattern p:\n    mask true\n")(q, k, v))
+    i, j = _grid(37, 37)
+    ref, _ = _dense(q, k, v, i < 5)
+    torch.testing.assert_close(p(q, k, v, d=5), ref)
 
 
 def test_bad_tensors_are_value_errors_naming_the_argument():

@@ -295,6 +295,15 @@ def test_text_downsamples_large_layouts():
     assert max(len(l) for l in lines[2:]) <= 66
 
 
+@pytest.mark.parametrize("q_len", [1, 2, 5])
+def test_a_split_phase_past_a_short_axis_is_skipped(q_len):
+    # `(q + 1) // 3` puts cell boundaries at q = 2, 5, ...; an axis of one or two rows has none
+    # (found by the fuzzer: torch.arange(2, 1, 3) refused to build the cells)
+    p = attnc.compile("pattern p:\n    mask q < (q + batch) // 3\n")
+    lay, got, ref = compare(p, q_len, q_len, 16, 16)
+    assert_sound(got, ref)
+
+
 # Pattern.layout and the batch / head indices ---------------------------------------------------
 
 def test_layout_of_a_mask_reading_h_needs_heads():
