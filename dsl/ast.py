@@ -53,14 +53,14 @@ class Index(Expr):
 
 @dataclass(frozen=True)
 class Unary(Expr):
-    op: str  # '-', '+', 'not'
+    op: str  # '-', '+', 'not', '~'
     operand: Expr
     span: Span | None = span_field()
 
 
 @dataclass(frozen=True)
 class Binary(Expr):
-    op: str  # + - * / // % ** and or
+    op: str  # + - * / // % ** and or & | ^ << >>
     left: Expr
     right: Expr
     span: Span | None = span_field()
@@ -85,11 +85,17 @@ class IfExp(Expr):
 
 @dataclass(frozen=True)
 class SumGen(Expr):
-    """`sum(body for var in range(count))`; `count` must be a static integer."""
+    """`kind(body for var in range(count))`, `kind` one of `sum`, `any`, `all` (REDUCERS);
+    `count` must be a static integer."""
     body: Expr
     var: str
     count: Expr
     span: Span | None = span_field()
+    kind: str = "sum"
+
+
+#: the reductions over `range(n)`, and the IR op of each
+REDUCERS = ("sum", "any", "all")
 
 
 # ----------------------------------------------------------------------------- statements
@@ -209,4 +215,4 @@ SIZE_NAMES = ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")
 SCALAR_TYPES = ("int", "float", "bool")
 ELEM_TYPES = ("int", "float", "bool")
 KEYWORDS = ("pattern", "import", "as", "tensor", "let", "mask", "score", "select", "normalize",
-            "use", "require", "if", "else", "and", "or", "not", "true", "false", "sum", "for", "in", "range")
+            "use", "require", "if", "else", "and", "or", "not", "true", "false", "sum", "any", "all", "for", "in", "range")

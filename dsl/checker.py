@@ -440,6 +440,13 @@ class Checker:
                 self.error(e.span, f"`not` needs a boolean, not {v.type}")
                 return _Val(T.ERR, v.static)
             return v
+        if e.op == "~":
+            if v.type != T.INT:
+                self.error(e.span, f"`~` (bitwise not) needs an int, not {v.type}",
+                           "write `not` for a boolean" if v.type == T.BOOL else
+                           "floor() or ceil() turn a float into an int")
+                return _Val(T.ERR, v.static)
+            return v
         if v.type not in T.NUMERIC:
             self.error(e.span, f"unary `{e.op}` needs a number, not {v.type}")
             return _Val(T.ERR, v.static)
@@ -454,9 +461,18 @@ class Checker:
             if e.op in ("and", "or"):
                 self.error(e.span, f"`{e.op}` needs booleans, got {l.type} and {r.type}",
                            "compare numbers first, e.g. `q - k > 0`")
+            elif e.op in T.BIT_OPERATORS:
+                word = {"&": "and", "|": "or"}.get(e.op)
+                self.error(e.span, f"`{e.op}` is a bit operator on ints, got {l.type} and {r.type}",
+                           f"for booleans write `{word}`" if word and T.BOOL in (l.type, r.type) else
+                           "floor() or ceil() turn a float into an int")
             else:
                 self.error(e.span, f"`{e.op}` needs numbers, got {l.type} and {r.type}")
             return _Val(T.ERR, l.static and r.static)
+        if e.op in ("<<", ">>") and t == T.INT and not _known_when_unrolled(e.right, scope):
+            self.error(e.right.span, f"the count of `{e.op}` must be known before the kernel runs: "
+                                     "use only sizes, parameters, literals and loop variables")
+            return _Val(T.ERR, False)
         return _Val(t, l.static and r.static)
 
     @_expr.register
@@ -494,8 +510,8 @@ class Checker:
         if n.type not in (T.INT, T.ERR):
             self.error(e.count.span, f"`range` needs an int, not {n.type}")
         elif n.type == T.INT and not n.static:
-            self.error(e.count.span, "the range of `sum` must be known before the kernel runs: "
-                                     "use only sizes, parameters and literals")
+            self.error(e.count.span, f"the range of `{e.kind}` must be known before the kernel "
+                                     "runs: use only sizes, parameters and literals")
         if e.var in scope.loop_vars or e.var in A.INDEX_NAMES or e.var in A.SIZE_NAMES or \
                 e.var in scope.info.params or e.var in scope.info.lets or e.var in scope.info.tensors:
             self.error(e.span, f"loop variable `{e.var}` hides another name; pick a fresh one")
@@ -503,10 +519,30 @@ class Checker:
         scope.loop_vars[e.var] = T.INT
         body = self._expr(e.body, scope)
         scope.loop_vars = outer
-        if body.type == T.BOOL:
-            self.error(e.body.span, "`sum` needs numbers, not booleans")
+        if e.kind == "sum" and body.type == T.BOOL:
+            self.error(e.body.span, "`sum` needs numbers, not booleans",
+                       "`any(...)` or `all(...)` combine booleans")
+            return _Val(T.ERR, False)
+        if e.kind != "sum" and body.type in T.NUMERIC:
+            self.error(e.body.span, f"`{e.kind}` needs booleans, not {body.type}",
+                       "compare first, e.g. `q - k == i`")
             return _Val(T.ERR, False)
         return _Val(body.type, body.static and n.static)
+
+
+def _known_when_unrolled(e: A.Expr, scope) -> bool:
+    """Whether `e` is known when the kernel is compiled, once loops are unrolled: it reads only
+    literals, sizes, parameters, lets of those and loop variables (a shift count)."""
+    if isinstance(e, (A.Num, A.Bool)):
+        return True
+    if isinstance(e, A.Name):
+        info = scope.info
+        return (e.id in scope.loop_vars or e.id in A.SIZE_NAMES or e.id in info.params
+                or e.id in info.static_lets)
+    parts = {A.Unary: lambda: (e.operand,), A.Binary: lambda: (e.left, e.right),
+             A.Compare: lambda: e.operands, A.IfExp: lambda: (e.body, e.cond, e.orelse),
+             A.Call: lambda: e.args}.get(type(e))
+    return parts is not None and all(_known_when_unrolled(x, scope) for x in parts())
 
 
 def _assignable(value_type: str, declared: str) -> bool:

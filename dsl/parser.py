@@ -11,6 +11,7 @@ from lark.indenter import Indenter
 
 from . import ast as A
 from .diagnostics import SpecError
+from .printer import print_expr
 from .source import SourceFile, Span
 
 
@@ -200,6 +201,11 @@ class _Build(Transformer):
     floordiv = _bin("//")
     mod = _bin("%")
     pow = _bin("**")
+    bitor = _bin("|")
+    bitxor = _bin("^")
+    bitand = _bin("&")
+    lshift = _bin("<<")
+    rshift = _bin(">>")
 
     def _un(op):
         @v_args(meta=True)
@@ -210,20 +216,49 @@ class _Build(Transformer):
     not_ = _un("not")
     neg = _un("-")
     pos = _un("+")
+    invert = _un("~")
 
     @v_args(meta=True)
     def compare(self, meta, items):
         operands = tuple(items[0::2])
         ops = tuple(str(t) for t in items[1::2])
+        for x in operands[1:-1]:  # `q >= k & k < w` reads `q >= (k & k) < w`: almost always a slip
+            if isinstance(x, A.Binary) and x.op in ("&", "|") and not self._parenthesized(x):
+                word = "and" if x.op == "&" else "or"
+                raise SpecError(self._operator_span(x),
+                                f"`{x.op}` binds tighter than comparisons: this compares with "
+                                f"`{print_expr(x)}`",
+                                f"write `{word}` to combine conditions; parenthesize a bit "
+                                f"operation you mean to compare: `(k {x.op} m) == 0`")
         return A.Compare(ops, operands, span=self._span(meta))
+
+    def _parenthesized(self, e: A.Expr) -> bool:
+        sp = e.span
+        if sp is None or sp.line != sp.end_line:
+            return True  # nothing to check against: let it through
+        text = self.src.line(sp.line)
+        return text[:sp.col - 1].rstrip().endswith("(") and text[sp.end_col - 1:].lstrip().startswith(")")
+
+    def _operator_span(self, e: A.Binary) -> Span | None:
+        """The span of the operator of `e`, between its operands on one line (else all of `e`)."""
+        a, b = e.left.span, e.right.span
+        if a is None or b is None or a.end_line != b.line:
+            return e.span
+        text = self.src.line(b.line)
+        at = text.find(e.op, a.end_col - 1, b.col - 1)
+        return Span(self.src, b.line, at + 1, b.line, at + 1 + len(e.op)) if at >= 0 else e.span
 
     @v_args(meta=True)
     def number(self, meta, items):
         text = str(items[0])
-        if not any(c in text for c in ".eE") and len(text.lstrip("0")) > 19:
+        based = text[:2].lower() in ("0x", "0b")
+        if (based and len(text) > 66) or (not based and not any(c in text for c in ".eE")
+                                           and len(text.lstrip("0")) > 19):
             # longer than any 64-bit int (and Python refuses to convert > 4300 digits)
             raise SpecError(self._span(meta), "integer literal does not fit in 64 bits")
-        value = float(text) if any(c in text for c in ".eE") else int(text)
+        value = int(text, 0) if based else float(text) if any(c in text for c in ".eE") else int(text)
+        if isinstance(value, int) and value >= 2 ** 63:
+            raise SpecError(self._span(meta), "integer literal does not fit in 64 bits")
         return A.Num(value, span=self._span(meta))
 
     @v_args(meta=True)
@@ -257,6 +292,16 @@ class _Build(Transformer):
         body, var, count = items
         return A.SumGen(body, str(var), count, span=self._span(meta))
 
+    @v_args(meta=True)
+    def any_gen(self, meta, items):
+        body, var, count = items
+        return A.SumGen(body, str(var), count, span=self._span(meta), kind="any")
+
+    @v_args(meta=True)
+    def all_gen(self, meta, items):
+        body, var, count = items
+        return A.SumGen(body, str(var), count, span=self._span(meta), kind="all")
+
 
 # ----------------------------------------------------------------------------- errors
 
@@ -270,7 +315,7 @@ _TOKEN_TEXT = {
 
 
 #: operators of other languages, longest first, and the word this language spells them with
-_FOREIGN_OPERATORS = (("&&", "and"), ("||", "or"), ("&", "and"), ("|", "or"), ("!", "not"))
+_FOREIGN_OPERATORS = (("&&", "and"), ("||", "or"), ("!", "not"))
 
 
 def _describe_expected(expected) -> str:
@@ -349,6 +394,12 @@ def _convert(src: SourceFile, err: Exception) -> SpecError:
         if tok.type == "_INDENT":
             return SpecError(_error_span(src, line, col), "unexpected indent",
                              "statements of one block must start at the same column")
+        pair = src.text[tok.start_pos - 1:tok.start_pos + 1] if tok.start_pos else ""
+        for spelled, word in _FOREIGN_OPERATORS:
+            if pair == spelled:  # `&&`, `||`: the second of two bit operators
+                return SpecError(_error_span(src, line, col - 1, 2),
+                                 f"`{spelled}` is not an operator of the language",
+                                 f"write `{word}`: the boolean operators are `and`, `or` and `not`")
         if "NAME" in err.expected and "NUMBER" in err.expected:
             expected = "an expression"
         before = [ln.split("#")[0].rstrip() for ln in src.text.splitlines()[:line - 1]]

@@ -6,9 +6,9 @@ from functools import singledispatch
 from . import ast as A
 
 # Binding strength of each construct; a child printed where a stronger one is needed gets parens.
-_IFEXP, _OR, _AND, _NOT, _CMP, _ARITH, _TERM, _UNARY, _POW, _ATOM = range(10)
-_BIN_LEVEL = {"or": _OR, "and": _AND, "+": _ARITH, "-": _ARITH,
-              "*": _TERM, "/": _TERM, "//": _TERM, "%": _TERM}
+_IFEXP, _OR, _AND, _NOT, _CMP, _BOR, _BXOR, _BAND, _SHIFT, _ARITH, _TERM, _UNARY, _POW, _ATOM = range(14)
+_BIN_LEVEL = {"or": _OR, "and": _AND, "|": _BOR, "^": _BXOR, "&": _BAND, "<<": _SHIFT, ">>": _SHIFT,
+              "+": _ARITH, "-": _ARITH, "*": _TERM, "/": _TERM, "//": _TERM, "%": _TERM}
 
 
 def print_module(m: A.Module) -> str:
@@ -121,7 +121,7 @@ def _(e: A.Index):
 
 @_expr.register
 def _(e: A.SumGen):
-    return f"sum({print_expr(e.body)} for {e.var} in range({print_expr(e.count)}))", _ATOM
+    return f"{e.kind}({print_expr(e.body)} for {e.var} in range({print_expr(e.count)}))", _ATOM
 
 
 @_expr.register
@@ -141,9 +141,9 @@ def _(e: A.Binary):
 
 @_expr.register
 def _(e: A.Compare):
-    parts = [print_expr(e.operands[0], _ARITH)]
+    parts = [print_expr(e.operands[0], _BOR)]
     for op, operand in zip(e.ops, e.operands[1:]):
-        parts += [op, print_expr(operand, _ARITH)]
+        parts += [op, print_expr(operand, _BOR)]
     return " ".join(parts), _CMP
 
 

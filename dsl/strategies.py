@@ -79,8 +79,15 @@ def int_expr(draw, ctx: Ctx, depth: int = 2):
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
         return draw(int_leaf(ctx))
     kind = draw(st.sampled_from(["add", "sub", "mul_const", "floordiv", "mod", "abs", "minmax", "clamp",
-                                 "ifexp", "load", "neg", "square", "floor", "sum"]))
+                                 "ifexp", "load", "neg", "square", "floor", "sum", "bits", "shift",
+                                 "invert"]))
     sub = lambda: draw(int_expr(ctx, depth - 1))  # noqa: E731
+    if kind == "bits":
+        return A.Binary(draw(st.sampled_from(["&", "|", "^"])), sub(), sub())
+    if kind == "shift":  # small static counts: values stay far below 2**31
+        return A.Binary(draw(st.sampled_from(["<<", ">>"])), sub(), draw(int_literal(0, 3)))
+    if kind == "invert":
+        return A.Unary("~", sub())
     if kind in ("add", "sub"):
         return A.Binary("+" if kind == "add" else "-", sub(), sub())
     if kind == "mul_const":
@@ -114,9 +121,9 @@ def int_expr(draw, ctx: Ctx, depth: int = 2):
 
 
 @st.composite
-def sum_of(draw, ctx: Ctx, depth: int, body_strategy):
-    """`sum(body for iN in range(n))`; the body sees the loop variable (and reads tensors with it
-    when the pattern has some)."""
+def sum_of(draw, ctx: Ctx, depth: int, body_strategy, kind: str = "sum"):
+    """`sum(body for iN in range(n))` (or `any` / `all` of a bool body); the body sees the loop
+    variable (and reads tensors with it when the pattern has some)."""
     if len(ctx.loop_vars) >= 2:
         return draw(body_strategy(ctx, depth - 1))
     var = f"i{len(ctx.loop_vars)}"
@@ -127,7 +134,7 @@ def sum_of(draw, ctx: Ctx, depth: int, body_strategy):
         count = A.Call("min", (A.Name(draw(st.sampled_from(int_params))), A.Num(3)))
     else:
         count = A.Num(draw(st.integers(0, 3)))
-    return A.SumGen(body, var, count)
+    return A.SumGen(body, var, count, kind=kind)
 
 
 @st.composite
@@ -212,7 +219,9 @@ def bool_expr(draw, ctx: Ctx, depth: int = 2):
             return A.Bool(draw(st.booleans()))
         return A.Compare((draw(st.sampled_from(COMPARE_OPS)),),
                          (draw(int_expr(ctx, 1)), draw(int_expr(ctx, 1))))
-    kind = draw(st.sampled_from(["cmp", "cmp", "chain", "and", "or", "not", "load", "fcmp"]))
+    kind = draw(st.sampled_from(["cmp", "cmp", "chain", "and", "or", "not", "load", "fcmp", "any", "all"]))
+    if kind in ("any", "all"):
+        return draw(sum_of(ctx, depth, bool_expr, kind))
     if kind == "cmp":
         op = draw(st.sampled_from(COMPARE_OPS))
         return A.Compare((op,), (draw(int_expr(ctx, depth - 1)), draw(int_expr(ctx, depth - 1))))

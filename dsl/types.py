@@ -64,12 +64,18 @@ def promote(*types: str) -> str:
     return FLOAT if FLOAT in types else INT
 
 
+#: the integer bit operators (ints only; booleans use `and`, `or`, `not`)
+BIT_OPERATORS = ("&", "|", "^", "<<", ">>")
+
+
 def binary_result(op: str, left: str, right: str, right_is_nonneg_int_literal: bool = False) -> str | None:
     """Result type of `left op right`, ERR if an operand is poisoned, None if the types are wrong."""
     if ERR in (left, right):
         return ERR
     if op in ("and", "or"):
         return BOOL if left == right == BOOL else None
+    if op in BIT_OPERATORS:
+        return INT if left == right == INT else None
     if left not in NUMERIC or right not in NUMERIC:
         return None
     if op == "/":

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .ir import Node, const, walk
 from .normal_form import capped, classify_literal, conjunction, dnf
-from .simplify import simplify, substitute
+from .simplify import LOOPS, simplify, substitute, unroll_loops
 from .sparsity import index_deps
 
 Q_LO = Node("index", "int", (), "q_lo")
@@ -294,9 +294,10 @@ def _guard_ends(coefs: dict[str, int], L, U, q_last: Node):
 
 def _derive(masks: tuple[Node, ...], k_end: Node):
     """(cover, full, exact) of the masks, with `k_end` the one-past-last key; or None."""
-    masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
+    masks = tuple(unroll_loops(m) for m in masks if not (m.op == "const" and m.value is True))
     for m in masks:
-        if not index_deps(m) <= {"q", "k"} or any(n.op in ("load", "score", "loopvar", "sum") for n in walk(m)):
+        if not index_deps(m) <= {"q", "k"} or any(n.op in ("load", "score", "loopvar") or n.op in LOOPS
+                                                  for n in walk(m)):
             return None
     if not masks:
         return None

@@ -132,7 +132,7 @@ def kernel_closed_form(masks: tuple[Node, ...], exact_only: bool = True) -> Clos
         for n in walk(lo) + walk(hi):
             if not n.args and n.op not in _RANGE_LEAVES and n not in (Q_LO, Q_HI):
                 return None
-            if n.op in ("load", "score", "sum", "loopvar"):
+            if n.op in ("load", "score", "sum", "any", "all", "loopvar"):
                 return None
     return cf
 

@@ -25,8 +25,8 @@ from .ir import Node, const, transform, walk
 from .ops import COMPARISONS, rule
 from .signature import Operand, dim_name, operand_args, param_name, stride_name, tensor_name
 from .uniform import strength_reduce, uniform_roots
-from .simplify import simplify, substitute
-from .triton_forms import ATOM, CMP, MUL, UNARY, Special, wrap
+from .simplify import LOOPS, simplify, substitute, unroll_loops
+from .triton_forms import ATOM, CMP, MUL, SHIFT, UNARY, Special, wrap
 
 _INDEX = {"b": "b", "h": "h", "q": "q", "k": "k"}
 #: exponents `x ** c` expanded into products
@@ -34,20 +34,13 @@ _MAX_POW = 8
 
 
 def unroll_sums(node: Node) -> Node:
-    """Replace every `sum` by the chain of its terms (its count must be a constant by now)."""
-    def expand(n: Node):
-        if n.op != "sum":
-            return None
-        count, body = n.args
-        if count.op != "const":
-            raise SpecError(n.span, "the range of `sum` must be known when the kernel is compiled",
+    """Replace every `sum`, `any` and `all` by the chain of its terms (its count must be a
+    constant by now)."""
+    for n in walk(node):
+        if n.op in LOOPS and n.args[0].op != "const":
+            raise SpecError(n.span, f"the range of `{n.op}` must be known when the kernel is compiled",
                             "use a constant or an int parameter for the count")
-        total = None
-        for i in range(max(int(count.value), 0)):
-            term = simplify(substitute(body, {("loopvar", n.value): const(i, n.span)}))
-            total = term if total is None else Node("add", n.dtype, (total, term), None, n.span)
-        return total if total is not None else const(0.0 if n.dtype == "float" else 0, n.span)
-    return simplify(transform(node, expand))
+    return unroll_loops(simplify(node))
 
 
 def nonnegative(n: Node, memo: dict) -> bool:
@@ -181,8 +174,8 @@ class ExprPrinter:
             return "score", ATOM
         if op == "load":
             return self._load(n), ATOM
-        if op in ("sum", "loopvar"):
-            raise SpecError(n.span, "internal: `sum` reached the printer unexpanded")
+        if op in LOOPS or op == "loopvar":
+            raise SpecError(n.span, f"internal: `{op}` reached the printer unexpanded")
         form = rule(n, "triton")
         if isinstance(form, Special):
             return getattr(self, self.SPECIAL[form.name])(n)
@@ -243,6 +236,16 @@ class ExprPrinter:
         at_zero = "0" if n.op == "floordiv" else x
         return f"tl.where({d} == 0, {at_zero}, {helper}({x}, tl.where({d} == 0, 1, {d})))", ATOM
 
+    def _shift(self, n: Node) -> tuple[str, int]:
+        """`<<` / `>>` with a count known at compile time (checked at bind to be 0..62); a count
+        past 30 goes through `_shl` / `_shr`, which keep int32 modules defined."""
+        a, c = n.args
+        if c.op == "const" and c.value <= 30:
+            sym = "<<" if n.op == "lshift" else ">>"
+            return f"{self._wrap(a, SHIFT)} {sym} {self._wrap(c, SHIFT + 1)}", SHIFT
+        helper = "_shl" if n.op == "lshift" else "_shr"
+        return f"{helper}({self.expr(a)[0]}, {self.expr(c)[0]})", ATOM
+
     def _pow(self, n: Node) -> tuple[str, int]:
         base, e = n.args
         const_e = e.op == "const"
@@ -267,7 +270,7 @@ class ExprPrinter:
         return f"_powf({self.expr(base)[0]}, {self.expr(e)[0]})", ATOM
 
     #: the printer's own rules (methods) for the ops whose text needs sign proofs or temporaries
-    SPECIAL = {"divmod": "_divmod", "pow": "_pow"}
+    SPECIAL = {"divmod": "_divmod", "pow": "_pow", "shift": "_shift"}
 
     def _named(self, n: Node, span: Span | None) -> str:
         """`n` as a name or literal, emitting a temporary line when it is a compound."""

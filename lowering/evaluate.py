@@ -15,7 +15,7 @@ import torch
 from ..dsl.diagnostics import SpecError
 from .ir import Node, walk
 from .ops import rule
-from .simplify import constant_table, static_value
+from .simplify import LOOPS, constant_table, static_value
 
 
 class Env:
@@ -86,8 +86,8 @@ class Evaluator:
             return self.volatile[(op, n.value)]
         if op == "load":
             return self._load(n)
-        if op == "sum":
-            return self._sum(n)
+        if op in LOOPS:
+            return self._loop(n)
         a = [self.eval(x) for x in n.args]
         if op == "cast":  # to the float type of this evaluation (fp32, or fp64 for fp64 inputs)
             return a[0].to(env.fdtype)
@@ -112,19 +112,23 @@ class Evaluator:
             return out.to(self.env.fdtype)
         return out.to(torch.int64) if n.dtype == "int" else out.to(torch.bool)
 
-    def _sum(self, n: Node) -> torch.Tensor:
+    def _loop(self, n: Node) -> torch.Tensor:
+        """`sum` (+), `any` (or) or `all` (and) of the body over range(count)."""
         count_node, body = n.args
         count = self.static(count_node)
         key = ("loopvar", n.value)
+        combine = {"sum": torch.add, "any": torch.logical_or, "all": torch.logical_and}[n.op]
         saved_local, saved_var = self.local, self.volatile.get(key)
         total = None
         for i in range(max(count, 0)):
             self.volatile[key] = self._const(i, torch.int64)
             self.local = dict(saved_local)
             term = self.eval(body)
-            total = term if total is None else total + term
+            total = term if total is None else combine(total, term)
         self.local = saved_local
         if saved_var is not None:
             self.volatile[key] = saved_var
-        return total if total is not None else self._const(0, self._dtype(n))
+        if total is None:
+            return self._const(n.op == "all", torch.bool) if n.op != "sum" else self._const(0, self._dtype(n))
+        return total
 

@@ -19,7 +19,7 @@ import torch
 from .bounds import Evaluator
 from .intervals import Iv
 from .ir import Node, PatternIR, uses, walk_all
-from .simplify import constant_table, simplify, substitute
+from .simplify import LOOPS, constant_table, simplify, substitute
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -37,7 +37,7 @@ def _overflow(ir: PatternIR, key) -> Node | None:
     sizes, params = dict(key[0]), dict(key[1])
     table = constant_table(sizes, params)
     nodes = walk_all(simplify(substitute(r, table)) for r in ir.nodes())
-    loops = {n.value: n.args[0] for n in nodes if n.op == "sum"}
+    loops = {n.value: n.args[0] for n in nodes if n.op in LOOPS}
 
     def iv(lo: float, hi: float) -> Iv:
         return Iv(torch.tensor(float(lo), dtype=torch.float64),

@@ -15,7 +15,8 @@ from .simplify import simplify
 from .verify import verify
 
 _BINOP = {"+": "add", "-": "sub", "*": "mul", "/": "div", "//": "floordiv", "%": "mod", "**": "pow",
-          "and": "and", "or": "or"}
+          "and": "and", "or": "or", "&": "bitand", "|": "bitor", "^": "bitxor", "<<": "lshift",
+          ">>": "rshift"}
 _CMPOP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 _SCOREOP = {"+=": "add", "-=": "sub", "*=": "mul", "/=": "div"}
 
@@ -206,6 +207,8 @@ class _Lowerer:
             return Node("not", "bool", (x,), None, e.span)
         if e.op == "+":
             return x
+        if e.op == "~":
+            return Node("invert", "int", (x,), None, e.span)
         return Node("neg", x.dtype, (x,), None, e.span)
 
     @expr.register
@@ -245,7 +248,7 @@ class _Lowerer:
         self.loop_vars[e.var] = var
         body = self.expr(e.body)
         self.loop_vars = outer
-        return Node("sum", body.dtype, (count, body), var.value, e.span)
+        return Node(e.kind, body.dtype, (count, body), var.value, e.span)
 
 
 def _names_in(e: A.Expr) -> list[A.Name]:

@@ -30,7 +30,7 @@ from ..dsl.types import BOOL, FLOAT, INT, NUMERIC
 from .intervals import (INF, Iv, absolute, compare, corners, div, floordiv, maximum, minimum, mod,
                         nan_safe, select)
 from .ir import Node, const
-from .triton_forms import ADD, AND, CMP, MUL, OR, Call, Infix, Postfix, Prefix, Special
+from .triton_forms import ADD, AND, CMP, MUL, OR, XOR, Call, Infix, Postfix, Prefix, Special
 
 #: the result rule of leaves whose dtype is their own (a constant's value, a declared type)
 ANY = "any"
@@ -297,6 +297,72 @@ def _iv_tan(n, a):
     return Iv(torch.where(pole, -INF, torch.tan(lo_s)), torch.where(pole, INF, torch.tan(hi_s)))
 
 
+def ints(*dtypes: str) -> str | None:
+    return INT if all(d == INT for d in dtypes) else None
+
+
+def _bits(iv: Iv) -> torch.Tensor:
+    """The least n with [lo, hi] inside [-2**n, 2**n - 1] (two's complement width less the sign)."""
+    m = torch.maximum(-iv.lo, iv.hi + 1).clamp_min(1.0)
+    return torch.ceil(torch.log2(m))
+
+
+def _iv_bits(op: str) -> Callable:
+    """Interval rule of `&`, `|`, `^` on two's-complement ints: the common width's range, and
+    tighter where the operands are non-negative (`a & b` <= either, `a | b` >= either)."""
+    def rule(n, a, b):
+        top = torch.exp2(torch.maximum(_bits(a), _bits(b)))
+        lo, hi = -top, top - 1
+        a_nn, b_nn = a.lo >= 0, b.lo >= 0
+        if op == "and":
+            hi = torch.where(a_nn & b_nn, torch.minimum(a.hi, b.hi),
+                             torch.where(a_nn, a.hi, torch.where(b_nn, b.hi, hi)))
+            lo = torch.where(a_nn | b_nn, 0.0, lo)
+        elif op == "or":
+            lo = torch.where(a_nn & b_nn, torch.maximum(a.lo, b.lo), lo)
+        else:
+            lo = torch.where(a_nn & b_nn, 0.0, lo)
+        return nan_safe(lo, hi)
+    return rule
+
+
+_SHIFTS = '''
+@triton.jit
+def _shl(x, c):
+    """x << c for a count past 30: an int32 module's values fit 32 bits, so only x == 0 can
+    shift that far (and a shift of the full width is undefined in LLVM)."""
+    if WIDE:
+        y = x << c
+    else:
+        y = x << tl.minimum(c, 31)
+    return y
+
+
+@triton.jit
+def _shr(x, c):
+    """x >> c (arithmetic) for a count past 30: x >> 31 is already 0 or -1 for int32."""
+    if WIDE:
+        y = x >> c
+    else:
+        y = x >> tl.minimum(c, 31)
+    return y
+'''
+
+
+def _check_shift(count: int) -> int:
+    if not 0 <= count <= 62:
+        raise ValueError(f"shift count {count} is outside 0..62")
+    return count
+
+
+def _torch_shift(fn) -> Callable:
+    def run(a, c):
+        if bool((c < 0).any() or (c > 62).any()):
+            raise ValueError("shift count outside 0..62")  # `check_shift_counts` reports it at bind
+        return fn(a, c)
+    return run
+
+
 # --- the entries
 
 # leaves and the structural ops that read the passes' environments
@@ -305,6 +371,8 @@ for _name, _dtype in (("const", ANY), ("index", INT), ("size", INT), ("param", A
     register(Op(_name, 0, lambda d=_dtype: d))
 register(Op("load", None, lambda *index: ANY if all(t == INT for t in index) else None))
 register(Op("sum", 2, lambda count, body: body if count == INT else None))
+for _name in ("any", "all"):  # loops like `sum`, combining bool terms with `or` / `and`
+    register(Op(_name, 2, lambda count, body: BOOL if count == INT and body == BOOL else None))
 register(Op("where", 3, lambda c, a, b: a if c == BOOL and a == b else None,
             fold=lambda c, a, b: a if c else b, torch=torch.where,
             interval=lambda n, c, a, b: select(c, a, b), derivative=_d_where, triton=Call("tl.where")))
@@ -349,6 +417,25 @@ for _name, _fn in (("floor", math.floor), ("ceil", math.ceil)):
                         f"    \"\"\"{_name}(x) as the pattern's int type (int64 in WIDE modules).\"\"\"\n"
                         f"    if WIDE:\n        y = tl.{_name}(x).to(tl.int64)\n"
                         f"    else:\n        y = tl.{_name}(x).to(tl.int32)\n    return y\n")))
+
+# integer bit operators (two's complement, as Python's ints within 64 bits); shift counts are
+# static and checked at bind (0..62), so `<<` is `* 2**c` and `>>` is `// 2**c` (arithmetic)
+register(Op("bitand", 2, ints, fold=operator.and_, torch=torch.bitwise_and, interval=_iv_bits("and"),
+            derivative=no_gradient, triton=Infix("&", AND)))
+register(Op("bitor", 2, ints, fold=operator.or_, torch=torch.bitwise_or, interval=_iv_bits("or"),
+            derivative=no_gradient, triton=Infix("|", OR)))
+register(Op("bitxor", 2, ints, fold=operator.xor, torch=torch.bitwise_xor, interval=_iv_bits("xor"),
+            derivative=no_gradient, triton=Infix("^", XOR)))
+register(Op("lshift", 2, ints, fold=lambda a, c: a << _check_shift(c),
+            torch=_torch_shift(torch.bitwise_left_shift),
+            interval=lambda n, a, c: corners(lambda x, y: x * torch.exp2(y), a, c),
+            derivative=no_gradient, triton=Special("shift"), helper=_SHIFTS))
+register(Op("rshift", 2, ints, fold=lambda a, c: a >> _check_shift(c),
+            torch=_torch_shift(torch.bitwise_right_shift),
+            interval=lambda n, a, c: corners(lambda x, y: torch.floor(x / torch.exp2(y)), a, c),
+            derivative=no_gradient, triton=Special("shift")))
+register(Op("invert", 1, ints, fold=operator.invert, torch=torch.bitwise_not,
+            interval=lambda n, a: Iv(-a.hi - 1, -a.lo - 1), derivative=no_gradient, triton=Prefix("~")))
 
 # logic and comparisons (0/1 intervals: `and` is min, `or` is max)
 register(Op("not", 1, bools, fold=operator.not_, torch=torch.logical_not,

@@ -12,7 +12,8 @@ from collections import Counter
 from .traverse import walk, walk_all
 
 _SYM = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**",
-        "and": "and", "or": "or", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+        "and": "and", "or": "or", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=",
+        "bitand": "&", "bitor": "|", "bitxor": "^", "lshift": "<<", "rshift": ">>"}
 
 
 #: a repeated sub-expression is named when its inline text would have more nodes than this
@@ -64,11 +65,13 @@ def format_node(n, names: dict | None = None, define: bool = False) -> str:
         return f"{n.value}[{', '.join(sub(a) for a in n.args)}]"
     if n.op in _SYM:
         return f"({sub(n.args[0])} {_SYM[n.op]} {sub(n.args[1])})"
+    if n.op == "invert":
+        return f"~{sub(n.args[0])}"
     if n.op == "where":
         c, a, b = n.args
         return f"({sub(a)} if {sub(c)} else {sub(b)})"
-    if n.op == "sum":
-        return f"sum({sub(n.args[1])} for {n.value} in range({sub(n.args[0])}))"
+    if n.op in ("sum", "any", "all"):
+        return f"{n.op}({sub(n.args[1])} for {n.value} in range({sub(n.args[0])}))"
     if n.op == "cast":
         return f"float({sub(n.args[0])})"
     return f"{n.op}({', '.join(sub(a) for a in n.args)})"

@@ -120,25 +120,39 @@ def static_value(node: Node, table: dict[tuple[str, object], Node], *,
     the one place such values are computed; an expression that reads anything else (an index,
     the score, a tensor) is a SpecError at its span."""
     n = simplify(substitute(node, table))
-    while n.op != "const" and any(m.op == "sum" and m.args[0].op == "const" for m in walk(n)):
-        n = simplify(transform(n, _unroll_sum))
+    while n.op != "const" and any(m.op in LOOPS and m.args[0].op == "const" for m in walk(n)):
+        n = simplify(transform(n, unroll_loop))
     if n.op != "const":
         raise SpecError(node.span, message, hint)
     return n.value
 
 
-def _unroll_sum(n: Node):
-    """A `sum` with a constant count as the chain of its terms (a rule for `transform`)."""
-    if n.op != "sum" or n.args[0].op != "const":
+#: the loops over `range(count)` (value: the loop variable, args: (count, body)): each op
+#: combines its terms with the op here, and its empty value
+LOOPS = {"sum": ("add", None), "any": ("or", False), "all": ("and", True)}
+
+
+def unroll_loop(n: Node):
+    """A `sum`, `any` or `all` with a constant count as the chain of its terms (a rule for
+    `transform`; None for any other node)."""
+    if n.op not in LOOPS or n.args[0].op != "const":
         return None
     count, body = n.args
+    combine, empty = LOOPS[n.op]
     terms = [substitute(body, {("loopvar", n.value): const(i, n.span)}) for i in range(max(count.value, 0))]
     if not terms:
-        return const(0.0 if n.dtype == "float" else 0, n.span)
+        return const(empty if empty is not None else 0.0 if n.dtype == "float" else 0, n.span)
     out = terms[0]
     for t in terms[1:]:
-        out = Node("add", n.dtype, (out, t), None, n.span)
+        out = Node(combine, n.dtype, (out, t), None, n.span)
     return out
+
+
+def unroll_loops(node: Node) -> Node:
+    """Every `sum`, `any` and `all` whose count is a constant, unrolled (innermost first)."""
+    while any(m.op in LOOPS and m.args[0].op == "const" for m in walk(node)):
+        node = simplify(transform(node, unroll_loop))
+    return node
 
 
 def substitute(node: Node, table: dict[tuple[str, object], Node]) -> Node:

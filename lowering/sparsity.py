@@ -31,7 +31,7 @@ from .intervals import INF, Iv, point, residue_hits
 from .ir import Node, walk
 from .normal_form import DNF_CAP, Term, affine, capped, classify_literal, conjunction, dnf
 from .printer import format_expr
-from .simplify import simplify, substitute
+from .simplify import simplify, substitute, unroll_loops
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 #: at most this many cells per tile along an axis from `//` / `%` splits (beyond: no split, noted)
@@ -43,8 +43,9 @@ def text(n: Node) -> str:
 
 
 def constant_masks(masks, table) -> tuple[Node, ...]:
-    """Masks with sizes and parameters replaced by constants and folded."""
-    return tuple(simplify(substitute(m, table)) for m in masks)
+    """Masks with sizes and parameters replaced by constants and folded, and their loops
+    unrolled (so `any(... for i in range(n))` is the `or` of its terms)."""
+    return tuple(unroll_loops(simplify(substitute(m, table))) for m in masks)
 
 
 def index_deps(n: Node) -> frozenset[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Python precedence of printed expressions, higher binds tighter
-ATOM, UNARY, MUL, ADD, AND, OR, CMP = 100, 12, 11, 10, 7, 5, 4
+ATOM, UNARY, MUL, ADD, SHIFT, AND, XOR, OR, CMP = 100, 12, 11, 10, 9, 7, 6, 5, 4
 
 
 def wrap(arg: tuple[str, int], need: int) -> str:

@@ -1,13 +1,14 @@
 """Call-time checks: q/k/v and pattern arguments are validated and bound to concrete values."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..dsl.diagnostics import SpecError, closest
-from ..lowering.ir import Node, PatternIR
-from ..lowering.simplify import constant_table, static_value
+from ..lowering.ir import Node, PatternIR, walk
+from ..lowering.simplify import constant_table, simplify, static_value, substitute, unroll_loops
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -148,13 +149,26 @@ def bind_params(ir: PatternIR, arguments: dict) -> dict[str, object]:
 
 def check_requires(ir: PatternIR, sizes: dict[str, int], params: dict) -> None:
     """Raise the SpecError of the first `require` of the pattern that these sizes and parameter
-    values break (at its statement, with the values of the names it reads)."""
-    if not ir.requires:
+    values break (at its statement, with the values of the names it reads), or of a shift whose
+    count is outside 0..62."""
+    shifts = _shifts(ir)
+    if not ir.requires and not shifts:
         return
     table = constant_table(sizes, params)
     for r in ir.requires:
         if not static_value(r.cond, table):
             raise r.failure({n: static_value(v, table) for n, v in r.names})
+    for root in shifts:  # counts are static: constants once sizes, parameters and loops are
+        for n in walk(unroll_loops(simplify(substitute(root, table)))):
+            if n.op in ("lshift", "rshift") and n.args[1].op == "const" and not 0 <= n.args[1].value <= 62:
+                raise SpecError(n.span, f"shift count {n.args[1].value} is outside 0..62",
+                                "a shift moves an int by 0 to 62 bits")
+
+
+@functools.lru_cache(maxsize=256)
+def _shifts(ir: PatternIR) -> tuple[Node, ...]:
+    """The expressions of the pattern that shift."""
+    return tuple(r for r in ir.nodes() if any(n.op in ("lshift", "rshift") for n in walk(r)))
 
 
 def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:

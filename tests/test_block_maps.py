@@ -73,7 +73,7 @@ def test_tree_mask_is_sound_and_finds_empty_tiles():
 def test_block_map_and_causal_compose():
     p = attnc.load(os.path.join(EXAMPLES, "block_sparse.attn"))
     blocks = _blocks(1, 2, 256, 256, 64, seed=3, p=0.5)[0]
-    lay, got, exact = compare(p, 256, 256, 64, 64, B=1, H=2, block=64, blocks=blocks)
+    lay, got, exact = compare(p, 256, 256, 64, 64, B=1, H=2, block_size=64, blocks=blocks)
     assert torch.equal(got, exact)
 
 
@@ -104,7 +104,7 @@ def test_examples_match_flex_attention(example):
     if example == "block_sparse":
         blocks = torch.rand(2, 2, 2, generator=gen) < 0.6
         blocks[:, :, 0] = True
-        args = {"block": 64, "blocks": blocks}
+        args = {"block_size": 64, "blocks": blocks}
         mask_mod = lambda b, h, qi, ki: blocks[h, qi // 64, ki // 64] & (qi >= ki)  # noqa: E731
     else:
         anc = (torch.rand(L, L, generator=gen) < 0.3).tril()

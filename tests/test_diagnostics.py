@@ -50,6 +50,12 @@ SPEC_ERRORS = {
     "require_reads_index": (2, 13),
     "require_not_bool": (2, 13),
     "require_never_holds": (3, 5),
+    # bit operators take ints; `any` / `all` take booleans, `sum` numbers
+    "bitand_on_bools": (2, 10),
+    "invert_bool": (2, 10),
+    "shift_count_not_static": (2, 26),
+    "any_of_numbers": (2, 14),
+    "sum_of_booleans": (2, 14),
 }
 
 # the hint each of these errors must give
@@ -61,6 +67,9 @@ HINTS = {
     "bang_for_not": "write `not`",
     "assign_for_compare": "write `==` to compare",
     "require_reads_index": "to exclude positions write `mask ...`",
+    "bitand_on_bools": "for booleans write `and`",
+    "invert_bool": "write `not` for a boolean",
+    "sum_of_booleans": "`any(...)` or `all(...)` combine booleans",
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
@@ -73,6 +82,7 @@ CALL_ERRORS = {
     # run-time errors of the reference, in their own files
     "call_index_out_of_range": (lambda: dict(t=torch.ones(2)), attnc.SpecError, (3, 16)),
     "call_require_failed": (lambda: dict(window=-1), attnc.SpecError, (2, 5)),
+    "call_shift_count": (lambda: dict(c=70), attnc.SpecError, (2, 21)),
 }
 
 
