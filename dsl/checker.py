@@ -6,6 +6,7 @@ parameters and tensors a caller must supply).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import singledispatchmethod
 
@@ -21,6 +22,20 @@ from .source import Span
 MAX_INT = 2 ** 63 - 1
 NORMALIZERS = {"softmax": ("sink",), "sigmoid": ("bias",)}
 SELECTS = {"topk": 1}
+#: the keywords a call of a pattern takes itself (`Pattern.__call__` in runtime/pattern.py, which
+#: tests/test_call_keywords.py holds to this list) and those reserved for keywords to come: no
+#: parameter or tensor may take one of these names, since a call could not pass it.
+#: name -> (what the keyword gives a call, reserved for later)
+CALL_KEYWORDS = {
+    "scale": ("the softmax scale", False),
+    "backend": ("the backend", False),
+    "return_lse": ("whether the log-sum-exp is returned", False),
+    "kernel_options": ("the kernels' launch settings", False),
+    "q_start": ("the absolute position of the first query", True),
+    "k_start": ("the absolute position of the first key", True),
+    "k_lens": ("the key length of each sequence", True),
+    "block_table": ("the page table of a paged key/value cache", True),
+}
 
 
 @dataclass
@@ -117,6 +132,7 @@ class Checker:
                 self.error(prm.span, f"parameter `{prm.name}` is declared twice")
                 continue
             self._check_new_name(prm.name, prm.span, info, "parameter")
+            self._check_call_keyword(prm.name, prm.span, "parameter")
             if prm.type not in A.SCALAR_TYPES:
                 near = closest(prm.type, A.SCALAR_TYPES)
                 self.error(prm.span, f"unknown parameter type `{prm.type}`",
@@ -131,6 +147,21 @@ class Checker:
         scope = _Scope(info)
         for stmt in p.body:
             self.stmt(stmt, scope, ref)
+
+    def _check_call_keyword(self, name, span, what: str) -> None:
+        """A parameter or tensor may not take the name of a keyword of the call (CALL_KEYWORDS)."""
+        if name not in CALL_KEYWORDS:
+            return
+        meaning, reserved = CALL_KEYWORDS[name]
+        where = _name_span(span, name)
+        if reserved:
+            self.error(where, f"`{name}` is reserved for a keyword of the call ({meaning}), "
+                              f"so it cannot name a {what}", f"rename the {what}, e.g. `{name}_`")
+        else:
+            self.error(where, f"`{name}` is a keyword of the call itself (`p(q, k, v, {name}=...)`: "
+                              f"{meaning}), so it cannot name a {what}",
+                       f"rename the {what}, e.g. `{name}_`: a call gives `{name}=` to attnc, "
+                       "never to the pattern")
 
     def _check_new_name(self, name, span, info: PatternInfo, what: str) -> bool:
         if name in A.INDEX_NAMES or name in A.SIZE_NAMES or name == "score":
@@ -168,6 +199,7 @@ class Checker:
                 self.error(d.span, f"a tensor dimension must be an int, not {v.type}")
             elif v.type == T.INT and not v.static:
                 self.error(d.span, "a tensor dimension may use only sizes, parameters and literals")
+        self._check_call_keyword(s.name, s.span, "tensor")
         if self._check_new_name(s.name, s.span, scope.info, "tensor"):
             scope.info.tensors[s.name] = s
 
@@ -507,6 +539,17 @@ class Checker:
             self.error(e.body.span, "`sum` needs numbers, not booleans")
             return _Val(T.ERR, False)
         return _Val(body.type, body.static and n.static)
+
+
+def _name_span(span: Span | None, name: str) -> Span | None:
+    """The span of the declared `name` inside a declaration's span (the whole span if the name
+    is not found on its first line)."""
+    if span is None:
+        return None
+    found = re.compile(rf"\b{name}\b").search(span.source.line(span.line), span.col - 1)
+    if found is None:
+        return span
+    return Span(span.source, span.line, found.start() + 1, span.line, found.end() + 1)
 
 
 def _assignable(value_type: str, declared: str) -> bool:

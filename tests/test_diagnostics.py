@@ -50,6 +50,9 @@ SPEC_ERRORS = {
     "require_reads_index": (2, 13),
     "require_not_bool": (2, 13),
     "require_never_holds": (3, 5),
+    # a parameter or tensor cannot take the name of a keyword the call takes itself
+    "reserved_keyword_parameter": (1, 16),
+    "reserved_keyword_tensor": (3, 12),
 }
 
 # the hint each of these errors must give
@@ -61,6 +64,8 @@ HINTS = {
     "bang_for_not": "write `not`",
     "assign_for_compare": "write `==` to compare",
     "require_reads_index": "to exclude positions write `mask ...`",
+    "reserved_keyword_parameter": "rename the parameter, e.g. `scale_`",
+    "reserved_keyword_tensor": "rename the tensor, e.g. `backend_`",
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
