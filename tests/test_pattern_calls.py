@@ -5,6 +5,7 @@ layouts against brute force, and closed forms where the hand-written masks have 
 texts of the errors are in tests/golden/diagnostics (pattern_call_*)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -13,12 +14,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import attnc
 from attnc.dsl import ast as A
 from attnc.dsl.parser import parse
 from attnc.dsl.printer import print_module
+from attnc.dsl.strategies import fuzz_modules
+from attnc.dsl.types import FUNCTIONS
 
 from test_backward import check_fp32, qkv
 from test_sparsity import SHAPES, assert_closed_form_sound, assert_sound, compare
@@ -382,3 +385,36 @@ def test_inter_chunk_matches_flex_attention():
     got = p(q, k, v, chunk=chunk, backend="reference")
     assert bool((got[:, :, :chunk] == 0).all())   # the first chunk sees no key
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------- the fuzzer's strategies
+
+def _calls(e) -> list[A.Call]:
+    """The pattern calls in an AST (calls of names that are not built-in functions)."""
+    if isinstance(e, (list, tuple)):
+        return [c for x in e for c in _calls(x)]
+    if not dataclasses.is_dataclass(e):
+        return []
+    here = [e] if isinstance(e, A.Call) and e.func not in FUNCTIONS else []
+    return here + [c for f in dataclasses.fields(e) for c in _calls(getattr(e, f.name))]
+
+
+def test_the_fuzzer_calls_patterns_in_masks():
+    """Generated modules call a helper of the file and stdlib patterns in masks (`not` among the
+    forms); each checks and prints back."""
+    seen = []
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(fuzz_modules(depth=1))
+    def draw(m):
+        text = print_module(m)
+        assert parse(text) == m
+        calls = _calls(m)
+        if calls:
+            attnc.compile(text, name="fuzzed")
+            seen.extend((c.func, "mask not " in text) for c in calls)
+    draw()
+    callees = {f for f, _ in seen}
+    assert "helper" in callees and callees & {"causal", "sliding_window", "chunked", "prefix_lm"}, seen
+    assert any(negated for _, negated in seen), seen
