@@ -38,8 +38,12 @@ class Name(Expr):
 
 @dataclass(frozen=True)
 class Call(Expr):
-    func: str
+    """`f(args)`: a built-in function, or in a mask a pattern (`P(args)`, `m.P(args)` for an
+    imported one) standing for the conjunction of its masks. `keywords` are the `name = value`
+    arguments, which follow the positional `args`."""
+    func: str  # possibly qualified: `m.pattern`
     args: tuple[Expr, ...]
+    keywords: tuple[Arg, ...] = ()
     span: Span | None = span_field()
 
 

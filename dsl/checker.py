@@ -6,6 +6,7 @@ parameters and tensors a caller must supply).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import singledispatchmethod
 
@@ -15,12 +16,26 @@ from . import ast as A
 from . import types as T
 from .diagnostics import Diagnostic, SpecError, closest
 from .loader import Library, PatternRef
-from .printer import print_stmt
+from .printer import print_expr, print_stmt
 from .source import Span
 
 MAX_INT = 2 ** 63 - 1
 NORMALIZERS = {"softmax": ("sink",), "sigmoid": ("bias",)}
 SELECTS = {"topk": 1}
+#: the keywords a call of a pattern takes itself (`Pattern.__call__` in runtime/pattern.py, which
+#: tests/test_call_keywords.py holds to this list) and those reserved for keywords to come: no
+#: parameter or tensor may take one of these names, since a call could not pass it.
+#: name -> (what the keyword gives a call, reserved for later)
+CALL_KEYWORDS = {
+    "scale": ("the softmax scale", False),
+    "backend": ("the backend", False),
+    "return_lse": ("whether the log-sum-exp is returned", False),
+    "kernel_options": ("the kernels' launch settings", False),
+    "q_start": ("the absolute position of the first query", True),
+    "k_start": ("the absolute position of the first key", True),
+    "k_lens": ("the key length of each sequence", True),
+    "block_table": ("the page table of a paged key/value cache", True),
+}
 
 
 @dataclass
@@ -37,6 +52,9 @@ class PatternInfo:
     let_origin: dict[str, str] = field(default_factory=dict)  # name -> "at line N" / "by `use P` at line N"
     has_select: bool = False
     has_normalize: bool = False
+    # why a call of this pattern cannot stand in a mask (it has a score statement, `select` or
+    # `normalize`, directly or by `use`), e.g. "a `score` statement at f.attn:3:5"; None if it can
+    not_a_mask: str | None = None
     # this pattern's own lets whose value is known before the kernel runs (see `_Val.static`)
     static_lets: set[str] = field(default_factory=set)
 
@@ -61,6 +79,7 @@ class Checker:
         self.in_progress: set[int] = set()
         self.uses = nx.DiGraph()
         self.use_sites: dict[tuple[str, str], Span | None] = {}
+        self.call_edges: set[tuple[str, str]] = set()  # edges of `uses` first made by a pattern call
 
     def error(self, span, message, hint=None):
         self.diags.append(Diagnostic(span, message, hint))
@@ -75,6 +94,11 @@ class Checker:
             cycle = self._rotate_to_first_use(cycle)
             names = [c.split(":", 1)[1] for c in cycle] + [cycle[0].split(":", 1)[1]]
             span = self.use_sites[(cycle[0], cycle[1 % len(cycle)])]
+            edges = {(cycle[i], cycle[(i + 1) % len(cycle)]) for i in range(len(cycle))}
+            if edges & self.call_edges:
+                self.error(span, "cycle of patterns: " + " -> ".join(names),
+                           "a pattern cannot include or call itself, directly or through others")
+                continue
             self.error(span, "`use` cycle: " + " -> ".join(names),
                        "a pattern cannot include itself, directly or through others")
         if not self.lib.root.ast.patterns and not any(d.span and d.span.source is self.lib.root.source
@@ -117,6 +141,7 @@ class Checker:
                 self.error(prm.span, f"parameter `{prm.name}` is declared twice")
                 continue
             self._check_new_name(prm.name, prm.span, info, "parameter")
+            self._check_call_keyword(prm.name, prm.span, "parameter")
             if prm.type not in A.SCALAR_TYPES:
                 near = closest(prm.type, A.SCALAR_TYPES)
                 self.error(prm.span, f"unknown parameter type `{prm.type}`",
@@ -131,6 +156,21 @@ class Checker:
         scope = _Scope(info)
         for stmt in p.body:
             self.stmt(stmt, scope, ref)
+
+    def _check_call_keyword(self, name, span, what: str) -> None:
+        """A parameter or tensor may not take the name of a keyword of the call (CALL_KEYWORDS)."""
+        if name not in CALL_KEYWORDS:
+            return
+        meaning, reserved = CALL_KEYWORDS[name]
+        where = _name_span(span, name)
+        if reserved:
+            self.error(where, f"`{name}` is reserved for a keyword of the call ({meaning}), "
+                              f"so it cannot name a {what}", f"rename the {what}, e.g. `{name}_`")
+        else:
+            self.error(where, f"`{name}` is a keyword of the call itself (`p(q, k, v, {name}=...)`: "
+                              f"{meaning}), so it cannot name a {what}",
+                       f"rename the {what}, e.g. `{name}_`: a call gives `{name}=` to attnc, "
+                       "never to the pattern")
 
     def _check_new_name(self, name, span, info: PatternInfo, what: str) -> bool:
         if name in A.INDEX_NAMES or name in A.SIZE_NAMES or name == "score":
@@ -168,6 +208,7 @@ class Checker:
                 self.error(d.span, f"a tensor dimension must be an int, not {v.type}")
             elif v.type == T.INT and not v.static:
                 self.error(d.span, "a tensor dimension may use only sizes, parameters and literals")
+        self._check_call_keyword(s.name, s.span, "tensor")
         if self._check_new_name(s.name, s.span, scope.info, "tensor"):
             scope.info.tensors[s.name] = s
 
@@ -182,13 +223,14 @@ class Checker:
 
     @stmt.register
     def _(self, s: A.Mask, scope, ref):
-        v = self.expr(s.cond, scope, allow_score=True)
+        v = self.expr(s.cond, scope, allow_score=True, allow_patterns=True)
         if v.type not in (T.BOOL, T.ERR):
             self.error(s.cond.span, f"a mask must be a boolean, but this is {v.type}",
                        "compare it: e.g. `mask q >= k`")
 
     @stmt.register
     def _(self, s: A.ScoreStmt, scope, ref):
+        _not_a_mask(scope.info, "a `score` statement", s.span)
         v = self.expr(s.value, scope, allow_score=True)
         if v.type == T.BOOL:
             self.error(s.value.span, "a boolean cannot be used as a score",
@@ -196,6 +238,7 @@ class Checker:
 
     @stmt.register
     def _(self, s: A.Select, scope, ref):
+        _not_a_mask(scope.info, "a `select`", s.span)
         if scope.info.has_select:
             self.error(s.span, "a pattern can have only one `select`")
         scope.info.has_select = True
@@ -216,6 +259,7 @@ class Checker:
 
     @stmt.register
     def _(self, s: A.Normalize, scope, ref):
+        _not_a_mask(scope.info, "a `normalize`", s.span)
         if scope.info.has_normalize:
             self.error(s.span, "a pattern can have only one `normalize`")
         scope.info.has_normalize = True
@@ -256,17 +300,34 @@ class Checker:
         self.uses.add_edge(ref.qualname, target.qualname)
         self.use_sites.setdefault((ref.qualname, target.qualname), s.span)
         other = self.pattern_info(target)
-        given = set()
+        self._bind_arguments(s.target, target, other, s.args, s.span, scope, f"use {s.target}")
+        here = f"by `use {s.target}` at line {s.span.line}" if s.span else f"by `use {s.target}`"
+        self._bring_in(s.target, other, s.span, scope, here)
+        if other.not_a_mask is not None:
+            _not_a_mask(scope.info, f"`use {s.target}`", s.span, other.not_a_mask)
+        if other.has_select:
+            if scope.info.has_select:
+                self.error(s.span, f"`{s.target}` has a `select`, and so does this pattern")
+            scope.info.has_select = True
+        if other.has_normalize:
+            if scope.info.has_normalize:
+                self.error(s.span, f"`{s.target}` has a `normalize`, and so does this pattern")
+            scope.info.has_normalize = True
+
+    def _bind_arguments(self, name: str, target: PatternRef, other: PatternInfo, args, span, scope, how: str):
+        """Check the arguments of `use NAME(args)` or of a pattern call `NAME(args)` (`how` is
+        `use NAME` or `NAME`) against the parameters of `target`."""
         positional = list(target.pattern.params)
+        given = set()
         seen_keyword = False
-        for i, a in enumerate(s.args):
+        for i, a in enumerate(args):
             if a.name is None and seen_keyword:
                 self.error(a.span, "a positional argument cannot follow a keyword argument",
                            f"name it, e.g. `{positional[i].name if i < len(positional) else 'name'}=...`")
             seen_keyword = seen_keyword or a.name is not None
             if a.name is None:
                 if i >= len(positional):
-                    self.error(a.span, f"`{s.target}` takes {len(positional)} parameters, {len(s.args)} given")
+                    self.error(a.span, f"`{name}` takes {len(positional)} parameters, {len(args)} given")
                     continue
                 pname = positional[i].name
             else:
@@ -274,7 +335,7 @@ class Checker:
             prm = other.params.get(pname)
             if prm is None:
                 near = closest(pname, other.params)
-                self.error(a.span, f"`{s.target}` has no parameter `{pname}`",
+                self.error(a.span, f"`{name}` has no parameter `{pname}`",
                            f"did you mean `{near}`?" if near else
                            "its parameters: " + (", ".join(other.params) or "none"))
                 continue
@@ -283,23 +344,26 @@ class Checker:
             given.add(pname)
             v = self.expr(a.value, scope, allow_score=False)
             if v.type != T.ERR and not _assignable(v.type, prm.type):
-                self.error(a.value.span, f"`{pname}` of `{s.target}` is {prm.type}, given {v.type}")
+                self.error(a.value.span, f"`{pname}` of `{name}` is {prm.type}, given {v.type}")
             elif v.type != T.ERR and not v.static and prm.type == T.INT:
                 self.error(a.value.span, f"`{pname}` must be known before the kernel runs: "
                                          "use only sizes, parameters and literals")
         for prm in other.params.values():
             if prm.name not in given and prm.default is None:
-                self.error(s.span, f"`use {s.target}` needs a value for its parameter `{prm.name}`",
-                           f"e.g. `use {s.target}({prm.name}=...)`")
+                self.error(span, f"`{how}` needs a value for its parameter `{prm.name}`",
+                           f"e.g. `{how}({prm.name}=...)`")
+
+    def _bring_in(self, target_name: str, other: PatternInfo, span, scope, here: str):
+        """Make the tensors and lets of an included or called pattern visible to the includer
+        (`here` says where they came from, for the error about an ambiguous let)."""
         for name, decl in other.tensors.items():
             mine = scope.info.tensors.get(name)
             if mine is not None:
                 if mine.elem != decl.elem or len(mine.dims) != len(decl.dims):
-                    self.error(s.span, f"tensor `{name}` of `{s.target}` clashes with the tensor `{name}` here")
+                    self.error(span, f"tensor `{name}` of `{target_name}` clashes with the tensor `{name}` here")
                 continue
-            if self._check_new_name(name, s.span, scope.info, "tensor"):
+            if self._check_new_name(name, span, scope.info, "tensor"):
                 scope.info.tensors[name] = decl
-        here = f"by `use {s.target}` at line {s.span.line}" if s.span else f"by `use {s.target}`"
         for name, typ in other.lets.items():
             info = scope.info
             if name in info.params or name in info.tensors:
@@ -311,20 +375,14 @@ class Checker:
                 continue
             info.lets[name] = typ
             info.let_origin[name] = here
-        if other.has_select:
-            if scope.info.has_select:
-                self.error(s.span, f"`{s.target}` has a `select`, and so does this pattern")
-            scope.info.has_select = True
-        if other.has_normalize:
-            if scope.info.has_normalize:
-                self.error(s.span, f"`{s.target}` has a `normalize`, and so does this pattern")
-            scope.info.has_normalize = True
 
     # ------------------------------------------------------------------ expressions
 
-    def expr(self, e: A.Expr, scope: _Scope, allow_score: bool = False, allow_names: bool = True) -> _Val:
+    def expr(self, e: A.Expr, scope: _Scope, allow_score: bool = False, allow_names: bool = True,
+             allow_patterns: bool = False) -> _Val:
         self._allow_score = allow_score
         self._allow_names = allow_names
+        self._allow_patterns = allow_patterns  # a mask: `P(args)` may call a pattern
         return self._expr(e, scope)
 
     @singledispatchmethod
@@ -383,18 +441,29 @@ class Checker:
         visible = list(A.INDEX_NAMES) + list(A.SIZE_NAMES) + list(info.params) + list(info.lets) + \
             list(scope.loop_vars) + (["score"] if self._allow_score else [])
         near = n.lower() if n in ("True", "False") else closest(n, visible)
+        if n in info.ref.module.scope:
+            self.error(e.span, f"`{n}` is a pattern, not a value",
+                       f"call it in a mask for its masks: `mask {n}()`, or include it: `use {n}`")
+            return _Val(T.ERR, False)
         self.error(e.span, f"unknown name `{n}`", f"did you mean `{near}`?" if near else None)
         return _Val(T.ERR, False)
 
     @_expr.register
     def _(self, e: A.Call, scope):
+        if e.func not in T.FUNCTIONS and e.func in scope.info.ref.module.scope:
+            return self._pattern_call(e, scope)
         args = [self._expr(a, scope) for a in e.args]
         if e.func not in T.FUNCTIONS:
-            near = closest(e.func, T.FUNCTIONS)
+            patterns = list(scope.info.ref.module.scope) if self._allow_patterns else []
+            near = closest(e.func, list(T.FUNCTIONS) + patterns)
             hint = f"did you mean `{near}`?" if near else "functions: " + ", ".join(sorted(T.FUNCTIONS))
             if e.func in scope.info.tensors:
                 hint = f"`{e.func}` is a tensor; index it with square brackets: `{e.func}[...]`"
             self.error(e.span, f"unknown function `{e.func}`", hint)
+            return _Val(T.ERR, False)
+        if e.keywords:
+            self.error(e.keywords[0].span, f"`{e.func}` takes no keyword arguments",
+                       f"pass its arguments in order: `{e.func}(...)`")
             return _Val(T.ERR, False)
         lo, hi = T.FUNCTIONS[e.func].min_args, T.FUNCTIONS[e.func].max_args
         if len(args) < lo or (hi is not None and len(args) > hi):
@@ -408,6 +477,42 @@ class Checker:
             self.error(bad.span, f"`{e.func}` needs numbers, not bool")
             return _Val(T.ERR, False)
         return _Val(t, all(a.static for a in args))
+
+    def _pattern_call(self, e: A.Call, scope) -> _Val:
+        """`P(args)` in a mask: the conjunction of P's masks, P's tensors and lets brought in as
+        by `use`. A name of the pattern (parameter, tensor, let, loop variable) hides P."""
+        info = scope.info
+        local = _local_kind(e.func, scope)
+        if local is not None:
+            self.error(e.span, f"`{e.func}` is a {local} here, which hides the pattern `{e.func}`",
+                       f"rename the {local} to call the pattern")
+            return _Val(T.ERR, False)
+        if not self._allow_patterns:
+            self.error(e.span, f"`{e.func}` is a pattern: a call of it can stand only in a `mask`",
+                       f"write `mask {print_expr(e)}` for its masks, or `use {e.func}(...)` "
+                       "to include all of its statements")
+            return _Val(T.ERR, False)
+        target = info.ref.module.scope[e.func]
+        edge = (info.ref.qualname, target.qualname)
+        if edge not in self.use_sites:
+            self.call_edges.add(edge)
+        self.uses.add_edge(*edge)
+        self.use_sites.setdefault(edge, e.span)
+        flags = self._allow_score, self._allow_names, self._allow_patterns
+        try:  # checking P and the arguments checks other expressions
+            other = self.pattern_info(target)
+            if other.not_a_mask is not None:
+                self.error(e.span, f"`{e.func}` cannot stand for a mask: it has {other.not_a_mask}",
+                           "a pattern called in a mask gives only the conjunction of its masks; "
+                           f"to include its other statements too, write `use {e.func}(...)`")
+                return _Val(T.ERR, False)
+            args = tuple(A.Arg(None, a, span=a.span) for a in e.args) + e.keywords
+            self._bind_arguments(e.func, target, other, args, e.span, scope, e.func)
+            line = f" at line {e.span.line}" if e.span else ""
+            self._bring_in(e.func, other, e.span, scope, f"by `{e.func}(...)`{line}")
+        finally:
+            self._allow_score, self._allow_names, self._allow_patterns = flags
+        return _Val(T.BOOL, False)
 
     @_expr.register
     def _(self, e: A.Index, scope):
@@ -543,6 +648,35 @@ def _known_when_unrolled(e: A.Expr, scope) -> bool:
              A.Compare: lambda: e.operands, A.IfExp: lambda: (e.body, e.cond, e.orelse),
              A.Call: lambda: e.args}.get(type(e))
     return parts is not None and all(_known_when_unrolled(x, scope) for x in parts())
+
+
+def _not_a_mask(info: PatternInfo, what: str, span: Span | None, because: str | None = None) -> None:
+    """Note the first statement that keeps `info`'s pattern from standing for a mask (`because`:
+    why a `use`d pattern cannot)."""
+    if info.not_a_mask is None:
+        info.not_a_mask = what + (f" at {span}" if span else "") + \
+            (f", which has {because}" if because else "")
+
+
+def _local_kind(name: str, scope: _Scope) -> str | None:
+    """What `name` is in the pattern being checked (a name there hides a pattern), or None."""
+    info = scope.info
+    for kind, table in (("loop variable", scope.loop_vars), ("parameter", info.params),
+                        ("tensor", info.tensors), ("let", info.lets), ("let", info.ambiguous)):
+        if name in table:
+            return kind
+    return None
+
+
+def _name_span(span: Span | None, name: str) -> Span | None:
+    """The span of the declared `name` inside a declaration's span (the whole span if the name
+    is not found on its first line)."""
+    if span is None:
+        return None
+    found = re.compile(rf"\b{name}\b").search(span.source.line(span.line), span.col - 1)
+    if found is None:
+        return span
+    return Span(span.source, span.line, found.start() + 1, span.line, found.end() + 1)
 
 
 def _assignable(value_type: str, declared: str) -> bool:

@@ -279,8 +279,15 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def call(self, meta, items):
-        func, *args = items
-        return A.Call(str(func), tuple(a for a in args if a is not None), span=self._span(meta))
+        (func, _), args = items
+        args = args or ()
+        keyword = next((a for a in args if a.name is not None), None)
+        late = next((a for a in args[args.index(keyword):] if a.name is None), None) if keyword else None
+        if late is not None:
+            raise SpecError(late.span, "a positional argument cannot follow a keyword argument",
+                            "give the positional arguments first, or name this one too")
+        return A.Call(func, tuple(a.value for a in args if a.name is None),
+                      tuple(a for a in args if a.name is not None), span=self._span(meta))
 
     @v_args(meta=True)
     def index(self, meta, items):

@@ -111,7 +111,7 @@ def _(e: A.Name):
 
 @_expr.register
 def _(e: A.Call):
-    return f"{e.func}({', '.join(print_expr(a) for a in e.args)})", _ATOM
+    return f"{e.func}({_args(tuple(A.Arg(None, a) for a in e.args) + e.keywords)})", _ATOM
 
 
 @_expr.register

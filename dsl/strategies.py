@@ -15,8 +15,8 @@ backends is a bug and not noise:
 
 Hypothesis shrinks integers toward 0 and sampled lists toward their first element, so leaves,
 `+` and "no" are what a choice shrinks to: optional constructs (`select`, `normalize`, `use`,
-the `sum` wrapper) are drawn when an integer is at its *maximum*, and a shrunk failure keeps one
-only when it is needed.
+the `sum` wrapper, a pattern called in a mask instead of `use`d) are drawn when an integer is at
+its *maximum*, and a shrunk failure keeps one only when it is needed.
 """
 from __future__ import annotations
 
@@ -266,12 +266,13 @@ def _param_default(typ: str):
 
 @st.composite
 def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid: bool = True,
-             allow_tensors: bool = True, depth: int = 2, let_prefix: str = "l"):
+             allow_tensors: bool = True, depth: int = 2, let_prefix: str = "l", allow_scores: bool = True):
     """A random well-typed `Pattern` AST.
 
     Parameters p0.. (int / float / bool, always with a default), tensors t0.. (int ids, bool
-    flags, float tables over sizes or static extents), lets l0.., score statements, masks, and
-    sometimes `select topk(n)` and `normalize sigmoid(bias = ...)`."""
+    flags, float tables over sizes or static extents), lets l0.., score statements (unless not
+    `allow_scores`: a pattern that may be called in a mask), masks, and sometimes `select
+    topk(n)` and `normalize sigmoid(bias = ...)`."""
     ctx = Ctx()
     params, body = [], []
     for i in range(draw(st.integers(0, 3))):
@@ -293,7 +294,7 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
         body.append(A.Let(f"{let_prefix}{i}", draw(gen(ctx, depth))))
         {"int": ctx.ints, "float": ctx.floats, "bool": ctx.bools}[typ].append(f"{let_prefix}{i}")
     ctx.score = True
-    for _ in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.integers(0, 3)) if allow_scores else 0):
         op = draw(st.sampled_from(["=", "+=", "-=", "*=", "/="]))
         value = draw(float_expr(ctx, depth))
         if op == "/=":
@@ -332,23 +333,43 @@ def modules(draw, **kwargs):
 #: stdlib patterns a generated module may `use`, with the int arguments it passes
 STD_USES = (("causal", ()), ("sliding_window", ("window",)), ("chunked", ("chunk",)), ("prefix_lm", ("prefix",)),
             ("softcap", ()))
+#: those of them that have only masks, so that they may also be called in a mask
+STD_MASKS = ("causal", "sliding_window", "chunked", "prefix_lm")
+
+
+@st.composite
+def _include(draw, name: str, args: tuple[A.Arg, ...], callable_: bool):
+    """`use NAME(args)`, or (at the maximum of a draw, when `callable_`) a mask that calls it:
+    `NAME(args)`, `not NAME(args)`, or it `or` / `and` a condition on positions and sizes."""
+    if not callable_ or draw(st.integers(0, 2)) < 2:
+        return A.Use(name, args)
+    call = A.Call(name, tuple(a.value for a in args if a.name is None), tuple(a for a in args if a.name))
+    form = draw(st.integers(0, 2))
+    if form == 0:
+        return A.Mask(call)
+    if form == 1:
+        return A.Mask(A.Unary("not", call))
+    op = draw(st.sampled_from(["or", "and"]))
+    return A.Mask(A.Binary(op, call, draw(bool_expr(Ctx(), 1))))
 
 
 @st.composite
 def fuzz_modules(draw, name: str = "fuzzed", depth: int = 2):
     """A module whose pattern `name` is random and may `use` a helper pattern of the same file
-    (passing some of its parameters) and an imported stdlib pattern."""
+    (passing some of its parameters) and an imported stdlib pattern, or call them in a mask."""
     imports, helpers, uses = [], [], []
     if draw(st.integers(0, 3)) == 3:
+        mask_only = draw(st.integers(0, 2)) == 2  # then it may be called in a mask
         helper = draw(patterns(name="helper", allow_topk=False, allow_sigmoid=False, allow_tensors=False,
-                               depth=1, let_prefix="hl"))
+                               depth=1, let_prefix="hl", allow_scores=not mask_only))
         helpers.append(helper)
-        uses.append(A.Use("helper", tuple(A.Arg(p.name, draw(_param_default(p.type)))
-                                          for p in helper.params if draw(st.booleans()))))
+        uses.append(draw(_include("helper", tuple(A.Arg(p.name, draw(_param_default(p.type)))
+                                                  for p in helper.params if draw(st.booleans())), mask_only)))
     if draw(st.integers(0, 3)) == 3:
         std, args = draw(st.sampled_from(STD_USES))
         imports.append(A.Import(f"std.{std}", None, False))
-        uses.append(A.Use(std, tuple(A.Arg(a, A.Num(draw(st.integers(1, 64)))) for a in args)))
+        uses.append(draw(_include(std, tuple(A.Arg(a, A.Num(draw(st.integers(1, 64)))) for a in args),
+                                  std in STD_MASKS)))
     main = draw(patterns(name=name, depth=depth))
     order = draw(st.permutations(uses)) if uses else []
     return A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))

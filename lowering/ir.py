@@ -19,6 +19,7 @@ they are checked on the host when a call binds, and no kernel reads them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,9 +122,17 @@ class Requirement:
         given = ", ".join(f"{n} = {show(values[n])}" for n, _ in self.names if n in values)
         hint = None
         if self.via:
-            hint = "required by " + ", by ".join(f"the `use` at {s}" for s in self.via)
+            hint = "required by " + ", by ".join(_site(s) for s in self.via)
         return SpecError(self.span, f"require failed: {self.text}" + (f" with {given}" if given else ""),
                          hint)
+
+
+def _site(span: Span) -> str:
+    """`use P` or a call `P(args)` in a mask (a call never starts with the keyword `use`)."""
+    text = span.source.line(span.line)[span.col - 1:]
+    if re.match(r"use\b", text):
+        return f"the `use` at {span}"
+    return f"the call `{re.match(r'[A-Za-z_0-9.]*', text).group()}(...)` at {span}"
 
 
 @dataclass(frozen=True)

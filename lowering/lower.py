@@ -120,10 +120,22 @@ class _Lowerer:
 
     @stmt.register
     def _(self, s: A.Use):
-        target = self.ref.module.scope[s.target]
+        inner = self._include(s.target, s.args, s.span)
+        self.body.scores.extend(inner.scores)
+        self.body.masks.extend(inner.masks)
+        if inner.topk is not None:
+            self.body.topk = inner.topk
+        if inner.normalizer != "softmax" or inner.bias is not None or inner.sink is not None:
+            self.body.normalizer, self.body.bias = inner.normalizer, inner.bias
+            self.body.sink = inner.sink
+
+    def _include(self, name: str, args, span) -> _Body:
+        """Lower the pattern `name` with `args` bound to its parameters (for `use` or a pattern
+        call at `span`); its tensors, lets and requires join this pattern's, the rest is returned."""
+        target = self.ref.module.scope[name]
         positional = [p.name for p in target.pattern.params]
         given: dict[str, Node] = {}
-        for i, a in enumerate(s.args):
+        for i, a in enumerate(args):
             given[a.name or positional[i]] = self.expr(a.value)
         bound: dict[str, Node] = {}
         for p in target.pattern.params:
@@ -135,15 +147,17 @@ class _Lowerer:
         for name, t in inner.tensors.items():
             self.body.tensors.setdefault(name, t)
         self.body.lets.update(inner.lets)
-        self.body.scores.extend(inner.scores)
-        self.body.masks.extend(inner.masks)
-        self.body.requires.extend(replace(r, via=r.via + (s.span,)) if s.span else r
+        self.body.requires.extend(replace(r, via=r.via + (span,)) if span else r
                                   for r in inner.requires)
-        if inner.topk is not None:
-            self.body.topk = inner.topk
-        if inner.normalizer != "softmax" or inner.bias is not None or inner.sink is not None:
-            self.body.normalizer, self.body.bias = inner.normalizer, inner.bias
-            self.body.sink = inner.sink
+        return inner
+
+    def _pattern_call(self, e: A.Call) -> Node:
+        """`P(args)` in a mask: the conjunction of P's masks (true if it has none)."""
+        inner = self._include(e.func, tuple(A.Arg(None, a) for a in e.args) + e.keywords, e.span)
+        out = const(True, e.span)
+        for m in inner.masks:
+            out = m if out.op == "const" else Node("and", "bool", (out, m), None, e.span)
+        return out
 
     # ---------------------------------------------------------------- expressions
 
@@ -176,6 +190,8 @@ class _Lowerer:
 
     @expr.register
     def _(self, e: A.Call):
+        if e.func not in T.FUNCTIONS:  # the checker let only pattern calls through
+            return self._pattern_call(e)
         args = [self.expr(a) for a in e.args]
         rule = T.FUNCTIONS[e.func].result
         if e.func in ("min", "max", "clamp"):

@@ -56,6 +56,18 @@ SPEC_ERRORS = {
     "shift_count_not_static": (2, 26),
     "any_of_numbers": (2, 14),
     "sum_of_booleans": (2, 14),
+    # a parameter or tensor cannot take the name of a keyword the call takes itself
+    "reserved_keyword_parameter": (1, 16),
+    "reserved_keyword_tensor": (3, 12),
+    # a pattern called in a mask, `P(args)`: only in masks, only a mask-only pattern, args as `use`
+    "pattern_call_has_score": (6, 10),
+    "pattern_call_outside_mask": (4, 19),
+    "pattern_call_shadowed": (4, 10),
+    "pattern_call_positional_after_keyword": (4, 34),
+    "pattern_call_missing_argument": (4, 10),
+    "pattern_call_cycle": (2, 10),
+    "pattern_as_value": (4, 10),
+    "function_keyword_argument": (2, 20),
 }
 
 # the hint each of these errors must give
@@ -70,6 +82,12 @@ HINTS = {
     "bitand_on_bools": "for booleans write `and`",
     "invert_bool": "write `not` for a boolean",
     "sum_of_booleans": "`any(...)` or `all(...)` combine booleans",
+    "reserved_keyword_parameter": "rename the parameter, e.g. `scale_`",
+    "reserved_keyword_tensor": "rename the tensor, e.g. `backend_`",
+    "pattern_call_has_score": "write `use tempered(...)`",
+    "pattern_call_outside_mask": "write `mask causal()` for its masks",
+    "pattern_call_shadowed": "rename the parameter to call the pattern",
+    "pattern_as_value": "call it in a mask for its masks: `mask causal()`",
 }
 
 # Call-time mistakes, all on the pattern in call_*.attn (heads = 2):
