@@ -17,6 +17,7 @@ from attnc.lowering import ops
 from attnc.lowering.intervals import Iv
 
 from test_backward import check_fp32, qkv
+from spec_errors import assert_body_error
 from test_sparsity import assert_sound, compare
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -160,10 +161,7 @@ def test_morton_neighborhood_matches_flex_attention_and_its_layout_is_sound():
     ("    mask q < 0x10000000000000000\n", "does not fit in 64 bits"),
 ])
 def test_mistakes_are_spec_errors(src, message):
-    with pytest.raises(attnc.SpecError) as e:
-        attnc.compile("pattern bad:\n" + src, path="bad.attn")
-    text = str(e.value)
-    assert message in text and "bad.attn:2:" in text and "^" in text, text
+    assert_body_error(src, message)
 
 
 def test_a_shift_count_out_of_range_is_an_error_at_the_call():
