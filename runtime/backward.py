@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..lowering.derivative import differentiable_tensors, sink_tensors
-from .binding import Bound
+from .binding import Bound, broadcast_kv
 from .dispatch import call_sizes, call_specialization, check_backend, check_head_dims, layouts
 from .grad_mode import autograd_inside_op
 from .jit import Compiled, backward_kernel
@@ -46,10 +46,13 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
     compiled = backward_kernel(ir, spec, grad_names, wide)
 
     acc = torch.float64 if fp64 else torch.float32
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    shared = k.shape[0] != B  # k and v of batch 1 serve every query batch: sum their gradients
+    k, v = broadcast_kv(q, k, v)
+    dq = torch.zeros_like(q)
+    dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
     grads = {n: torch.zeros_like(bound.tensors[n]) for n in grad_names}
     if Lq == 0 or B * H == 0:
-        return dq, dk, dv, grads
+        return (dq, *_home(dk, dv, shared), grads)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
 
@@ -76,7 +79,13 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
         for n, g in sink_gradients(ir, bound, lse, delta, sink_names, (B, H, Lq, Lk)).items():
             g = g.to(bound.tensors[n].dtype)
             grads[n] = grads[n] + g if n in grads else g
-    return dq, dk, dv, grads
+    return (dq, *_home(dk, dv, shared), grads)
+
+
+def _home(dk, dv, shared: bool):
+    """dK and dV at the shape of the k and v given: summed over the query batch when one k and
+    v (batch 1) served them all."""
+    return (dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)) if shared else (dk, dv)
 
 
 def sink_gradients(ir, bound: Bound, lse, delta, names, shape) -> dict:

@@ -69,6 +69,15 @@ def sizes_for(q_shape, k_shape, v_shape=None) -> dict[str, int]:
             "head_dim": D}
 
 
+def broadcast_kv(q, k, v):
+    """`k` and `v` at q's batch size: as given, or (batch 1, shared by every query batch)
+    expanded without a copy."""
+    B = q.shape[0]
+    if k.shape[0] == B:
+        return k, v
+    return k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
+
+
 def check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -88,8 +97,10 @@ def check_qkv(q, k, v):
     if not (q.device == k.device == v.device):
         raise ValueError(f"`q`, `k` and `v` must be on one device, got {q.device}, {k.device}, {v.device}")
     B, H, Lq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[0] != v.shape[0] or k.shape[0] not in (B, 1):
+        raise ValueError(f"batch sizes differ: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}; "
+                         f"`k` and `v` have q's batch, or batch 1 to serve every query batch (a "
+                         f"shared prefix)")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"`k` and `v` must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
     if k.shape[1] == 0 or H % k.shape[1] != 0:

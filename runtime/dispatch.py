@@ -17,7 +17,7 @@ import torch
 from ..dsl import config
 from ..lowering.int_range import int32_overflow
 from ..lowering.ir import PatternIR
-from .binding import Bound
+from .binding import Bound, broadcast_kv
 from . import jit
 from .jit import Compiled, forward_kernel
 from .launch import Call, Launch, Template, launch, run_launch
@@ -147,6 +147,7 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
 
     A call with the signature of an earlier one reuses its prepared launch: no validation,
     planning or binding is repeated, only the per-call arguments are filled in."""
+    k, v = broadcast_kv(q, k, v)
     key = _template_key(ir, q, k, v, bound, return_lse, options)
     hit = _TEMPLATES.get(key)
     B, H, Lq, _ = q.shape

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..lowering.evaluate import Env, Evaluator
 from ..lowering.ir import PatternIR
-from .binding import Bound
+from .binding import Bound, broadcast_kv
 
 #: elements of one [B, H, chunk, k_len] score block; bounds the interpreter's memory
 CHUNK_ELEMENTS = 1 << 22
@@ -94,6 +94,7 @@ def reference_attention(ir: PatternIR, q, k, v, bound: Bound, *, scale: float,
 
     Returns (out [B,H,Lq,Dv] in q's dtype, lse [B,H,Lq] in fp32/fp64 or None)."""
     B, H, Lq, _ = q.shape
+    k, v = broadcast_kv(q, k, v)
     Hkv, Lk = k.shape[1], k.shape[2]
     if H != Hkv:
         group = H // Hkv
