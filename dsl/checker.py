@@ -23,9 +23,10 @@ MAX_INT = 2 ** 63 - 1
 NORMALIZERS = {"softmax": ("sink",), "sigmoid": ("bias",)}
 SELECTS = {"topk": 1}
 #: the keywords a call of a pattern takes itself (`Pattern.__call__` in runtime/pattern.py, which
-#: tests/test_call_keywords.py holds to this list) and those reserved for keywords to come: no
-#: parameter or tensor may take one of these names, since a call could not pass it.
-#: name -> (what the keyword gives a call, reserved for later)
+#: tests/test_call_keywords.py holds to this list), those of the other calls that take a
+#: pattern's arguments by name (`p.layout`, `attnc.nn.PatternAttention`), and those reserved for
+#: keywords to come: no parameter or tensor may take one of these names, since a call could not
+#: pass it. name -> (what the keyword gives, not a keyword of `p(...)` itself)
 CALL_KEYWORDS = {
     "scale": ("the softmax scale", False),
     "backend": ("the backend", False),
@@ -35,6 +36,9 @@ CALL_KEYWORDS = {
     "k_start": ("the absolute position of the first key", True),
     "k_lens": ("the key length of each sequence", True),
     "block_table": ("the page table of a paged key/value cache", True),
+    "block": ("the tile shape of `p.layout(block=...)`", True),
+    "device": ("the device of `p.layout(device=...)`", True),
+    "frozen": ("the fixed tensors of `attnc.nn.PatternAttention(frozen=...)`", True),
 }
 
 
@@ -164,7 +168,7 @@ class Checker:
         meaning, reserved = CALL_KEYWORDS[name]
         where = _name_span(span, name)
         if reserved:
-            self.error(where, f"`{name}` is reserved for a keyword of the call ({meaning}), "
+            self.error(where, f"`{name}` is reserved for a keyword ({meaning}), "
                               f"so it cannot name a {what}", f"rename the {what}, e.g. `{name}_`")
         else:
             self.error(where, f"`{name}` is a keyword of the call itself (`p(q, k, v, {name}=...)`: "
