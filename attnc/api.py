@@ -6,7 +6,7 @@ import os
 
 from .dsl import config
 from .dsl.diagnostics import SpecError
-from .dsl.loader import read_stdlib, stdlib_names
+from .dsl.loader import stdlib_names, stdlib_source
 from .runtime.binding import ArgumentError
 from .runtime.pattern import Pattern
 
@@ -45,14 +45,8 @@ def load(path: str | os.PathLike, name: str | None = None) -> Pattern:
 @_user_facing
 def std(name: str) -> Pattern:
     """A pattern from the standard library, e.g. ``attnc.std("sliding_window")``."""
-    names = stdlib_names()
     file = name.split(".")[0]
-    if file not in names:
-        from .dsl.diagnostics import closest
-        near = closest(file, names)
-        raise SpecError(None, f"no standard pattern `{name}`",
-                        (f"did you mean `{near}`? " if near else "") + "available: " + ", ".join(names))
-    return compile(read_stdlib(file), name.split(".")[1] if "." in name else file, f"<std>/{file}.attn")
+    return compile(stdlib_source(file), name.split(".")[1] if "." in name else file, f"<std>/{file}.attn")
 
 
 def std_names() -> list[str]:

@@ -57,6 +57,17 @@ def read_stdlib(name: str) -> str:
     return resources.files("attnc.stdlib").joinpath(f"{name}.attn").read_text()
 
 
+def stdlib_source(name: str, prefix: str = "") -> str:
+    """The text of the standard-library file `name`; an unknown name is a SpecError with the
+    nearest one, spelled with `prefix` as the caller writes names (`std.` on the command line)."""
+    names = stdlib_names()
+    if name not in names:
+        near = closest(name, names)
+        raise SpecError(None, f"no standard pattern `{prefix}{name}`",
+                        (f"did you mean `{prefix}{near}`? " if near else "") + "available: " + ", ".join(names))
+    return read_stdlib(name)
+
+
 def build_library(text: str, path: str = "<string>") -> Library:
     """Parse `text` and every module it imports; raise one SpecError with all problems found."""
     diags: list[Diagnostic] = []

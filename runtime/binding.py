@@ -200,9 +200,7 @@ def specialization_of(ir: PatternIR, arguments: dict) -> dict[str, object]:
     known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
     for key in arguments:
         if key not in known:
-            raise ArgumentError(None, f"pattern `{ir.name}` has no parameter or tensor `{key}`",
-                                "it takes: " + ", ".join(sorted(known)) if known else
-                                "it takes no arguments")
+            raise unknown_keyword(ir, key)
     out = {}
     for p in ir.params:
         if p.type not in ("int", "bool"):

@@ -13,8 +13,8 @@ import re
 from dataclasses import replace
 from enum import IntEnum
 
-from ..dsl.diagnostics import SpecError, closest
-from ..dsl.loader import read_stdlib, stdlib_names
+from ..dsl.diagnostics import SpecError
+from ..dsl.loader import stdlib_source
 
 
 class Exit(IntEnum):
@@ -53,12 +53,7 @@ def read_spec(file: str) -> tuple[str, str]:
         with open(file, encoding="utf-8") as f:
             return f.read(), file
     stem = file[len("std."):]
-    names = stdlib_names()
-    if stem not in names:
-        near = closest(stem, names)
-        raise SpecError(None, f"no standard pattern `{stem}`",
-                        (f"did you mean `std.{near}`? " if near else "") + "available: " + ", ".join(names))
-    return read_stdlib(stem), f"<std>/{stem}.attn"
+    return stdlib_source(stem, "std."), f"<std>/{stem}.attn"
 
 
 #: (Python-API wording, command-line wording) in hints and messages
