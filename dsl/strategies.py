@@ -15,12 +15,20 @@ backends is a bug and not noise:
 
 Hypothesis shrinks integers toward 0 and sampled lists toward their first element, so leaves,
 `+` and "no" are what a choice shrinks to: optional constructs (`select`, `normalize`, `use`,
-the `sum` wrapper) are drawn when an integer is at its *maximum*, and a shrunk failure keeps one
-only when it is needed.
+the `sum` wrapper, `def`s) are drawn when an integer is at its *maximum*, and a shrunk failure
+keeps one only when it is needed.
+
+`def`s are drawn last, by *extraction* (`extracted_defs`): a subexpression of a statement becomes
+the body of a new def, its positions, `score` and loop variables becoming parameters, and the
+subexpression a call of it. The def lands at file level when its body reads nothing of the
+pattern (else just before the statement), and sometimes declares its parameters' types. A call
+inlines to the expression it replaced, so the pattern means what it meant without the def:
+every property that held still holds, and the earlier draws (and so the runtime of a fixed-seed
+profile) are what they were.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from hypothesis import strategies as st
 
@@ -314,10 +322,109 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
 
 
 @st.composite
-def modules(draw, **kwargs):
+def modules(draw, defs: bool = True, **kwargs):
     n = draw(st.integers(1, 2))
     pats = tuple(draw(patterns(name=f"fuzzed{i}", **kwargs)) for i in range(n))
-    return A.Module((), pats)
+    module = A.Module((), pats)
+    return draw(extracted_defs(module)) if defs else module
+
+
+# ----------------------------------------------------------------------------- defs
+
+def _children(e: A.Expr) -> list[A.Expr]:
+    if isinstance(e, A.Binary) and e.op == "**":
+        return [e.left]  # the exponent stays a literal: `x ** 2` is int, `x ** f()` float
+    out = []
+    for f in fields(e):
+        v = getattr(e, f.name)
+        if isinstance(v, A.Expr):
+            out.append(v)
+        elif isinstance(v, tuple):
+            out.extend(x for x in v if isinstance(x, A.Expr))
+    return out
+
+
+def _compound(e: A.Expr, loops: frozenset = frozenset()) -> list[tuple[A.Expr, frozenset]]:
+    """The subexpressions of `e` that are not leaves, in pre-order, each with the loop
+    variables of the sums around it."""
+    out = [] if isinstance(e, (A.Num, A.Bool, A.Name)) else [(e, loops)]
+    for c in _children(e):
+        inside = isinstance(e, A.SumGen) and c is e.body
+        out += _compound(c, loops | {e.var} if inside else loops)
+    return out
+
+
+def _substitute(e: A.Expr, rule) -> A.Expr:
+    """`e` rebuilt with each node `x` for which `rule(x)` is not None replaced by that."""
+    new = rule(e)
+    if new is not None:
+        return new
+    changes = {}
+    for f in fields(e):
+        v = getattr(e, f.name)
+        if isinstance(v, A.Expr):
+            changes[f.name] = _substitute(v, rule)
+        elif isinstance(v, tuple) and any(isinstance(x, A.Expr) for x in v):
+            changes[f.name] = tuple(_substitute(x, rule) for x in v)
+    return replace(e, **changes) if changes else e
+
+
+def _free(e: A.Expr, bound: frozenset = frozenset()) -> list[str]:
+    """Names `e` reads that it does not bind (sum loop variables), first occurrence first."""
+    if isinstance(e, A.Name):
+        return [] if e.id in bound else [e.id]
+    if isinstance(e, A.SumGen):
+        found = _free(e.count, bound) + _free(e.body, bound | {e.var})
+    else:
+        found = [n for c in _children(e) for n in _free(c, bound)]
+    return list(dict.fromkeys(found))
+
+
+def _reads_pattern(e: A.Expr, local_defs: set[str]) -> bool:
+    """Whether `e` reads a tensor or calls a def of its pattern."""
+    if isinstance(e, A.Index) or (isinstance(e, A.Call) and e.func in local_defs):
+        return True
+    return any(_reads_pattern(c, local_defs) for c in _children(e))
+
+
+_STMT_EXPR = {A.Let: "value", A.Mask: "cond", A.ScoreStmt: "value"}
+
+
+@st.composite
+def extracted_defs(draw, module: A.Module, most: int = 2):
+    """`module` with up to `most` subexpressions of its last pattern turned into calls of new
+    defs `d0`, `d1`, ... (see the module docstring): what it computes is unchanged."""
+    defs = list(module.defs)
+    pattern = module.patterns[-1]
+    body = list(pattern.body)
+    for _ in range(most):
+        if draw(st.integers(0, 3)) != 3:
+            break
+        spots = [(j, e, loops) for j, stmt in enumerate(body) if type(stmt) in _STMT_EXPR
+                 for e, loops in _compound(getattr(stmt, _STMT_EXPR[type(stmt)]))]
+        if not spots:
+            break
+        j, e, loops = spots[draw(st.integers(0, len(spots) - 1))]
+        local_defs = {s.name for s in body if isinstance(s, A.Def)}
+        free = _free(e)
+        # positions, the score and loop variables are not visible in a def's body: pass them
+        passed = [n for n in free if n in A.INDEX_NAMES or n == "score" or n in loops]
+        declared = draw(st.booleans())
+        params = tuple(A.DefParam("s" if n == "score" else n,
+                                  ("float" if n == "score" else "int") if declared else None)
+                       for n in passed)
+        name = f"d{len(defs) + len(local_defs)}"
+        d = A.Def(name, params, _substitute(e, lambda x: A.Name("s") if x == A.Name("score") else None))
+        call = A.Call(name, tuple(A.Name(n) for n in passed))
+        stmt = body[j]
+        where = _STMT_EXPR[type(stmt)]
+        body[j] = replace(stmt, **{where: _substitute(getattr(stmt, where), lambda x: call if x is e else None)})
+        if set(free) <= set(passed) | set(A.SIZE_NAMES) and not _reads_pattern(e, local_defs):
+            defs.append(d)  # it reads only its parameters and the sizes: a file-level def
+        else:
+            body.insert(j, d)
+    patterns = module.patterns[:-1] + (replace(pattern, body=tuple(body)),)
+    return replace(module, patterns=patterns, defs=tuple(defs))
 
 
 #: stdlib patterns a generated module may `use`, with the int arguments it passes
@@ -342,4 +449,5 @@ def fuzz_modules(draw, name: str = "fuzzed", depth: int = 2):
         uses.append(A.Use(std, tuple(A.Arg(a, A.Num(draw(st.integers(1, 64)))) for a in args)))
     main = draw(patterns(name=name, depth=depth))
     order = draw(st.permutations(uses)) if uses else []
-    return A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))
+    module = A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))
+    return draw(extracted_defs(module))

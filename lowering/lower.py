@@ -68,6 +68,7 @@ class _Lowerer:
         self.loop_vars: dict[str, Node] = {}
         self.module = ref.module if ref is not None else None
         self.defs: dict[str, _DefScope] = {}  # the pattern's defs so far
+        self.args: dict[str, Node] = {}  # in an inlined def's body: its parameters
 
     def run(self) -> _Body:
         for s in self.ref.pattern.body:
@@ -173,12 +174,13 @@ class _Lowerer:
         inner = _Lowerer(self.ref, self.params if local else {})
         inner.module, inner.defs = target.module, site.defs
         inner.body.lets, inner.body.tensors = site.lets, self.body.tensors
-        # the caller's loop variables only count for naming nested sums (by depth); the body
-        # cannot name them (the checker saw to it), so they go under keys no name can spell
+        # the caller's loop variables count for naming the body's sums by depth (so a call gives
+        # the IR of its body written in its place), but the body cannot name them: their keys
+        # are no name
         inner.loop_vars = {f" {n}": v for n, v in self.loop_vars.items()}
         for prm, a in zip(d.params, e.args):
             value = self.expr(a)
-            inner.loop_vars[prm.name] = to_float(value) if prm.type == "float" else value
+            inner.args[prm.name] = to_float(value) if prm.type == "float" else value
         return inner.expr(d.body)
 
     # ---------------------------------------------------------------- expressions
@@ -198,6 +200,8 @@ class _Lowerer:
     @expr.register
     def _(self, e: A.Name):
         n = e.id
+        if n in self.args:
+            return self.args[n]
         if n in self.loop_vars:
             return self.loop_vars[n]
         if n in A.INDEX_NAMES:
