@@ -356,14 +356,15 @@ class Checker:
     @stmt.register
     def _(self, s: A.Def, scope, ref):
         dref = DefRef(ref.module, s, ref.pattern)
-        if self._check_def_name(s, scope.info):
-            scope.info.defs[s.name] = dref
+        named = self._check_def_name(s, scope.info)
+        scope.info.defs[s.name] = dref  # even when misnamed: its calls are not errors too
         # the body sees the pattern's names as they stand here, and this def (so that calling
         # itself is reported as recursion)
         seen = replace(scope.info, params=dict(scope.info.params), tensors=dict(scope.info.tensors),
                        lets=dict(scope.info.lets), ambiguous=dict(scope.info.ambiguous),
                        static_lets=set(scope.info.static_lets), defs={**scope.info.defs, s.name: dref})
-        self._check_def(_DefSite(dref, seen))
+        site = self._check_def(_DefSite(dref, seen))
+        site.ok = site.ok and named
 
     # ------------------------------------------------------------------ defs
 
@@ -373,8 +374,9 @@ class Checker:
         if site is None:  # its own errors go to the file's, even while a call's body is checked
             saved, self.diags = self.diags, self.root_diags
             try:
-                self._check_def_name(dref.definition, PatternInfo(None))
+                named = self._check_def_name(dref.definition, PatternInfo(None))
                 site = self._check_def(_DefSite(dref, PatternInfo(None)))
+                site.ok = site.ok and named
             finally:
                 self.diags = saved
         return site
@@ -482,21 +484,28 @@ class Checker:
         if n in A.INDEX_NAMES or n == "score":
             sees = "its parameters, the sizes and the parameters, tensors and lets of its " \
                 "pattern above it" if scope.in_def.pattern is not None else "its parameters and the sizes"
+            params = ", ".join([p.name for p in scope.in_def.definition.params] + [n if n != "score" else "s"])
             self.error(e.span, f"`{n}` is not visible in the body of `{name}`",
-                       f"a def sees {sees}; pass `{n}` as an argument, e.g. "
-                       f"`def {name}(..., {n}_)` and call `{name}(..., {n})`")
+                       f"a def sees {sees}; pass `{n}` as an argument: "
+                       f"`def {name}({params}) = ...` called as `{name}(..., {n})`")
             return _Val(T.ERR, False)
         info = scope.info
         if n in scope.loop_vars or n in A.SIZE_NAMES or n in T.FUNCTIONS or \
                 any(n in t for t in (info.params, info.lets, info.ambiguous, info.tensors)) or \
                 isinstance(resolve_call(n, scope.module, info.defs), DefRef):
             return None
+        pattern = scope.in_def.pattern
+        if pattern is not None and any(isinstance(s, (A.Let, A.TensorDecl)) and s.name == n
+                                       for s in pattern.body):
+            self.error(e.span, f"`{n}` is defined after `{name}`",
+                       f"a def sees the lets and tensors above it: move `def {name}` below `{n}`")
+            return _Val(T.ERR, False)
         visible = list(scope.args) + list(scope.loop_vars) + list(A.SIZE_NAMES) + list(info.params) + \
             list(info.lets)
         near = closest(n, visible)
         self.error(e.span, f"unknown name `{n}`", f"did you mean `{near}`?" if near else
-                   f"a def sees its parameters, the sizes" +
-                   (" and the names of its pattern above it" if scope.in_def.pattern is not None else ""))
+                   "a def sees its parameters, the sizes and the names of its pattern above it"
+                   if pattern is not None else "a def sees its parameters and the sizes")
         return _Val(T.ERR, False)
 
     def _report_recursion(self):
