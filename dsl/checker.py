@@ -514,17 +514,20 @@ class Checker:
             if frozenset(cycle) in seen:
                 continue
             seen.add(frozenset(cycle))
-
-            def where(i):
-                span = self.def_call_sites[(cycle[i], cycle[(i + 1) % len(cycle)])]
-                return (span.source.path, span.line, span.col) if span else ("", 0, 0)
-            first = min(range(len(cycle)), key=where)
-            cycle = cycle[first:] + cycle[:first]
+            cycle = self._rotate_to_first_call(cycle)
             names = [self.def_names[c] for c in cycle] + [self.def_names[cycle[0]]]
             self.error(self.def_call_sites[(cycle[0], cycle[1 % len(cycle)])],
                        "recursive def: " + " -> ".join(names),
                        "a def cannot call itself, directly or through other defs; "
                        "write a bounded repetition with `sum(... for i in range(n))`")
+
+    def _rotate_to_first_call(self, cycle: list[str]) -> list[str]:
+        """Start a cycle of defs at its call that comes first in the source."""
+        def where(i):
+            span = self.def_call_sites[(cycle[i], cycle[(i + 1) % len(cycle)])]
+            return (span.source.path, span.line, span.col) if span else ("", 0, 0)
+        first = min(range(len(cycle)), key=where)
+        return cycle[first:] + cycle[:first]
 
     # ------------------------------------------------------------------ expressions
 

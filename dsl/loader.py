@@ -28,7 +28,7 @@ class ModuleInfo:
     source: SourceFile
     ast: A.Module
     scope: dict[str, "PatternRef"] = field(default_factory=dict)
-    defs: dict[str, "DefRef"] = field(default_factory=dict)  # file-level defs visible here
+    defs: dict[str, DefRef] = field(default_factory=dict)  # file-level defs visible here
 
 
 @dataclass(frozen=True, eq=False)

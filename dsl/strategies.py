@@ -418,7 +418,8 @@ def extracted_defs(draw, module: A.Module, most: int = 2):
         call = A.Call(name, tuple(A.Name(n) for n in passed))
         stmt = body[j]
         where = _STMT_EXPR[type(stmt)]
-        body[j] = replace(stmt, **{where: _substitute(getattr(stmt, where), lambda x: call if x is e else None)})
+        body[j] = replace(stmt, **{where: _substitute(getattr(stmt, where),
+                                                      lambda x, e=e, call=call: call if x is e else None)})
         if set(free) <= set(passed) | set(A.SIZE_NAMES) and not _reads_pattern(e, local_defs):
             defs.append(d)  # it reads only its parameters and the sizes: a file-level def
         else:

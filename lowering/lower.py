@@ -54,7 +54,7 @@ class _DefScope:
     """What a def's body sees when it is inlined: the lets and defs of its pattern as they stood
     at the def (none for a file-level def)."""
 
-    def __init__(self, ref: DefRef, lets: dict[str, Node], defs: dict[str, "_DefScope"]):
+    def __init__(self, ref: DefRef, lets: dict[str, Node], defs: dict[str, _DefScope]):
         self.ref = ref
         self.lets = lets
         self.defs = defs

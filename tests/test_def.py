@@ -18,9 +18,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-import attnc
 from attnc.dsl import ast as A
 from attnc.dsl import loader
 from attnc.dsl.checker import check_library
@@ -30,9 +27,12 @@ from attnc.dsl.printer import print_module
 from attnc.dsl.strategies import extracted_defs, fuzz_modules, modules
 from attnc.lowering.lower import lower_pattern
 from attnc.lowering.printer import canonical_text
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_backward import check_fp32, qkv
 from test_sparsity import assert_sound, compare
+
+import attnc
 
 GOLDEN = Path(__file__).parent / "golden" / "diagnostics" / "def"
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -149,8 +149,8 @@ def _ir(text: str, path: str = "t.attn", name: str | None = None):
 
 
 SOURCES = [
-    "def f(a, b: int) = a + b\ndef g() = 3\n\npattern p(w: int = 3):\n    def h(x: float) = x * w\n"
-    "    mask f(q, g()) >= k\n    score = h(score)\n",
+    ("def f(a, b: int) = a + b\ndef g() = 3\n\npattern p(w: int = 3):\n    def h(x: float) = x * w\n"
+     "    mask f(q, g()) >= k\n    score = h(score)\n"),
     'import "grid.attn" as g\n\npattern p:\n    mask g.row(q, 4) == g.row(k, 4)\n',
 ]
 
@@ -337,13 +337,13 @@ def test_kernels_forward_and_backward_match_the_reference():
 def test_layouts_of_def_masks_are_sound_and_as_precise_as_written_out():
     p = attnc.load(EXAMPLES / "dilated_neighborhood.attn")
     std = attnc.std("neighborhood_2d")
-    args = dict(height=12, width=10, kernel=3, dilation=2)
-    lay, got, exact = compare(p, 120, 120, 16, 16, **args)
+    args = {"height": 12, "width": 10, "kernel": 3, "dilation": 2}
+    _, got, exact = compare(p, 120, 120, 16, 16, **args)
     assert_sound(got, exact)
     _, std_got, _ = compare(std, 120, 120, 16, 16, **args)
     assert torch.equal(got, std_got)
     video = attnc.load(EXAMPLES / "video_neighborhood.attn")
-    lay, got, exact = compare(video, 150, 150, 16, 32, frames=6, height=5, width=5, kernel_t=3)
+    _, got, exact = compare(video, 150, 150, 16, 32, frames=6, height=5, width=5, kernel_t=3)
     assert_sound(got, exact)
     assert (got == 0).sum() > 0  # far frames are skipped
 
