@@ -22,9 +22,9 @@ keeps one only when it is needed.
 the body of a new def, its positions, `score` and loop variables becoming parameters, and the
 subexpression a call of it. The def lands at file level when its body reads nothing of the
 pattern (else just before the statement), and sometimes declares its parameters' types. A call
-inlines to the expression it replaced, so the pattern means what it meant without the def:
-every property that held still holds, and the earlier draws (and so the runtime of a fixed-seed
-profile) are what they were.
+inlines to the expression it replaced, so the pattern means what it meant without the def
+(the same IR, so the same kernels): every property that held still holds, and the draws
+before it are what they were.
 """
 from __future__ import annotations
 
