@@ -15,25 +15,30 @@ backends is a bug and not noise:
 
 Hypothesis shrinks integers toward 0 and sampled lists toward their first element, so leaves,
 `+` and "no" are what a choice shrinks to: optional constructs (`select`, `normalize`, `use`,
-the `sum` wrapper, `def`s) are drawn when an integer is at its *maximum*, and a shrunk failure
-keeps one only when it is needed.
+the `sum` wrapper) are drawn when an integer is at its *maximum*, and a shrunk failure keeps
+one only when it is needed.
 
-`def`s are drawn last, by *extraction* (`extracted_defs`): a subexpression of a statement becomes
-the body of a new def, its positions, `score` and loop variables becoming parameters, and the
+`def`s come by *extraction* (`extract_defs`): a subexpression of a statement becomes the body
+of a new def, its positions, `score` and loop variables becoming parameters, and the
 subexpression a call of it. The def lands at file level when its body reads nothing of the
 pattern (else just before the statement), and sometimes declares its parameters' types. A call
 inlines to the expression it replaced, so the pattern means what it meant without the def
-(the same IR, so the same kernels): every property that held still holds, and the draws
-before it are what they were.
+(the same IR, so the same kernels): every property that held still holds. `modules` and
+`fuzz_modules` choose the extraction from a hash of the drawn module, not from draws, so the
+choices hypothesis makes — and so the cases, and the runtime, of a fixed-seed profile — are
+those it made before defs existed; `extracted_defs` draws it instead.
 """
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import dataclass, field, fields, replace
 
 from hypothesis import strategies as st
 
 from . import ast as A
 from . import types as T
+from .printer import print_module
 
 #: the language's unary float functions (exp, tanh, ...), in declaration order
 FLOAT_FUNCS = tuple(name for name, f in T.FUNCTIONS.items() if f.result == T.FLOAT and f.max_args == 1)
@@ -295,13 +300,13 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
     for _ in range(draw(st.integers(0, 3))):
         op = draw(st.sampled_from(["=", "+=", "-=", "*=", "/="]))
         value = draw(float_expr(ctx, depth))
-        if op == "/=":
-            value = A.Binary("+", A.Num(1.0), A.Call("abs", (value,)))
         if op == "=" and draw(st.booleans()):
             value = A.Binary("+", A.Name("score"), value)
         if draw(st.integers(0, 4)) == 4:
             value = A.SumGen(A.Binary("*", value, A.Binary("*", A.Name("j"), A.Num(0.5))), "j",
                              A.Num(draw(st.integers(1, 3))))
+        if op == "/=":  # last: a sum's j = 0 term is 0, so a sum may be 0 too
+            value = A.Binary("+", A.Num(1.0), A.Call("abs", (value,)))
         body.append(A.ScoreStmt(op, value))
     ctx.score = False
     for _ in range(draw(st.integers(0, 3))):
@@ -326,7 +331,7 @@ def modules(draw, defs: bool = True, **kwargs):
     n = draw(st.integers(1, 2))
     pats = tuple(draw(patterns(name=f"fuzzed{i}", **kwargs)) for i in range(n))
     module = A.Module((), pats)
-    return draw(extracted_defs(module)) if defs else module
+    return extract_defs(module, _rng_of(module)) if defs else module
 
 
 # ----------------------------------------------------------------------------- defs
@@ -390,26 +395,37 @@ def _reads_pattern(e: A.Expr, local_defs: set[str]) -> bool:
 _STMT_EXPR = {A.Let: "value", A.Mask: "cond", A.ScoreStmt: "value"}
 
 
+def _rng_of(module: A.Module) -> random.Random:
+    """A generator seeded by the module's text: the same module, the same extraction."""
+    return random.Random(zlib.crc32(print_module(module).encode()))
+
+
 @st.composite
-def extracted_defs(draw, module: A.Module, most: int = 2):
-    """`module` with up to `most` subexpressions of its last pattern turned into calls of new
-    defs `d0`, `d1`, ... (see the module docstring): what it computes is unchanged."""
+def extracted_defs(draw, module: A.Module, most: int = 2, chance: float = 1.0):
+    """`extract_defs` with its choices drawn."""
+    return extract_defs(module, random.Random(draw(st.integers(0, 2 ** 32 - 1))), most, chance)
+
+
+def extract_defs(module: A.Module, rng: random.Random, most: int = 2, chance: float = 0.25) -> A.Module:
+    """`module` with up to `most` subexpressions of its last pattern (each with probability
+    `chance`) turned into calls of new defs `d0`, `d1`, ... (see the module docstring): what it
+    computes is unchanged."""
     defs = list(module.defs)
     pattern = module.patterns[-1]
     body = list(pattern.body)
     for _ in range(most):
-        if draw(st.integers(0, 3)) != 3:
+        if rng.random() >= chance:
             break
         spots = [(j, e, loops) for j, stmt in enumerate(body) if type(stmt) in _STMT_EXPR
                  for e, loops in _compound(getattr(stmt, _STMT_EXPR[type(stmt)]))]
         if not spots:
             break
-        j, e, loops = spots[draw(st.integers(0, len(spots) - 1))]
+        j, e, loops = spots[rng.randrange(len(spots))]
         local_defs = {s.name for s in body if isinstance(s, A.Def)}
         free = _free(e)
         # positions, the score and loop variables are not visible in a def's body: pass them
         passed = [n for n in free if n in A.INDEX_NAMES or n == "score" or n in loops]
-        declared = draw(st.booleans())
+        declared = rng.random() < 0.5
         params = tuple(A.DefParam("s" if n == "score" else n,
                                   ("float" if n == "score" else "int") if declared else None)
                        for n in passed)
@@ -451,4 +467,4 @@ def fuzz_modules(draw, name: str = "fuzzed", depth: int = 2):
     main = draw(patterns(name=name, depth=depth))
     order = draw(st.permutations(uses)) if uses else []
     module = A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))
-    return draw(extracted_defs(module))
+    return extract_defs(module, _rng_of(module))
