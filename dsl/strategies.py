@@ -385,6 +385,14 @@ def _free(e: A.Expr, bound: frozenset = frozenset()) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _calls_other(e: A.Expr, defs: set[str]) -> bool:
+    """Whether `e` calls something that is neither a built-in function nor one of `defs` (a
+    pattern called in a mask: it cannot move into a def's body)."""
+    if isinstance(e, A.Call) and e.func not in T.FUNCTIONS and e.func not in defs:
+        return True
+    return any(_calls_other(c, defs) for c in _children(e))
+
+
 def _reads_pattern(e: A.Expr, local_defs: set[str]) -> bool:
     """Whether `e` reads a tensor or calls a def of its pattern."""
     if isinstance(e, A.Index) or (isinstance(e, A.Call) and e.func in local_defs):
@@ -416,8 +424,10 @@ def extract_defs(module: A.Module, rng: random.Random, most: int = 2, chance: fl
     for _ in range(most):
         if rng.random() >= chance:
             break
+        known = {d.name for d in defs} | {s.name for s in body if isinstance(s, A.Def)}
         spots = [(j, e, loops) for j, stmt in enumerate(body) if type(stmt) in _STMT_EXPR
-                 for e, loops in _compound(getattr(stmt, _STMT_EXPR[type(stmt)]))]
+                 for e, loops in _compound(getattr(stmt, _STMT_EXPR[type(stmt)]))
+                 if not _calls_other(e, known)]
         if not spots:
             break
         j, e, loops = spots[rng.randrange(len(spots))]
