@@ -174,7 +174,26 @@ class Require:
     span: Span | None = span_field()
 
 
-Stmt = TensorDecl | Let | Mask | ScoreStmt | Select | Normalize | Use | Require
+@dataclass(frozen=True)
+class DefParam:
+    """A parameter of a `def`: `name`, or `name: int|float|bool`; an undeclared type (None) is
+    the type of the argument at each call."""
+    name: str
+    type: str | None
+    span: Span | None = span_field()
+
+
+@dataclass(frozen=True)
+class Def:
+    """`def name(a, b: int) = body`: a function, inlined at each call. At file level it sees its
+    parameters and the sizes; inside a pattern also the parameters, tensors and lets before it."""
+    name: str
+    params: tuple[DefParam, ...]
+    body: Expr
+    span: Span | None = span_field()
+
+
+Stmt = TensorDecl | Let | Mask | ScoreStmt | Select | Normalize | Use | Require | Def
 
 
 # ----------------------------------------------------------------------------- top level
@@ -209,6 +228,7 @@ class Import:
 class Module:
     imports: tuple[Import, ...]
     patterns: tuple[Pattern, ...]
+    defs: tuple[Def, ...] = ()  # the file-level `def`s
     span: Span | None = span_field()
 
 
@@ -219,4 +239,4 @@ SIZE_NAMES = ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")
 SCALAR_TYPES = ("int", "float", "bool")
 ELEM_TYPES = ("int", "float", "bool")
 KEYWORDS = ("pattern", "import", "as", "tensor", "let", "mask", "score", "select", "normalize",
-            "use", "require", "if", "else", "and", "or", "not", "true", "false", "sum", "any", "all", "for", "in", "range")
+            "use", "require", "def", "if", "else", "and", "or", "not", "true", "false", "sum", "any", "all", "for", "in", "range")

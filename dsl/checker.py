@@ -1,13 +1,18 @@
-"""Semantic checks over a `Library`: names, types, arities, imports and `use` cycles.
+"""Semantic checks over a `Library`: names, types, arities, imports, `use` cycles and `def`s.
 
 The checker collects every error it can find; a wrongly typed expression gets the poison type
 `ERR` so that one mistake is reported once. Its result is the per-pattern `Signature` (the
 parameters and tensors a caller must supply).
+
+A `def` is checked where it is defined (its declared parameter types, the others poisoned, so
+that unknown names and the like are reported there) and again at each call, with the call's
+argument types (memoized per def and types): an error the argument types cause is reported at
+the call. Recursion between defs is found on the graph of calls, like `use` cycles.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import singledispatchmethod
 
 import networkx as nx
@@ -15,7 +20,7 @@ import networkx as nx
 from . import ast as A
 from . import types as T
 from .diagnostics import Diagnostic, SpecError, closest
-from .loader import Library, PatternRef
+from .loader import DefRef, Library, PatternRef, resolve_call
 from .printer import print_expr, print_stmt
 from .source import Span
 
@@ -61,6 +66,7 @@ class PatternInfo:
     not_a_mask: str | None = None
     # this pattern's own lets whose value is known before the kernel runs (see `_Val.static`)
     static_lets: set[str] = field(default_factory=set)
+    defs: dict[str, DefRef] = field(default_factory=dict)  # its own defs (not shared by `use`)
 
 
 @dataclass(frozen=True)
@@ -70,20 +76,41 @@ class _Val:
 
 
 class _Scope:
-    def __init__(self, info: PatternInfo):
+    def __init__(self, info: PatternInfo, module=None):
         self.info = info
         self.loop_vars: dict[str, str] = {}
+        self.module = module if module is not None else info.ref.module
+        self.args: dict[str, _Val] | None = None  # inside a def's body: its parameters
+        self.in_def: DefRef | None = None  # the def whose body this is
+
+
+@dataclass
+class _DefSite:
+    """A def and what its body sees: `info` holds the names of its pattern as they stand at the
+    def (a copy; empty at file level), including the pattern's defs up to this one."""
+
+    ref: DefRef
+    info: PatternInfo
+    ok: bool = True  # the definition itself checked without errors
 
 
 class Checker:
     def __init__(self, lib: Library):
         self.lib = lib
         self.diags: list[Diagnostic] = []
+        self.root_diags = self.diags  # `diags` is swapped while a def's body is checked for a call
+        self._allow_score, self._allow_names = False, True
         self.infos: dict[int, PatternInfo] = {}
         self.in_progress: set[int] = set()
         self.uses = nx.DiGraph()
         self.use_sites: dict[tuple[str, str], Span | None] = {}
         self.call_edges: set[tuple[str, str]] = set()  # edges of `uses` first made by a pattern call
+        self.def_sites: dict[int, _DefSite] = {}
+        self.def_calls = nx.DiGraph()  # def qualname -> the defs its body calls
+        self.def_call_sites: dict[tuple[str, str], Span | None] = {}
+        self.def_names: dict[str, str] = {}  # def qualname -> its name
+        self.def_stack: list[str] = []  # the defs whose bodies are being checked
+        self.instances: dict[tuple, tuple[_Val, Diagnostic | None]] = {}
 
     def error(self, span, message, hint=None):
         self.diags.append(Diagnostic(span, message, hint))
@@ -91,6 +118,9 @@ class Checker:
     # ------------------------------------------------------------------ patterns
 
     def run(self) -> dict[str, PatternInfo]:
+        for mod in self.lib.modules.values():
+            for d in mod.ast.defs:
+                self._def_site(DefRef(mod, d))
         for mod in self.lib.modules.values():
             for p in mod.ast.patterns:
                 self.pattern_info(PatternRef(mod, p))
@@ -105,8 +135,10 @@ class Checker:
                 continue
             self.error(span, "`use` cycle: " + " -> ".join(names),
                        "a pattern cannot include itself, directly or through others")
-        if not self.lib.root.ast.patterns and not any(d.span and d.span.source is self.lib.root.source
-                                                      for d in self.diags):
+        self._report_recursion()
+        root = self.lib.root
+        if not root.ast.patterns and not root.ast.defs and not any(d.span and d.span.source is root.source
+                                                                   for d in self.diags):
             from .source import Span as S
             src = self.lib.root.source
             self.error(S(src, 1, 1, 1, 2), "no pattern in this file" if src.text.strip() else "empty file",
@@ -183,7 +215,8 @@ class Checker:
         if name in T.FUNCTIONS:
             self.error(span, f"`{name}` is a function name and cannot be a {what}")
             return False
-        for kind, table in (("parameter", info.params), ("tensor", info.tensors), ("let", info.lets)):
+        for kind, table in (("parameter", info.params), ("tensor", info.tensors), ("let", info.lets),
+                            ("def", info.defs)):
             if name in table:
                 self.error(span, f"`{name}` is already defined as a {kind}")
                 return False
@@ -380,6 +413,186 @@ class Checker:
             info.lets[name] = typ
             info.let_origin[name] = here
 
+    @stmt.register
+    def _(self, s: A.Def, scope, ref):
+        dref = DefRef(ref.module, s, ref.pattern)
+        named = self._check_def_name(s, scope.info)
+        scope.info.defs[s.name] = dref  # even when misnamed: its calls are not errors too
+        # the body sees the pattern's names as they stand here, and this def (so that calling
+        # itself is reported as recursion)
+        seen = replace(scope.info, params=dict(scope.info.params), tensors=dict(scope.info.tensors),
+                       lets=dict(scope.info.lets), ambiguous=dict(scope.info.ambiguous),
+                       static_lets=set(scope.info.static_lets), defs={**scope.info.defs, s.name: dref})
+        site = self._check_def(_DefSite(dref, seen))
+        site.ok = site.ok and named
+
+    # ------------------------------------------------------------------ defs
+
+    def _def_site(self, dref: DefRef) -> _DefSite:
+        """The site of a def, its definition checked (file-level defs on first need)."""
+        site = self.def_sites.get(id(dref.definition))
+        if site is None:  # its own errors go to the file's, even while a call's body is checked
+            saved, self.diags = self.diags, self.root_diags
+            try:
+                named = self._check_def_name(dref.definition, PatternInfo(None))
+                site = self._check_def(_DefSite(dref, PatternInfo(None)))
+                site.ok = site.ok and named
+            finally:
+                self.diags = saved
+        return site
+
+    def _check_def_name(self, d: A.Def, info: PatternInfo) -> bool:
+        if d.name in T.FUNCTIONS:
+            self.error(d.span, f"`{d.name}` is a built-in function and cannot be redefined",
+                       f"pick another name, e.g. `{d.name}_`")
+            return False
+        return self._check_new_name(d.name, d.span, info, "def")
+
+    def _check_def(self, site: _DefSite) -> _DefSite:
+        """Check a def where it is defined: its parameters, and its body with the declared types
+        (an undeclared one poisoned: its type comes from each call)."""
+        d, dref = site.ref.definition, site.ref
+        self.def_sites[id(d)] = site
+        self.def_names[dref.qualname] = d.name
+        self.def_calls.add_node(dref.qualname)
+        before = len(self.diags)
+        args: dict[str, _Val] = {}
+        for prm in d.params:
+            if prm.name in args:
+                self.error(prm.span, f"parameter `{prm.name}` of `{d.name}` is declared twice")
+                continue
+            if prm.name not in A.INDEX_NAMES:  # positions are not visible in a body: no clash
+                self._check_new_name(prm.name, prm.span, site.info, "parameter")
+            typ = T.ERR
+            if prm.type is not None and prm.type not in A.SCALAR_TYPES:
+                near = closest(prm.type, A.SCALAR_TYPES)
+                self.error(prm.span, f"unknown parameter type `{prm.type}`",
+                           f"did you mean `{near}`?" if near else "parameter types are int, float and bool")
+            elif prm.type is not None:
+                typ = prm.type
+            args[prm.name] = _Val(typ, True)
+        self._def_body(site, args)
+        site.ok = len(self.diags) == before
+        return site
+
+    def _def_body(self, site: _DefSite, args: dict[str, _Val]) -> _Val:
+        scope = _Scope(site.info, site.ref.module)
+        scope.args, scope.in_def = args, site.ref
+        flags = self._allow_score, self._allow_names
+        self._allow_score, self._allow_names = False, True
+        self.def_stack.append(site.ref.qualname)
+        try:
+            return self._expr(site.ref.definition.body, scope)
+        finally:
+            self.def_stack.pop()
+            self._allow_score, self._allow_names = flags
+
+    def _call_def(self, e: A.Call, dref: DefRef, scope: _Scope) -> _Val:
+        """A call of a def: its arity and declared types here, then its body with these
+        argument types; an error there is reported at this call."""
+        if e.keywords:
+            self.error(e.keywords[0].span, f"`{e.func}` takes no keyword arguments",
+                       f"pass its arguments in order: `{e.func}(...)`")
+            return _Val(T.ERR, False)
+        args = [self._expr(a, scope) for a in e.args]
+        static = all(a.static for a in args)
+        d = dref.definition
+        if scope.in_def is not None:
+            edge = (scope.in_def.qualname, dref.qualname)
+            self.def_calls.add_edge(*edge)
+            self.def_call_sites.setdefault(edge, e.span)
+        if not self._allow_names:
+            self.error(e.span, "a default value must be a constant",
+                       "a def cannot be called in a default value")
+            return _Val(T.ERR, True)
+        site = self._def_site(dref)
+        if len(args) != len(d.params):
+            n = len(d.params)
+            self.error(e.span, f"`{e.func}` takes {n} argument{'s' if n != 1 else ''}, {len(args)} given",
+                       f"it is defined as `{_def_header(d)}`" + (f" at {d.span}" if d.span else ""))
+            return _Val(T.ERR, static)
+        types, bad = [], False
+        for prm, a, v in zip(d.params, e.args, args):
+            if prm.type in A.SCALAR_TYPES and v.type != T.ERR and not _assignable(v.type, prm.type):
+                self.error(a.span, f"argument `{prm.name}` of `{e.func}` is {prm.type}, given {v.type}",
+                           f"it is defined as `{_def_header(d)}`" + (f" at {d.span}" if d.span else ""))
+                bad = True
+            types.append(prm.type if prm.type in A.SCALAR_TYPES else v.type)
+        if bad or not site.ok or T.ERR in types or dref.qualname in self.def_stack:
+            return _Val(T.ERR, static)  # reported already (a recursion: once the graph is whole)
+        key = (id(d), tuple(types), tuple(a.static for a in args))
+        if key not in self.instances:
+            saved, self.diags = self.diags, []
+            try:
+                val = self._def_body(site, {p.name: _Val(t, a.static)
+                                            for p, t, a in zip(d.params, types, args)})
+            finally:
+                found, self.diags = self.diags, saved
+            self.instances[key] = (val, found[0] if found else None)
+        val, failure = self.instances[key]
+        if failure is None:
+            return val
+        given = ", ".join(f"{p.name}: {t}" for p, t in zip(d.params, types))
+        hint = f"at {failure.span} in the body of `{d.name}`" if failure.span else f"in the body of `{d.name}`"
+        if failure.hint:
+            hint += f" ({failure.hint})"
+        self.error(e.span, f"`{e.func}` cannot be called with {given}: {failure.message}", hint)
+        return _Val(T.ERR, static)
+
+    def _def_body_name(self, e: A.Name, scope: _Scope) -> _Val | None:
+        """A name in a def's body: a parameter, or None when the pattern's rules resolve it; the
+        positions and `score` are not visible there."""
+        n, name = e.id, scope.in_def.definition.name
+        if n in scope.args:
+            return scope.args[n]
+        if n in A.INDEX_NAMES or n == "score":
+            sees = "its parameters, the sizes and the parameters, tensors and lets of its " \
+                "pattern above it" if scope.in_def.pattern is not None else "its parameters and the sizes"
+            params = ", ".join([p.name for p in scope.in_def.definition.params] + [n if n != "score" else "s"])
+            self.error(e.span, f"`{n}` is not visible in the body of `{name}`",
+                       f"a def sees {sees}; pass `{n}` as an argument: "
+                       f"`def {name}({params}) = ...` called as `{name}(..., {n})`")
+            return _Val(T.ERR, False)
+        info = scope.info
+        if n in scope.loop_vars or n in A.SIZE_NAMES or n in T.FUNCTIONS or \
+                any(n in t for t in (info.params, info.lets, info.ambiguous, info.tensors)) or \
+                isinstance(resolve_call(n, scope.module, info.defs), DefRef):
+            return None
+        pattern = scope.in_def.pattern
+        if pattern is not None and any(isinstance(s, (A.Let, A.TensorDecl)) and s.name == n
+                                       for s in pattern.body):
+            self.error(e.span, f"`{n}` is defined after `{name}`",
+                       f"a def sees the lets and tensors above it: move `def {name}` below `{n}`")
+            return _Val(T.ERR, False)
+        visible = list(scope.args) + list(scope.loop_vars) + list(A.SIZE_NAMES) + list(info.params) + \
+            list(info.lets)
+        near = closest(n, visible)
+        self.error(e.span, f"unknown name `{n}`", f"did you mean `{near}`?" if near else
+                   "a def sees its parameters, the sizes and the names of its pattern above it"
+                   if pattern is not None else "a def sees its parameters and the sizes")
+        return _Val(T.ERR, False)
+
+    def _report_recursion(self):
+        seen = set()
+        for cycle in nx.simple_cycles(self.def_calls):
+            if frozenset(cycle) in seen:
+                continue
+            seen.add(frozenset(cycle))
+            cycle = self._rotate_to_first_call(cycle)
+            names = [self.def_names[c] for c in cycle] + [self.def_names[cycle[0]]]
+            self.error(self.def_call_sites[(cycle[0], cycle[1 % len(cycle)])],
+                       "recursive def: " + " -> ".join(names),
+                       "a def cannot call itself, directly or through other defs; "
+                       "write a bounded repetition with `sum(... for i in range(n))`")
+
+    def _rotate_to_first_call(self, cycle: list[str]) -> list[str]:
+        """Start a cycle of defs at its call that comes first in the source."""
+        def where(i):
+            span = self.def_call_sites[(cycle[i], cycle[(i + 1) % len(cycle)])]
+            return (span.source.path, span.line, span.col) if span else ("", 0, 0)
+        first = min(range(len(cycle)), key=where)
+        return cycle[first:] + cycle[:first]
+
     # ------------------------------------------------------------------ expressions
 
     def expr(self, e: A.Expr, scope: _Scope, allow_score: bool = False, allow_names: bool = True,
@@ -416,6 +629,10 @@ class Checker:
         if not self._allow_names:
             self.error(e.span, "a default value must be a constant")
             return _Val(T.ERR, True)
+        if scope.args is not None:
+            val = self._def_body_name(e, scope)
+            if val is not None:
+                return val
         if n in scope.loop_vars:
             return _Val(T.INT, False)
         if n in A.INDEX_NAMES:
@@ -442,6 +659,9 @@ class Checker:
         if n in T.FUNCTIONS:
             self.error(e.span, f"`{n}` is a function; call it: `{n}(...)`")
             return _Val(T.ERR, False)
+        if isinstance(resolve_call(n, scope.module, info.defs), DefRef):
+            self.error(e.span, f"`{n}` is a def; call it: `{n}(...)`")
+            return _Val(T.ERR, False)
         visible = list(A.INDEX_NAMES) + list(A.SIZE_NAMES) + list(info.params) + list(info.lets) + \
             list(scope.loop_vars) + (["score"] if self._allow_score else [])
         near = n.lower() if n in ("True", "False") else closest(n, visible)
@@ -454,13 +674,18 @@ class Checker:
 
     @_expr.register
     def _(self, e: A.Call, scope):
+        target = resolve_call(e.func, scope.module, scope.info.defs)
+        if isinstance(target, DefRef):  # a def shadows a pattern of the same name
+            return self._call_def(e, target, scope)
         if e.func not in T.FUNCTIONS and e.func in scope.info.ref.module.scope:
             return self._pattern_call(e, scope)
         args = [self._expr(a, scope) for a in e.args]
         if e.func not in T.FUNCTIONS:
+            defs = sorted(set(scope.info.defs) | set(scope.module.defs))
             patterns = list(scope.info.ref.module.scope) if self._allow_patterns else []
-            near = closest(e.func, list(T.FUNCTIONS) + patterns)
-            hint = f"did you mean `{near}`?" if near else "functions: " + ", ".join(sorted(T.FUNCTIONS))
+            near = closest(e.func, list(T.FUNCTIONS) + defs + patterns)
+            hint = f"did you mean `{near}`?" if near else "functions: " + ", ".join(sorted(T.FUNCTIONS)) + \
+                ("; defs: " + ", ".join(defs) if defs else "")
             if e.func in scope.info.tensors:
                 hint = f"`{e.func}` is a tensor; index it with square brackets: `{e.func}[...]`"
             self.error(e.span, f"unknown function `{e.func}`", hint)
@@ -622,7 +847,8 @@ class Checker:
             self.error(e.count.span, f"the range of `{e.kind}` must be known before the kernel "
                                      "runs: use only sizes, parameters and literals")
         if e.var in scope.loop_vars or e.var in A.INDEX_NAMES or e.var in A.SIZE_NAMES or \
-                e.var in scope.info.params or e.var in scope.info.lets or e.var in scope.info.tensors:
+                e.var in scope.info.params or e.var in scope.info.lets or e.var in scope.info.tensors or \
+                e.var in (scope.args or ()):
             self.error(e.span, f"loop variable `{e.var}` hides another name; pick a fresh one")
         outer = dict(scope.loop_vars)
         scope.loop_vars[e.var] = T.INT
@@ -681,6 +907,10 @@ def _name_span(span: Span | None, name: str) -> Span | None:
     if found is None:
         return span
     return Span(span.source, span.line, found.start() + 1, span.line, found.end() + 1)
+
+
+def _def_header(d: A.Def) -> str:
+    return f"def {d.name}(" + ", ".join(p.name + (f": {p.type}" if p.type else "") for p in d.params) + ")"
 
 
 def _assignable(value_type: str, declared: str) -> bool:

@@ -1,7 +1,9 @@
 """Files, imports and name resolution: turns a root `.attn` text into a `Library` of modules.
 
 `import std.NAME` reads `stdlib/NAME.attn` from the installed package; `import "f.attn"` reads a
-file relative to the importing one. Import cycles are errors (found with networkx).
+file relative to the importing one. Import cycles are errors (found with networkx). An import
+brings the file's patterns (for `use`) and its file-level `def`s (for calls) into scope, under
+`alias.` when it has one; `resolve_call` says what a call `f(...)` names.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from importlib import resources
 import networkx as nx
 
 from . import ast as A
+from . import types as T
 from .diagnostics import Diagnostic, SpecError, closest
 from .parser import parse
 from .source import SourceFile
@@ -25,6 +28,7 @@ class ModuleInfo:
     source: SourceFile
     ast: A.Module
     scope: dict[str, "PatternRef"] = field(default_factory=dict)
+    defs: dict[str, DefRef] = field(default_factory=dict)  # file-level defs visible here
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +39,30 @@ class PatternRef:
     @property
     def qualname(self) -> str:
         return f"{self.module.key}:{self.pattern.name}"
+
+
+@dataclass(frozen=True, eq=False)
+class DefRef:
+    """A `def` of `module`: at file level (`pattern` None) or inside `pattern`."""
+
+    module: ModuleInfo
+    definition: A.Def
+    pattern: A.Pattern | None = None
+
+    @property
+    def qualname(self) -> str:
+        inner = f"{self.pattern.name}." if self.pattern is not None else ""
+        return f"{self.module.key}:{inner}{self.definition.name}"
+
+
+def resolve_call(name: str, module: ModuleInfo, local_defs: dict[str, DefRef]) -> DefRef | str | None:
+    """What a call `name(...)` in `module` calls: a def of the enclosing pattern (`local_defs`,
+    which shadow the file's), a def of the file or of a file it imports (`m.name` for an import
+    `as m`), or a built-in function (its name); None if the name calls nothing."""
+    found = local_defs.get(name) or module.defs.get(name)
+    if found is not None:
+        return found
+    return name if name in T.FUNCTIONS else None
 
 
 @dataclass(eq=False)
@@ -165,6 +193,18 @@ def _fill_scope(mod: ModuleInfo, modules: dict[str, ModuleInfo], diags):
             continue
         mod.scope[p.name] = PatternRef(mod, p)
         where[p.name] = "here"
+    def_where: dict[str, str] = {}
+    for d in mod.ast.defs:
+        clash = mod.defs.get(d.name) or mod.scope.get(d.name)
+        if clash is not None:
+            kind = "def" if isinstance(clash, DefRef) else "pattern"
+            first = clash.definition.span if kind == "def" else clash.pattern.span
+            diags.append(Diagnostic(d.span, f"`{d.name}` is already defined in this file as a {kind}",
+                                    f"first defined at line {first.line}; rename one of them"
+                                    if first else "rename one of them"))
+            continue
+        mod.defs[d.name] = DefRef(mod, d)
+        def_where[d.name] = "here"
     for imp in mod.ast.imports:
         key = f"std.{imp.path.split('.')[-1]}" if not imp.is_file else \
             os.path.abspath(os.path.join(os.path.dirname(mod.source.path), imp.path))
@@ -180,3 +220,13 @@ def _fill_scope(mod: ModuleInfo, modules: dict[str, ModuleInfo], diags):
                 continue
             mod.scope[name] = PatternRef(target, p)
             where[name] = f"from `{imp.path}`"
+        for d in target.ast.defs:
+            name = f"{imp.alias}.{d.name}" if imp.alias else d.name
+            mine = mod.defs.get(name)
+            if mine is not None and mine.definition is not d:
+                diags.append(Diagnostic(imp.span, f"`{name}` imported from `{imp.path}` clashes with "
+                                                  f"the def `{name}` {def_where.get(name, 'imported earlier')}",
+                                        f'import it under a prefix: `import {imp.path} as m`'))
+                continue
+            mod.defs[name] = DefRef(target, d)
+            def_where[name] = f"from `{imp.path}`"

@@ -96,7 +96,8 @@ class _Build(Transformer):
     def start(self, meta, items):
         imports = tuple(i for i in items if isinstance(i, A.Import))
         patterns = tuple(i for i in items if isinstance(i, A.Pattern))
-        return A.Module(imports, patterns, span=self._span(meta))
+        defs = tuple(i for i in items if isinstance(i, A.Def))
+        return A.Module(imports, patterns, defs, span=self._span(meta))
 
     def dotted_name(self, names):
         return ".".join(str(n) for n in names), names[0]
@@ -167,6 +168,17 @@ class _Build(Transformer):
     @v_args(meta=True)
     def require_stmt(self, meta, items):
         return A.Require(items[0], span=self._span(meta))
+
+    @v_args(meta=True)
+    def def_stmt(self, meta, items):
+        name, *rest = items
+        *params, body = rest
+        return A.Def(str(name), tuple(p for p in params if p is not None), body, span=self._tok(name))
+
+    @v_args(meta=True)
+    def def_param(self, meta, items):
+        name, typ = items
+        return A.DefParam(str(name), str(typ) if typ is not None else None, span=self._span(meta))
 
     def arglist(self, items):
         return tuple(a for a in items if a is not None)

@@ -14,6 +14,8 @@ _BIN_LEVEL = {"or": _OR, "and": _AND, "|": _BOR, "^": _BXOR, "&": _BAND, "<<": _
 def print_module(m: A.Module) -> str:
     parts = [print_import(i) for i in m.imports]
     text = "\n".join(parts) + ("\n\n" if parts else "")
+    if m.defs:
+        text += "\n".join(print_stmt(d) for d in m.defs) + "\n\n"
     return text + "\n\n".join(print_pattern(p) for p in m.patterns)
 
 
@@ -81,6 +83,12 @@ def _(s: A.Use) -> str:
 @print_stmt.register
 def _(s: A.Require) -> str:
     return f"require {print_expr(s.cond)}"
+
+
+@print_stmt.register
+def _(s: A.Def) -> str:
+    params = ", ".join(p.name + (f": {p.type}" if p.type else "") for p in s.params)
+    return f"def {s.name}({params}) = {print_expr(s.body)}"
 
 
 def print_expr(e: A.Expr, need: int = _IFEXP) -> str:

@@ -17,15 +17,28 @@ Hypothesis shrinks integers toward 0 and sampled lists toward their first elemen
 `+` and "no" are what a choice shrinks to: optional constructs (`select`, `normalize`, `use`,
 the `sum` wrapper, a pattern called in a mask instead of `use`d) are drawn when an integer is at
 its *maximum*, and a shrunk failure keeps one only when it is needed.
+
+`def`s come by *extraction* (`extract_defs`): a subexpression of a statement becomes the body
+of a new def, its positions, `score` and loop variables becoming parameters, and the
+subexpression a call of it. The def lands at file level when its body reads nothing of the
+pattern (else just before the statement), and sometimes declares its parameters' types. A call
+inlines to the expression it replaced, so the pattern means what it meant without the def
+(the same IR, so the same kernels): every property that held still holds. `modules` and
+`fuzz_modules` choose the extraction from a hash of the drawn module, not from draws, so the
+choices hypothesis makes — and so the cases, and the runtime, of a fixed-seed profile — are
+those it made before defs existed; `extracted_defs` draws it instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import random
+import zlib
+from dataclasses import dataclass, field, fields, replace
 
 from hypothesis import strategies as st
 
 from . import ast as A
 from . import types as T
+from .printer import print_module
 
 #: the language's unary float functions (exp, tanh, ...), in declaration order
 FLOAT_FUNCS = tuple(name for name, f in T.FUNCTIONS.items() if f.result == T.FLOAT and f.max_args == 1)
@@ -297,13 +310,13 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
     for _ in range(draw(st.integers(0, 3)) if allow_scores else 0):
         op = draw(st.sampled_from(["=", "+=", "-=", "*=", "/="]))
         value = draw(float_expr(ctx, depth))
-        if op == "/=":
-            value = A.Binary("+", A.Num(1.0), A.Call("abs", (value,)))
         if op == "=" and draw(st.booleans()):
             value = A.Binary("+", A.Name("score"), value)
         if draw(st.integers(0, 4)) == 4:
             value = A.SumGen(A.Binary("*", value, A.Binary("*", A.Name("j"), A.Num(0.5))), "j",
                              A.Num(draw(st.integers(1, 3))))
+        if op == "/=":  # last: a sum's j = 0 term is 0, so a sum may be 0 too
+            value = A.Binary("+", A.Num(1.0), A.Call("abs", (value,)))
         body.append(A.ScoreStmt(op, value))
     ctx.score = False
     for _ in range(draw(st.integers(0, 3))):
@@ -324,10 +337,131 @@ def patterns(draw, name: str = "fuzzed", allow_topk: bool = True, allow_sigmoid:
 
 
 @st.composite
-def modules(draw, **kwargs):
+def modules(draw, defs: bool = True, **kwargs):
     n = draw(st.integers(1, 2))
     pats = tuple(draw(patterns(name=f"fuzzed{i}", **kwargs)) for i in range(n))
-    return A.Module((), pats)
+    module = A.Module((), pats)
+    return extract_defs(module, _rng_of(module)) if defs else module
+
+
+# ----------------------------------------------------------------------------- defs
+
+def _children(e: A.Expr) -> list[A.Expr]:
+    if isinstance(e, A.Binary) and e.op == "**":
+        return [e.left]  # the exponent stays a literal: `x ** 2` is int, `x ** f()` float
+    out = []
+    for f in fields(e):
+        v = getattr(e, f.name)
+        if isinstance(v, A.Expr):
+            out.append(v)
+        elif isinstance(v, tuple):
+            out.extend(x for x in v if isinstance(x, A.Expr))
+    return out
+
+
+def _compound(e: A.Expr, loops: frozenset = frozenset()) -> list[tuple[A.Expr, frozenset]]:
+    """The subexpressions of `e` that are not leaves, in pre-order, each with the loop
+    variables of the sums around it."""
+    out = [] if isinstance(e, (A.Num, A.Bool, A.Name)) else [(e, loops)]
+    for c in _children(e):
+        inside = isinstance(e, A.SumGen) and c is e.body
+        out += _compound(c, loops | {e.var} if inside else loops)
+    return out
+
+
+def _substitute(e: A.Expr, rule) -> A.Expr:
+    """`e` rebuilt with each node `x` for which `rule(x)` is not None replaced by that."""
+    new = rule(e)
+    if new is not None:
+        return new
+    changes = {}
+    for f in fields(e):
+        v = getattr(e, f.name)
+        if isinstance(v, A.Expr):
+            changes[f.name] = _substitute(v, rule)
+        elif isinstance(v, tuple) and any(isinstance(x, A.Expr) for x in v):
+            changes[f.name] = tuple(_substitute(x, rule) for x in v)
+    return replace(e, **changes) if changes else e
+
+
+def _free(e: A.Expr, bound: frozenset = frozenset()) -> list[str]:
+    """Names `e` reads that it does not bind (sum loop variables), first occurrence first."""
+    if isinstance(e, A.Name):
+        return [] if e.id in bound else [e.id]
+    if isinstance(e, A.SumGen):
+        found = _free(e.count, bound) + _free(e.body, bound | {e.var})
+    else:
+        found = [n for c in _children(e) for n in _free(c, bound)]
+    return list(dict.fromkeys(found))
+
+
+def _calls_other(e: A.Expr, defs: set[str]) -> bool:
+    """Whether `e` calls something that is neither a built-in function nor one of `defs` (a
+    pattern called in a mask: it cannot move into a def's body)."""
+    if isinstance(e, A.Call) and e.func not in T.FUNCTIONS and e.func not in defs:
+        return True
+    return any(_calls_other(c, defs) for c in _children(e))
+
+
+def _reads_pattern(e: A.Expr, local_defs: set[str]) -> bool:
+    """Whether `e` reads a tensor or calls a def of its pattern."""
+    if isinstance(e, A.Index) or (isinstance(e, A.Call) and e.func in local_defs):
+        return True
+    return any(_reads_pattern(c, local_defs) for c in _children(e))
+
+
+_STMT_EXPR = {A.Let: "value", A.Mask: "cond", A.ScoreStmt: "value"}
+
+
+def _rng_of(module: A.Module) -> random.Random:
+    """A generator seeded by the module's text: the same module, the same extraction."""
+    return random.Random(zlib.crc32(print_module(module).encode()))
+
+
+@st.composite
+def extracted_defs(draw, module: A.Module, most: int = 2, chance: float = 1.0):
+    """`extract_defs` with its choices drawn."""
+    return extract_defs(module, random.Random(draw(st.integers(0, 2 ** 32 - 1))), most, chance)
+
+
+def extract_defs(module: A.Module, rng: random.Random, most: int = 2, chance: float = 0.25) -> A.Module:
+    """`module` with up to `most` subexpressions of its last pattern (each with probability
+    `chance`) turned into calls of new defs `d0`, `d1`, ... (see the module docstring): what it
+    computes is unchanged."""
+    defs = list(module.defs)
+    pattern = module.patterns[-1]
+    body = list(pattern.body)
+    for _ in range(most):
+        if rng.random() >= chance:
+            break
+        known = {d.name for d in defs} | {s.name for s in body if isinstance(s, A.Def)}
+        spots = [(j, e, loops) for j, stmt in enumerate(body) if type(stmt) in _STMT_EXPR
+                 for e, loops in _compound(getattr(stmt, _STMT_EXPR[type(stmt)]))
+                 if not _calls_other(e, known)]
+        if not spots:
+            break
+        j, e, loops = spots[rng.randrange(len(spots))]
+        local_defs = {s.name for s in body if isinstance(s, A.Def)}
+        free = _free(e)
+        # positions, the score and loop variables are not visible in a def's body: pass them
+        passed = [n for n in free if n in A.INDEX_NAMES or n == "score" or n in loops]
+        declared = rng.random() < 0.5
+        params = tuple(A.DefParam("s" if n == "score" else n,
+                                  ("float" if n == "score" else "int") if declared else None)
+                       for n in passed)
+        name = f"d{len(defs) + len(local_defs)}"
+        d = A.Def(name, params, _substitute(e, lambda x: A.Name("s") if x == A.Name("score") else None))
+        call = A.Call(name, tuple(A.Name(n) for n in passed))
+        stmt = body[j]
+        where = _STMT_EXPR[type(stmt)]
+        body[j] = replace(stmt, **{where: _substitute(getattr(stmt, where),
+                                                      lambda x, e=e, call=call: call if x is e else None)})
+        if set(free) <= set(passed) | set(A.SIZE_NAMES) and not _reads_pattern(e, local_defs):
+            defs.append(d)  # it reads only its parameters and the sizes: a file-level def
+        else:
+            body.insert(j, d)
+    patterns = module.patterns[:-1] + (replace(pattern, body=tuple(body)),)
+    return replace(module, patterns=patterns, defs=tuple(defs))
 
 
 #: stdlib patterns a generated module may `use`, with the int arguments it passes
@@ -372,4 +506,5 @@ def fuzz_modules(draw, name: str = "fuzzed", depth: int = 2):
                                   std in STD_MASKS)))
     main = draw(patterns(name=name, depth=depth))
     order = draw(st.permutations(uses)) if uses else []
-    return A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))
+    module = A.Module(tuple(imports), tuple(helpers) + (replace(main, body=tuple(order) + main.body),))
+    return extract_defs(module, _rng_of(module))

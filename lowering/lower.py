@@ -1,5 +1,6 @@
-"""Checked AST → core IR: inline lets, expand `use`, desugar comparisons and `clamp`, make
-int→float promotions explicit. Assumes the checker passed; violations are internal errors."""
+"""Checked AST → core IR: inline lets and calls of `def`s, expand `use`, desugar comparisons
+and `clamp`, make int→float promotions explicit. Assumes the checker passed; violations are
+internal errors."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,7 +9,7 @@ from functools import singledispatchmethod
 from ..dsl import ast as A
 from ..dsl import types as T
 from ..dsl.diagnostics import SpecError
-from ..dsl.loader import PatternRef
+from ..dsl.loader import DefRef, PatternRef, resolve_call
 from ..dsl.printer import print_expr
 from .ir import Node, ParamDecl, PatternIR, Requirement, TensorSpec, const, uses
 from .simplify import simplify
@@ -50,12 +51,25 @@ class _Body:
         self.requires: list[Requirement] = []
 
 
+class _DefScope:
+    """What a def's body sees when it is inlined: the lets and defs of its pattern as they stood
+    at the def (none for a file-level def)."""
+
+    def __init__(self, ref: DefRef, lets: dict[str, Node], defs: dict[str, _DefScope]):
+        self.ref = ref
+        self.lets = lets
+        self.defs = defs
+
+
 class _Lowerer:
     def __init__(self, ref: PatternRef, params: dict[str, Node]):
         self.ref = ref
         self.params = params
         self.body = _Body()
         self.loop_vars: dict[str, Node] = {}
+        self.module = ref.module if ref is not None else None
+        self.defs: dict[str, _DefScope] = {}  # the pattern's defs so far
+        self.args: dict[str, Node] = {}  # in an inlined def's body: its parameters
 
     def run(self) -> _Body:
         for s in self.ref.pattern.body:
@@ -159,6 +173,31 @@ class _Lowerer:
             out = m if out.op == "const" else Node("and", "bool", (out, m), None, e.span)
         return out
 
+    @stmt.register
+    def _(self, s: A.Def):
+        site = _DefScope(DefRef(self.ref.module, s, self.ref.pattern), dict(self.body.lets), {})
+        site.defs = {**self.defs, s.name: site}
+        self.defs[s.name] = site
+
+    def _inline(self, e: A.Call, target: DefRef) -> Node:
+        """The body of the def `target` with its parameters bound to this call's arguments."""
+        site = self.defs.get(e.func)
+        if site is None or site.ref.definition is not target.definition:
+            site = _DefScope(target, {}, {})  # a file-level def
+        d = target.definition
+        local = target.pattern is not None
+        inner = _Lowerer(self.ref, self.params if local else {})
+        inner.module, inner.defs = target.module, site.defs
+        inner.body.lets, inner.body.tensors = site.lets, self.body.tensors
+        # the caller's loop variables count for naming the body's sums by depth (so a call gives
+        # the IR of its body written in its place), but the body cannot name them: their keys
+        # are no name
+        inner.loop_vars = {f" {n}": v for n, v in self.loop_vars.items()}
+        for prm, a in zip(d.params, e.args):
+            value = self.expr(a)
+            inner.args[prm.name] = to_float(value) if prm.type == "float" else value
+        return inner.expr(d.body)
+
     # ---------------------------------------------------------------- expressions
 
     @singledispatchmethod
@@ -176,6 +215,8 @@ class _Lowerer:
     @expr.register
     def _(self, e: A.Name):
         n = e.id
+        if n in self.args:
+            return self.args[n]
         if n in self.loop_vars:
             return self.loop_vars[n]
         if n in A.INDEX_NAMES:
@@ -190,6 +231,10 @@ class _Lowerer:
 
     @expr.register
     def _(self, e: A.Call):
+        target = None if self.module is None else \
+            resolve_call(e.func, self.module, {n: s.ref for n, s in self.defs.items()})
+        if isinstance(target, DefRef):
+            return self._inline(e, target)
         if e.func not in T.FUNCTIONS:  # the checker let only pattern calls through
             return self._pattern_call(e)
         args = [self.expr(a) for a in e.args]
