@@ -63,7 +63,16 @@ def _broadcast_strides(t: torch.Tensor) -> list[int]:
 
 def layout_lists(layout, orientation: str) -> dict:
     """A block layout's PARTIAL and FULL lists for one orientation ('kv': key tiles per query
-    tile, 'q': query tiles per key tile), and their strides (stride 0 on size-1 dims)."""
+    tile, 'q': query tiles per key tile), and their strides (stride 0 on size-1 dims); computed
+    once per layout (a cached layout serves many calls)."""
+    cache = layout.__dict__.setdefault("_launch_lists", {})
+    lists = cache.get(orientation)
+    if lists is None:
+        lists = cache[orientation] = _layout_lists(layout, orientation)
+    return lists
+
+
+def _layout_lists(layout, orientation: str) -> dict:
     lists = {name: getattr(layout, f"{orientation}_{cls}_{what}")
              for name, cls, what in (("part_num", "partial", "num"), ("part_idx", "partial", "idx"),
                                      ("full_num", "full", "num"), ("full_idx", "full", "idx"))}
