@@ -89,6 +89,20 @@ def test_flat_options_set_every_kernel_and_left_out_fields_keep_the_policy(launc
         assert _tiles(launches[role][-1]) == (base.block_m, 16), role
 
 
+def test_pattern_attention_passes_kernel_options_through(launches):
+    """attnc.nn.PatternAttention gives kernel_options to every call, with learnable tensors."""
+    from attnc.nn import PatternAttention
+    m = PatternAttention("alibi", backend="triton", kernel_options={"block_m": 32, "block_n": 16},
+                         slopes=torch.tensor([0.2, 0.4]))
+    q, k, v = _qkv(grad=True)
+    out = m(q, k, v)
+    _grads(out, q, k, v, m.slopes)
+    for role in policy.KERNELS:
+        assert _tiles(launches[role][-1]) == (32, 16), role
+    ref = attnc.std("alibi")(q, k, v, slopes=m.slopes, backend="reference")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_a_call_with_other_options_does_not_reuse_the_first_plan(launches):
     p = attnc.std("causal")
     q, k, v = _qkv()
