@@ -182,14 +182,18 @@ def _locate(mod: ModuleInfo, imp: A.Import, diags):
     return full, os.path.relpath(full) if not os.path.isabs(imp.path) else full, text
 
 
+def _defined_twice(span, message: str, first) -> Diagnostic:
+    """A second definition of a file-level name, pointing back at the first (`first`: its span)."""
+    return Diagnostic(span, message, f"first defined at line {first.line}; rename one of them"
+                      if first else "rename one of them")
+
+
 def _fill_scope(mod: ModuleInfo, modules: dict[str, ModuleInfo], diags):
     where: dict[str, str] = {}
     for p in mod.ast.patterns:
         if p.name in mod.scope:
-            first = mod.scope[p.name].pattern.span
-            diags.append(Diagnostic(p.span, f"pattern `{p.name}` is defined twice in this file",
-                                    f"first defined at line {first.line}; rename one of them"
-                                    if first else "rename one of them"))
+            diags.append(_defined_twice(p.span, f"pattern `{p.name}` is defined twice in this file",
+                                        mod.scope[p.name].pattern.span))
             continue
         mod.scope[p.name] = PatternRef(mod, p)
         where[p.name] = "here"
@@ -199,9 +203,8 @@ def _fill_scope(mod: ModuleInfo, modules: dict[str, ModuleInfo], diags):
         if clash is not None:
             kind = "def" if isinstance(clash, DefRef) else "pattern"
             first = clash.definition.span if kind == "def" else clash.pattern.span
-            diags.append(Diagnostic(d.span, f"`{d.name}` is already defined in this file as a {kind}",
-                                    f"first defined at line {first.line}; rename one of them"
-                                    if first else "rename one of them"))
+            diags.append(_defined_twice(d.span, f"`{d.name}` is already defined in this file as a {kind}",
+                                        first))
             continue
         mod.defs[d.name] = DefRef(mod, d)
         def_where[d.name] = "here"

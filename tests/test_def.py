@@ -29,6 +29,7 @@ from attnc.lowering.lower import lower_pattern
 from attnc.lowering.printer import canonical_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spec_errors import check_golden_error
 from test_backward import check_fp32, qkv
 from test_sparsity import assert_sound, compare
 
@@ -76,28 +77,13 @@ SAYS = {
 }
 
 
-def _compile_error(name: str) -> attnc.SpecError:
-    text = (GOLDEN / f"{name}.attn").read_text(encoding="utf-8")
-    with pytest.raises(attnc.SpecError) as info:
-        attnc.compile(text, path=f"{name}.attn")
-    return info.value
-
-
 def test_every_golden_file_has_a_case():
     assert {p.stem for p in GOLDEN.glob("*.attn")} == set(SPEC_ERRORS)
 
 
 @pytest.mark.parametrize("name", sorted(SPEC_ERRORS))
 def test_spec_error(name, golden):
-    err = _compile_error(name)
-    assert len(err.diagnostics) == 1, err.render()
-    d = err.diagnostics[0]
-    assert d.span is not None and str(d.span).startswith(f"{name}.attn:"), err.render()
-    assert (d.span.line, d.span.col) == SPEC_ERRORS[name], err.render()
-    assert "internal error" not in d.message
-    if name in SAYS:
-        assert SAYS[name] in d.message + "\n" + (d.hint or ""), err.render()
-    golden.check(GOLDEN / f"{name}.txt", err.render())
+    check_golden_error(GOLDEN, name, SPEC_ERRORS[name], golden, says=SAYS.get(name))
 
 
 def test_errors_in_a_def_are_reported_once_however_often_it_is_called():

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnc.runtime.binding import ArgumentError
+from spec_errors import check_golden_error, golden_error
 
 import attnc
-from attnc.runtime.binding import ArgumentError
 
 GOLDEN = Path(__file__).parent / "golden" / "diagnostics"
 
@@ -115,10 +116,7 @@ def _render(err: Exception) -> str:
 
 
 def _compile_error(name: str) -> attnc.SpecError:
-    text = (GOLDEN / f"{name}.attn").read_text(encoding="utf-8")
-    with pytest.raises(attnc.SpecError) as info:
-        attnc.compile(text, path=f"{name}.attn")
-    return info.value
+    return golden_error(GOLDEN, name)
 
 
 def test_every_golden_file_has_a_case():
@@ -128,14 +126,7 @@ def test_every_golden_file_has_a_case():
 
 @pytest.mark.parametrize("name", sorted(SPEC_ERRORS))
 def test_spec_error(name, golden):
-    err = _compile_error(name)
-    assert len(err.diagnostics) == 1, err.render()
-    d = err.diagnostics[0]
-    assert d.span is not None, err.render()
-    assert (d.span.line, d.span.col) == SPEC_ERRORS[name], err.render()
-    assert str(d.span).startswith(f"{name}.attn:")
-    assert "internal error" not in d.message
-    golden.check(GOLDEN / f"{name}.txt", _render(err))
+    check_golden_error(GOLDEN, name, SPEC_ERRORS[name], golden, render=_render)
 
 
 @pytest.mark.parametrize("name", sorted(HINTS))
