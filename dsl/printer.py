@@ -149,9 +149,11 @@ def _(e: A.Binary):
 
 @_expr.register
 def _(e: A.Compare):
+    last = len(e.operands) - 1
     parts = [print_expr(e.operands[0], _BOR)]
-    for op, operand in zip(e.ops, e.operands[1:]):
-        parts += [op, print_expr(operand, _BOR)]
+    for i, (op, operand) in enumerate(zip(e.ops, e.operands[1:]), 1):
+        # a bit operation inside a chain is parenthesized (the parser refuses a bare `&` / `|` there)
+        parts += [op, print_expr(operand, _BOR if i == last else _SHIFT)]
     return " ".join(parts), _CMP
 
 

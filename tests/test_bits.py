@@ -181,3 +181,8 @@ def test_printer_round_trips_bit_operators_with_their_precedence():
     m = parse(src)
     assert parse(print_module(m)) == m
     assert "q | k ^ 3 & q << 1 >> 2" in print_module(m)
+    # inside a comparison chain a bit operation prints in parentheses, which the parser requires
+    from attnc.dsl import ast as A
+    chain = A.Compare(("<=", "<"), (A.Num(0), A.Binary("&", A.Name("q"), A.Name("k")), A.Name("q")))
+    m = A.Module((), (A.Pattern("p", (), (A.Mask(chain),)),))
+    assert "0 <= (q & k) < q" in print_module(m) and parse(print_module(m)) == m
