@@ -478,14 +478,16 @@ class Checker:
     def _def_body(self, site: _DefSite, args: dict[str, _Val]) -> _Val:
         scope = _Scope(site.info, site.ref.module)
         scope.args, scope.in_def = args, site.ref
-        flags = self._allow_score, self._allow_names
-        self._allow_score, self._allow_names = False, True
+        flags = (getattr(self, "_allow_score", False), getattr(self, "_allow_names", True),
+                 getattr(self, "_allow_patterns", False))
+        # a def's body calls functions and defs, never a pattern (those stand for masks)
+        self._allow_score, self._allow_names, self._allow_patterns = False, True, False
         self.def_stack.append(site.ref.qualname)
         try:
             return self._expr(site.ref.definition.body, scope)
         finally:
             self.def_stack.pop()
-            self._allow_score, self._allow_names = flags
+            self._allow_score, self._allow_names, self._allow_patterns = flags
 
     def _call_def(self, e: A.Call, dref: DefRef, scope: _Scope) -> _Val:
         """A call of a def: its arity and declared types here, then its body with these
@@ -677,12 +679,13 @@ class Checker:
         target = resolve_call(e.func, scope.module, scope.info.defs)
         if isinstance(target, DefRef):  # a def shadows a pattern of the same name
             return self._call_def(e, target, scope)
-        if e.func not in T.FUNCTIONS and e.func in scope.info.ref.module.scope:
+        in_pattern = scope.info.ref is not None  # not the body of a file-level def
+        if in_pattern and e.func not in T.FUNCTIONS and e.func in scope.info.ref.module.scope:
             return self._pattern_call(e, scope)
         args = [self._expr(a, scope) for a in e.args]
         if e.func not in T.FUNCTIONS:
             defs = sorted(set(scope.info.defs) | set(scope.module.defs))
-            patterns = list(scope.info.ref.module.scope) if self._allow_patterns else []
+            patterns = list(scope.info.ref.module.scope) if self._allow_patterns and in_pattern else []
             near = closest(e.func, list(T.FUNCTIONS) + defs + patterns)
             hint = f"did you mean `{near}`?" if near else "functions: " + ", ".join(sorted(T.FUNCTIONS)) + \
                 ("; defs: " + ", ".join(defs) if defs else "")

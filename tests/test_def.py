@@ -410,3 +410,15 @@ def test_video_neighborhood_matches_flex_attention():
     got = p(q, k, v, frames=T, height=Hh, width=W, kernel_t=kt, kernel_h=kh, kernel_w=kw,
             backend="reference")
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("text,says", [
+    # a file-level def's body calling an unknown name, or a pattern (found by test_robustness)
+    ("def a(q, k) = q >= k\ndef b(q: int, k: int) = c(q, k)\npattern p:\n    mask b(q, k)\n",
+     "unknown function `c`"),
+    ("def f(q, k) = causal()\npattern causal:\n    mask q >= k\npattern p:\n    mask f(q, k)\n",
+     "unknown function `causal`"),
+])
+def test_a_def_body_never_calls_a_pattern(text, says):
+    err = _errors(text)
+    assert says in err.render() and "internal error" not in err.render(), err.render()
