@@ -20,6 +20,7 @@ from .closed_form import MAX_INTERVALS, Q_HI, Q_LO, ClosedForm, derive_symbolic
 from .emit_expr import ExprPrinter, Line, Operands
 from .ir import Node, PatternIR, const, walk
 from .ops import triton_helpers
+from .placement import place
 from .printer import canonical_text
 from .signature import Constraints, Signature, forward_signature
 from .simplify import simplify, static_value, substitute
@@ -224,9 +225,11 @@ def reads_score(ir: PatternIR) -> bool:
     return ir.topk is not None or any(n.op == "score" for m in ir.masks for n in walk(m))
 
 
-def pattern_key(ir: PatternIR, specialization: dict, wide: bool) -> str:
-    """A content hash of a pattern's IR, its specialization and its index width."""
+def pattern_key(ir: PatternIR, specialization: dict, wide: bool, positions: bool = False) -> str:
+    """A content hash of a pattern's IR, its specialization, its index width and whether it is
+    placed."""
     text = canonical_text(ir) + repr(sorted(specialization.items())) + repr(bool(wide))
+    text += ", placed" if positions else ""
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -257,6 +260,7 @@ def common_holes(ir: PatternIR, specialization: dict, code: "PatternCode", opera
         "WIDE": repr(bool(wide)),
         "FUNCTION_HELPERS": triton_helpers(),
         "LOG2_FOLD": repr(log2_fold(ir)),
+        "POSITIONS": repr(operands.positions),
         "CLOSED_FORM": repr(closed is not None),
         "N_COVER": str(len(closed.intervals) if closed else 0),
         "N_RUNS": str(len(closed.intervals) if closed else 1),
@@ -283,11 +287,21 @@ def signature_holes(signatures, holes_by_name: dict[str, str]) -> dict[str, str]
     return out
 
 
-def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = False) -> Kernel:
-    """Generate the forward kernel module for `ir` with int/bool parameters fixed; `wide`: int64
-    index arithmetic (see lowering/int_range.py)."""
+def prepare(ir: PatternIR, specialization: dict[str, object], positions: bool):
+    """The IR a module prints (int and bool parameters fixed; placed when the calls it serves
+    have positions, `lowering/placement.py`) and its operand registry."""
     ir = specialize_ir(ir, specialization)
-    operands = Operands()
+    if positions:
+        ir = place(ir)
+    return ir, Operands(positions=positions)
+
+
+def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = False,
+                 positions: bool = False) -> Kernel:
+    """Generate the forward kernel module for `ir` with int/bool parameters fixed; `wide`: int64
+    index arithmetic (see lowering/int_range.py); `positions`: for calls with positions (each
+    program loads its sequence's q_start, k_start and k_len)."""
+    ir, operands = prepare(ir, specialization, positions)
     comments: dict[str, Span] = {}
 
     code = pattern_code(ir, operands)
@@ -299,4 +313,4 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = 
              **signature_holes([signature], {"attn_fwd": "FWD"})}
     source = fill(skeleton("forward"), holes, "forward.py.in")
     return Kernel(source, line_spans(source, comments), (signature,), constraints(ir, topk), topk,
-                  closed, (), pattern_key(ir, specialization, wide))
+                  closed, (), pattern_key(ir, specialization, wide, positions))

@@ -16,9 +16,9 @@ from ..dsl.diagnostics import SpecError
 from ..dsl.source import Span
 from .derivative import SEED, LoadGrad, StatementGrad, pattern_grads, statement_grad
 from .emit import (Kernel, common_holes, constraints, fill, kernel_closed_form, line_spans,
-                   pattern_code, pattern_key, range_lines, reads_score, render, signature_holes,
-                   skeleton, specialize_ir, transposed_closed_form)
-from .emit_expr import ExprPrinter, Line, Operands, nonnegative
+                   pattern_code, pattern_key, prepare, range_lines, reads_score, render,
+                   signature_holes, skeleton, transposed_closed_form)
+from .emit_expr import ExprPrinter, Line, nonnegative
 from .ir import Node, PatternIR, const, uses, walk
 from .signature import backward_signatures, dim_name, grad_name
 from .simplify import simplify, substitute
@@ -140,12 +140,12 @@ def _chain(pr: _GradPrinter, ir: PatternIR, grads: tuple[StatementGrad, ...],
 
 
 def emit_backward(ir: PatternIR, specialization: dict[str, object],
-                  wrt: tuple[str, ...] = (), wide: bool = False) -> Kernel:
+                  wrt: tuple[str, ...] = (), wide: bool = False, positions: bool = False) -> Kernel:
     """Generate the backward module for `ir` with int/bool parameters fixed; `wrt` names the float
-    tensor arguments whose gradients it accumulates; `wide`: int64 index arithmetic."""
-    ir = specialize_ir(ir, specialization)
+    tensor arguments whose gradients it accumulates; `wide`: int64 index arithmetic;
+    `positions`: for calls with positions."""
+    ir, operands = prepare(ir, specialization, positions)
     wrt = tuple(sorted(wrt))
-    operands = Operands()
     comments: dict[str, Span] = {}
 
     code = pattern_code(ir, operands)  # the forward's score, mask and bias code, printed alike
@@ -190,4 +190,4 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
     }
     source = fill(skeleton("backward"), holes, "backward.py.in")
     return Kernel(source, line_spans(source, comments), signatures, constraints(ir, topk), topk,
-                  closed, wrt, pattern_key(ir, specialization, wide))
+                  closed, wrt, pattern_key(ir, specialization, wide, positions))

@@ -79,6 +79,8 @@ class Operands:
 
     params: set[str] = field(default_factory=set)
     tensors: dict[str, int] = field(default_factory=dict)  # name -> rank
+    #: a placed pattern (`lowering/placement.py`): helpers also take the sequence's positions
+    positions: bool = False
 
     def operands(self) -> tuple[Operand, ...]:
         """Float parameters, then tensor arguments, each sorted by name."""
@@ -86,8 +88,10 @@ class Operands:
                 + tuple(Operand(t, "tensor", self.tensors[t]) for t in sorted(self.tensors)))
 
     def mod_args(self) -> str:
-        """`, a, b, ...`: the operands' kernel arguments, appended to helper signatures."""
-        return "".join(", " + a.name for a in operand_args(self.operands()))
+        """`, a, b, ...`: the operands' kernel arguments (and a placed pattern's `q_start`,
+        `k_start`), appended to helper signatures."""
+        placed = ", q_start, k_start" if self.positions else ""
+        return placed + "".join(", " + a.name for a in operand_args(self.operands()))
 
 
 @dataclass

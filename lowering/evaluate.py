@@ -19,9 +19,13 @@ from .simplify import LOOPS, constant_table, static_value
 
 
 class Env:
-    """Index grids, sizes, parameter values and tensors for one chunk of query rows."""
+    """Index grids, sizes, parameter values and tensors for one chunk of query rows.
 
-    def __init__(self, sizes, params, tensors, fdtype, device, q0, q1, B, H, Lk):
+    `positions` (int [B, 3]: q_start, k_start, k_len per batch element, or None) places the
+    rows: `q` is q_start + row, `k` is k_start + column, and the size `k_len` is the batch
+    element's own (a [B, 1, 1, 1] tensor) wherever an expression reads it per element."""
+
+    def __init__(self, sizes, params, tensors, fdtype, device, q0, q1, B, H, Lk, positions=None):
         self.sizes, self.params, self.tensors = sizes, params, tensors
         self.fdtype, self.device = fdtype, device
         i64 = dict(dtype=torch.int64, device=device)
@@ -31,6 +35,13 @@ class Env:
             "q": torch.arange(q0, q1, **i64).view(1, 1, q1 - q0, 1),
             "k": torch.arange(Lk, **i64).view(1, 1, 1, Lk),
         }
+        #: sizes that vary per batch element, as [B, 1, 1, 1] tensors
+        self.per_batch: dict[str, torch.Tensor] = {}
+        if positions is not None:
+            at = positions.to(device=device, dtype=torch.int64).view(B, 3, 1, 1)
+            self.index["q"] = self.index["q"] + at[:, 0:1]
+            self.index["k"] = self.index["k"] + at[:, 1:2]
+            self.per_batch["k_len"] = at[:, 2:3]
 
 
 class Evaluator:
@@ -79,6 +90,8 @@ class Evaluator:
         if op == "index":
             return env.index[n.value]
         if op == "size":
+            if n.value in env.per_batch:
+                return env.per_batch[n.value]
             return self._const(env.sizes[n.value], torch.int64)
         if op == "param":
             return self._const(env.params[n.value], self._dtype(n))

@@ -43,6 +43,7 @@ ROLES = {
     "dq": ("bhmd", "gradient of q [batch, heads, q_len, head_dim]"),
     "dk": ("bhnd", "gradient of k [batch, kv_heads, k_len, head_dim]"),
     "dv": ("bhnd", "gradient of v [batch, kv_heads, k_len, v_dim]"),
+    "pos": ("b", "positions [batch, 3] int32: q_start, k_start, k_len of each sequence"),
 }
 LAYOUT_LISTS = ("part_num", "part_idx", "full_num", "full_idx")
 
@@ -247,9 +248,13 @@ _SIZES_FWD = sizes("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim", "
 _SCALE = (Arg("sm_scale", "scale"),)
 
 
+#: the call's positions table and its stride along the batch (every kernel takes them)
+_POS = (tensor("Pos", "pos", optional=True), *strides("pos", "p"))
+
+
 def forward_signature(operands: tuple[Operand, ...], closed_form: bool) -> Signature:
     args = (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("Out", "out"),
-            tensor("Lse", "lse", optional=True),
+            tensor("Lse", "lse", optional=True), *_POS,
             *strides("q", "q"), *strides("k", "k"), *strides("v", "v"), *strides("out", "o"),
             *strides("lse", "l"), *layout(None if closed_form else "kv"), *_SCALE, *_SIZES_FWD,
             *operand_args(operands))
@@ -268,7 +273,7 @@ def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], t
     kv = None if closed_form else "kv"
     out = [Signature(
         "attn_bwd_kth",
-        (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"),
+        (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"), *_POS,
          *strides("q", "q"), *strides("k", "k"), *strides("kth", "s"), *layout(kv),
          *_SCALE, *sizes("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim"), *ops),
         common + ("INPUT_PRECISION", "FP64"), "query_tiles", "forward", kv)]
@@ -277,7 +282,7 @@ def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], t
     out.append(Signature(
         "attn_bwd_dq",
         (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("DO", "do"), *stats,
-         tensor("DQ", "dq"), *strides("q", "q"), *strides("k", "k"), *strides("v", "v"),
+         tensor("DQ", "dq"), *_POS, *strides("q", "q"), *strides("k", "k"), *strides("v", "v"),
          *strides("do", "o"), *strides("dq", "g"), *strides("lse", "s"), *layout(kv), *_SCALE,
          *_SIZES_FWD, *ops, *grad_args(grads)),
         common + ("BLOCK_DV", "V_DIM", "INPUT_PRECISION", "FP64", "DETERMINISTIC"), "query_tiles",
@@ -286,7 +291,7 @@ def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], t
     out.append(Signature(
         "attn_bwd_dkdv",
         (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("DO", "do"), *stats,
-         tensor("DK", "dk"), tensor("DV", "dv"), *strides("q", "q"), *strides("k", "k"),
+         tensor("DK", "dk"), tensor("DV", "dv"), *_POS, *strides("q", "q"), *strides("k", "k"),
          *strides("v", "v"), *strides("do", "o"), *strides("dk", "dk"), *strides("dv", "dv"),
          *strides("lse", "s"), *layout(q), *_SCALE, *_SIZES_FWD, *ops),
         common + ("BLOCK_DV", "V_DIM", "INPUT_PRECISION", "FP64"), "key_tiles", "dkdv",

@@ -75,8 +75,8 @@ def backward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
     bound = pattern.bind(q, k, v, arguments)
     ir = pattern.ir
     grad_names = tuple(sorted(set(wrt) & set(differentiable_tensors(ir))))
-    spec, wide = call_specialization(ir, bound)
-    compiled = backward_kernel(ir, spec, grad_names, wide)
+    spec, wide, positions = call_specialization(ir, bound)
+    compiled = backward_kernel(ir, spec, grad_names, wide, positions)
     B, H, Lq, _ = q.shape
     stats = torch.empty((B, H, Lq), dtype=torch.float32)
     grad_out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)

@@ -29,6 +29,7 @@ from ..lowering.derivative import differentiable_tensors, sink_tensors
 from ..lowering.ir import PatternIR
 from .binding import Bound, check_requires, select_count, sizes_for
 from .grad_mode import autograd_inside_op
+from .positions import Positions
 
 _LOCK = threading.Lock()
 #: content digest -> the live patterns with that IR
@@ -84,11 +85,15 @@ def unpack_params(ir: PatternIR, ints, floats) -> dict:
     return out
 
 
-def rebind(ir: PatternIR, q, k, ints, floats, tensors) -> Bound:
-    """The Bound of a call the op already checked: sizes from q and k, parameters unpacked."""
+def rebind(ir: PatternIR, q, k, ints, floats, tensors, positions=None) -> Bound:
+    """The Bound of a call the op already checked: sizes from q and k, parameters unpacked;
+    `positions` a `Positions`, or its table (an op's argument), or None."""
     sizes, params, topk = _bound_parts(ir, tuple(q.shape), tuple(k.shape), tuple(ints),
                                        tuple(floats))
-    return Bound(sizes, params, {t.name: x for t, x in zip(ir.tensors, tensors)}, topk)
+    if isinstance(positions, torch.Tensor):
+        positions = Positions(positions, None)
+    return Bound(sizes, params, {t.name: x for t, x in zip(ir.tensors, tensors)}, topk,
+                 positions)
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,6 +102,11 @@ def _bound_parts(ir: PatternIR, q_shape, k_shape, ints, floats):
     params = unpack_params(ir, ints, floats)
     check_requires(ir, sizes, params)  # a traced call meets its sizes only here
     return sizes, params, select_count(ir, sizes, params)
+
+
+def _table(positions: Positions | None):
+    """A call's positions as an op argument: their int32 [batch, 3] table, or None."""
+    return None if positions is None else positions.table
 
 
 def scale_for(scale: float | None, q) -> float:
@@ -129,15 +139,16 @@ def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = Tru
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                pattern: str, ints: list[int], floats: list[float], scale: Optional[float],
-               backend: str, kernel_options: str) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str, kernel_options: str,
+               positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     p = find(pattern)
-    out, lse = forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors),
+    out, lse = forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors, positions),
                        scale_for(scale, q), backend, kernel_options=kernel_options)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention.register_fake
-def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options):
+def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options, positions):
     B, H, Lq, _ = q.shape
     out = q.new_empty((B, H, Lq, v.shape[-1]))
     lse = q.new_empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -145,9 +156,10 @@ def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, digest, ints, floats, scale, backend, kernel_options = inputs
+    q, k, v, tensors, digest, ints, floats, scale, backend, kernel_options, positions = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.positions = positions
     ctx.pattern = find(digest)  # held here, so the backward never looks it up again
     ctx.ints, ctx.floats, ctx.scale, ctx.backend = ints, floats, scale, backend
     ctx.kernel_options = kernel_options
@@ -158,7 +170,7 @@ def _backward(ctx, grad_out, grad_lse):
     # no gradient for the digest, parameters, scale, backend, kernel options; torch's structure
     # check takes a list of numbers as one leaf (None), but an empty list as a list
     return (dq, dk, dv, grads, None, None if ctx.ints else [], None if ctx.floats else [], None,
-            None, None)
+            None, None, None)
 
 
 def _gradients(ctx, needs, grad_out, grad_lse):
@@ -182,7 +194,7 @@ def _reference_backward(ctx, needs, q, k, v, tensors, grad_out, grad_lse):
         grad_out = q.new_zeros(q.shape[:3] + (v.shape[-1],))
     got = _attention_reference_backward(q, k, v, list(tensors), grad_out, grad_lse,
                                         ctx.pattern.digest, list(ctx.ints), list(ctx.floats),
-                                        ctx.scale, flags)
+                                        ctx.scale, flags, _table(ctx.positions))
     it = iter(got[3:])
     grads = [next(it) if flag else None for flag in flags]
     return got[0], got[1], got[2], grads
@@ -193,7 +205,8 @@ def _attention_reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   tensors: list[torch.Tensor], grad_out: torch.Tensor,
                                   grad_lse: Optional[torch.Tensor], pattern: str, ints: list[int],
                                   floats: list[float], scale: Optional[float],
-                                  wrt: list[bool]) -> list[torch.Tensor]:
+                                  wrt: list[bool],
+                                  positions: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """[dq, dk, dv, gradient of each tensor argument flagged in `wrt`], by autograd through the
     reference interpreter (exact; O(chunk × k_len) memory thanks to its checkpointing)."""
     from .reference import reference_attention
@@ -201,7 +214,7 @@ def _attention_reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     with autograd_inside_op(), torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         leaves += [t.detach().requires_grad_(flag) for t, flag in zip(tensors, wrt)]
-        bound = rebind(ir, q, k, ints, floats, leaves[3:])
+        bound = rebind(ir, q, k, ints, floats, leaves[3:], positions)
         want_lse = grad_lse is not None
         out, lse = reference_attention(ir, *leaves[:3], bound, scale=scale_for(scale, q),
                                        return_lse=want_lse)
@@ -220,7 +233,7 @@ def _attention_reference_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 @_attention_reference_backward.register_fake
-def _(q, k, v, tensors, grad_out, grad_lse, pattern, ints, floats, scale, wrt):
+def _(q, k, v, tensors, grad_out, grad_lse, pattern, ints, floats, scale, wrt, positions):
     return [t.new_empty(t.shape) for t in (q, k, v)] + [
         t.new_empty(t.shape) for t, flag in zip(tensors, wrt) if flag]
 
@@ -237,7 +250,7 @@ def _triton_backward(ctx, needs, q, k, v, out, lse, tensors, grad_out, grad_lse)
     flags = [t.name in wrt for t in ir.tensors]
     got = _attention_backward(q, k, v, out, lse, grad_out.contiguous(), grad_lse, list(tensors),
                               ctx.pattern.digest, list(ctx.ints), list(ctx.floats), ctx.scale,
-                              flags, ctx.kernel_options)
+                              flags, ctx.kernel_options, _table(ctx.positions))
     by_name = dict(zip(wrt, got[3:]))
     grads = [by_name[t.name] if t.name in by_name else (torch.zeros_like(x) if need else None)
              for t, x, need in zip(ir.tensors, tensors, needs)]
@@ -252,11 +265,12 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
                         tensors: list[torch.Tensor], pattern: str, ints: list[int],
                         floats: list[float], scale: Optional[float],
-                        wrt: list[bool], kernel_options: str) -> list[torch.Tensor]:
+                        wrt: list[bool], kernel_options: str,
+                        positions: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """[dq, dk, dv, gradient of each tensor argument flagged in `wrt`, in declaration order]."""
     from .backward import triton_attention_backward
     ir = find(pattern).ir
-    bound = rebind(ir, q, k, ints, floats, tensors)
+    bound = rebind(ir, q, k, ints, floats, tensors, positions)
     wrt = tuple(t.name for t, flag in zip(ir.tensors, wrt) if flag)
     dq, dk, dv, grads = triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse,
                                                   bound, scale_for(scale, q), wrt,
@@ -267,7 +281,7 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 
 @_attention_backward.register_fake
 def _(q, k, v, out, lse, grad_out, grad_lse, tensors, pattern, ints, floats, scale, wrt,
-      kernel_options):
+      kernel_options, positions):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [
         torch.empty_like(t) for t, flag in zip(tensors, wrt) if flag]
 
@@ -281,6 +295,7 @@ class _EagerAttention(torch.autograd.Function):
                 *tensors):
         out, lse = forward(pattern, q, k, v, bound, scale, backend, kernel_options=kernel_options)
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.positions = bound.positions
         ctx.pattern, ctx.ints, ctx.floats, ctx.scale, ctx.backend = (pattern, ints, floats,
                                                                      scale, backend)
         ctx.kernel_options = kernel_options
@@ -293,17 +308,20 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def attention_op(pattern, q, k, v, tensors: list, ints, floats, scale: float | None,
-                 backend: str, bound: Bound | None = None, kernel_options: str = ""):
+                 backend: str, bound: Bound | None = None, kernel_options: str = "",
+                 positions: Positions | None = None):
     """Run `pattern` (`track`ed) with autograd; returns (out, lse) (lse zeros for sigmoid).
     `tensors` are its tensor arguments in declaration order. Traced by torch.compile, it is the
     custom op; eagerly, the same forward and backward without the op's dispatch. A `scale`
     of None is 1/sqrt(head_dim), resolved inside the op (so a dynamic head_dim stays dynamic).
-    `kernel_options`: `KernelOptions.text` of the call's options ("" for none)."""
+    `kernel_options`: `KernelOptions.text` of the call's options ("" for none); `positions`
+    the call's (`bound.positions` when a bound is given)."""
     if torch.compiler.is_compiling():
         return _attention(q, k, v, list(tensors), pattern.digest, list(ints), list(floats),
-                          None if scale is None else float(scale), backend, kernel_options)
+                          None if scale is None else float(scale), backend, kernel_options,
+                          _table(positions))
     scale = scale_for(scale, q)
     if bound is None:
-        bound = rebind(pattern.ir, q, k, ints, floats, tensors)
+        bound = rebind(pattern.ir, q, k, ints, floats, tensors, positions)
     return _EagerAttention.apply(pattern, bound, tuple(ints), tuple(floats), float(scale),
                                  backend, kernel_options, q, k, v, *tensors)

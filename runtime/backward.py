@@ -42,8 +42,8 @@ def triton_attention_backward(ir, q, k, v, out, lse, grad_out, grad_lse, bound: 
     check_head_dims(D, Dv)
     differentiable = set(differentiable_tensors(ir))
     grad_names = tuple(sorted(n for n in wrt if n in differentiable))
-    spec, wide = call_specialization(ir, bound)
-    compiled = backward_kernel(ir, spec, grad_names, wide)
+    spec, wide, positions = call_specialization(ir, bound)
+    compiled = backward_kernel(ir, spec, grad_names, wide, positions)
 
     acc = torch.float64 if fp64 else torch.float32
     shared = k.shape[0] != B  # k and v of batch 1 serve every query batch: sum their gradients
@@ -116,7 +116,8 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
     D, Dv = q.shape[3], v.shape[3]
     forced = forced_configs(options, target, D, Dv, q.dtype, kernel.constraints) if options else {}
     kth = torch.empty_like(lse) if kernel.topk else None
-    call = Call(dict(q=q, k=k, v=v, do=grad_out, lse=lse, delta=delta, kth=kth, dq=dq, dk=dk, dv=dv),
+    call = Call(dict(q=q, k=k, v=v, do=grad_out, lse=lse, delta=delta, kth=kth, dq=dq, dk=dk, dv=dv,
+                     pos=None if bound.positions is None else bound.positions.table),
                 call_sizes(bound, v), scale, bound)
 
     def bind(name: str, **facts) -> Launch:

@@ -9,6 +9,7 @@ import torch
 from ..dsl.diagnostics import SpecError, closest
 from ..lowering.ir import Node, PatternIR, walk
 from ..lowering.simplify import constant_table, simplify, static_value, substitute, unroll_loops
+from .positions import Positions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -17,7 +18,7 @@ class ArgumentError(SpecError, TypeError):
     """A pattern was called with a missing, unknown or wrongly typed parameter."""
 
 
-#: keywords of SDPA and FlexAttention a pattern does not take, and what to do instead
+#: call keywords a pattern does not take (SDPA's, FlexAttention's, paged KV's), and what to do instead
 FOREIGN_KEYWORDS = {
     "is_causal": "causality is part of a pattern: use attnc.std(\"causal\") or a `mask q >= k`",
     "enable_gqa": "GQA is automatic: pass k and v with fewer heads than q (heads % kv_heads == 0)",
@@ -26,13 +27,17 @@ FOREIGN_KEYWORDS = {
     "score_mod": "write the score change as `score = ...` statements in the pattern",
     "block_mask": "attnc derives the block structure from the pattern's masks (p.layout(...))",
     "dropout_p": "attnc has no attention dropout",
+    "block_table": "paged KV caches are not supported yet: gather the pages into contiguous k and "
+                   "v [batch, kv_heads, k_len, head_dim] and place them with q_start= / k_lens=",
 }
 
 
 @dataclass
 class Bound:
     """Everything a backend needs besides q, k, v: sizes, parameter values, tensors, and the
-    count of `select topk` (None without one), evaluated once by `select_count`.
+    count of `select topk` (None without one), evaluated once by `select_count`, and where
+    the call's queries and keys sit (`runtime.positions.Positions`, None: rows from 0, every
+    key valid).
 
     A tensor argument may have size 1 in a dimension declared `batch` or `heads` (broadcast,
     as FlexAttention's captured tensors are): `tensors` holds it as given (kernels clamp every
@@ -43,6 +48,7 @@ class Bound:
     params: dict[str, object]
     tensors: dict[str, torch.Tensor]
     topk: int | None = None
+    positions: Positions | None = None
 
     def table(self) -> dict[tuple[str, str], Node]:
         """Substitution table for sizes and parameters, for specializing IR."""
@@ -53,8 +59,12 @@ class Bound:
         if not self.tensors:
             return {}
         shapes = tensor_shapes(ir, self.sizes, self.params)
-        return {n: (t if list(t.shape) == shapes[n] else t.expand(shapes[n]))
-                for n, t in self.tensors.items()}
+        out = {}
+        for n, t in self.tensors.items():
+            if list(t.shape) != shapes[n]:  # size-1 broadcast dims grow; longer placed ones stay
+                t = t.expand([s if g == 1 else g for g, s in zip(t.shape, shapes[n])])
+            out[n] = t
+        return out
 
 
 def tensor_shapes(ir: PatternIR, sizes: dict[str, int], params: dict) -> dict[str, list[int]]:
@@ -182,13 +192,15 @@ def _shifts(ir: PatternIR) -> tuple[Node, ...]:
     return tuple(r for r in ir.nodes() if any(n.op in ("lshift", "rshift") for n in walk(r)))
 
 
-def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None, where: str = "") -> Bound:
+def bind(ir: PatternIR, sizes: dict[str, int], arguments: dict, device=None,
+         placed: bool = False) -> Bound:
     """Check `arguments` against the pattern's parameters, requires and tensors; fill in
-    defaults."""
+    defaults. `placed`: the call has positions, so a tensor dimension declared with `q_len` or
+    `k_len` may be longer (it is indexed by positions, which may pass the lengths)."""
     params = bind_params(ir, arguments)
     check_requires(ir, sizes, params)
     shapes = tensor_shapes(ir, sizes, params)
-    tensors = {t.name: _check_tensor(t, arguments[t.name], shapes[t.name], device)
+    tensors = {t.name: _check_tensor(t, arguments[t.name], shapes[t.name], device, placed)
                for t in ir.tensors}
     return Bound(dict(sizes), params, tensors, select_count(ir, sizes, params))
 
@@ -235,15 +247,21 @@ def check_scalar(ir, p, value):
                                 f"got {type(value).__name__} {value!r}")
 
 
-def _broadcastable(t, got, shape) -> bool:
-    """`got` is `shape`, or has size 1 where `t` declares `batch` or `heads`."""
+def _broadcastable(t, got, shape, placed: bool) -> bool:
+    """`got` is `shape`, or has size 1 where `t` declares `batch` or `heads`, or (`placed`) is
+    longer where `t` declares a length."""
     if len(got) != len(shape):
         return False
     return all(g == s or (g == 1 and d.op == "size" and d.value in ("batch", "heads"))
+               or (placed and g > s and _reads_length(d))
                for g, s, d in zip(got, shape, t.dims))
 
 
-def _check_tensor(t, value, shape, device):
+def _reads_length(d: Node) -> bool:
+    return any(n.op == "size" and n.value in ("q_len", "k_len") for n in walk(d))
+
+
+def _check_tensor(t, value, shape, device, placed: bool = False):
     dims = ", ".join(_dim_text(d) for d in t.dims)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"tensor argument `{t.name}` must be a torch.Tensor of shape [{dims}] = {shape}, "
@@ -251,9 +269,14 @@ def _check_tensor(t, value, shape, device):
     if value.is_nested or value.layout != torch.strided:
         raise ValueError(f"tensor argument `{t.name}` must be a dense (strided) tensor, got a "
                          f"{'nested' if value.is_nested else str(value.layout)} tensor")
-    if not _broadcastable(t, list(value.shape), shape):
+    if not _broadcastable(t, list(value.shape), shape, placed):
         broadcast = [i for i, d in enumerate(t.dims) if d.op == "size" and d.value in ("batch", "heads")]
-        hint = f" (size 1 is accepted in dimension {', '.join(map(str, broadcast))})" if broadcast else ""
+        longer = [i for i, d in enumerate(t.dims) if placed and _reads_length(d)]
+        accepted = ([f"size 1 is accepted in dimension {', '.join(map(str, broadcast))}"]
+                    if broadcast else []) + (
+            [f"dimension {', '.join(map(str, longer))} may be longer: it is indexed by positions"]
+            if longer else [])
+        hint = f" ({'; '.join(accepted)})" if accepted else ""
         raise ValueError(f"tensor argument `{t.name}` must have shape [{dims}] = {shape}{hint}, "
                          f"got {list(value.shape)}")
     ok = {"float": value.dtype.is_floating_point,

@@ -75,12 +75,22 @@ def check_head_dims(D: int, Dv: int) -> None:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got q/k {D}, v {Dv}")
 
 
-def call_specialization(ir: PatternIR, bound: Bound) -> tuple[dict, bool]:
+def call_specialization(ir: PatternIR, bound: Bound) -> tuple[dict, bool, bool]:
     """What a call's generated kernels are specialized on: the int and bool parameter values,
-    and whether index arithmetic must be int64 (`lowering/int_range.py`: some int expression of
-    the pattern may leave int32 at this call's sizes)."""
+    whether index arithmetic must be int64 (`lowering/int_range.py`: some int expression of
+    the pattern may leave int32 at this call's sizes, or at the positions' ends), and whether
+    the call has positions."""
     spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
-    return spec, int32_overflow(ir, bound.sizes, bound.params) is not None
+    sizes = bound.sizes
+    if bound.positions is not None:  # q and k reach the positions' ends
+        q_end, k_end = bound.positions.ends(sizes["q_len"])
+        sizes = dict(sizes, q_len=q_end, k_len=k_end)
+    return spec, int32_overflow(ir, sizes, bound.params) is not None, bound.positions is not None
+
+
+def _table(bound: Bound):
+    """The positions table a kernel reads (None for a call without positions)."""
+    return None if bound.positions is None else bound.positions.table
 
 
 def call_sizes(bound: Bound, v: torch.Tensor) -> dict[str, int]:
@@ -135,6 +145,7 @@ def _template_key(ir: PatternIR, q, k, v, bound: Bound, return_lse: bool, option
     parameters, the shapes, strides, dtype and device of every tensor, the kernel options.
     Float parameters, the scale and the tensors themselves are filled in per call."""
     return (jit.GENERATION, ir, tuple(x for x in bound.params.values() if not isinstance(x, float)),
+            None if bound.positions is None else call_specialization(ir, bound)[1],
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
             return_lse, tuple((t.shape, t.stride(), t.dtype) for t in bound.tensors.values()),
             options)
@@ -153,7 +164,8 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
     B, H, Lq, _ = q.shape
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device) if return_lse else None
-    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse), bound.sizes, scale, bound)
+    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound)), bound.sizes, scale,
+                bound)
     if hit is not None:
         _TEMPLATES.move_to_end(key)
         compiled, template, path = hit
@@ -196,7 +208,8 @@ def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out
     which passes CPU tensors of the call's shapes) and its path: 'closed_form' or 'layout'.
     `lse` is None unless the call returns it; `options` are the call's kernel options."""
     sig = compiled.kernel.signature("attn_fwd")
-    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse), call_sizes(bound, v), scale, bound)
+    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound)), call_sizes(bound, v),
+                scale, bound)
     layout_for = layouts(ir, bound, q, k, sig)
     facts = dict(RETURN_LSE=lse is not None)
     forced = forced_configs(options, target, q.shape[3], v.shape[3], q.dtype,

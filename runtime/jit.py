@@ -114,21 +114,22 @@ def load_source(source: str) -> tuple[ModuleType, str]:
     return _import(path, f"attnc_generated_{key}"), path
 
 
-def forward_kernel(ir: PatternIR, specialization: dict[str, object], wide: bool = False) -> Compiled:
+def forward_kernel(ir: PatternIR, specialization: dict[str, object], wide: bool = False,
+                   positions: bool = False) -> Compiled:
     """The compiled forward module for `ir` specialized on its int/bool parameters (`wide`: with
-    int64 index arithmetic)."""
-    key = ("forward", ir, ir.path, tuple(sorted(specialization.items())), wide)
-    return _cached(key, lambda: emit_forward(ir, specialization, wide))
+    int64 index arithmetic; `positions`: for calls with positions)."""
+    key = ("forward", ir, ir.path, tuple(sorted(specialization.items())), wide, positions)
+    return _cached(key, lambda: emit_forward(ir, specialization, wide, positions))
 
 
 def backward_kernel(ir: PatternIR, specialization: dict[str, object], wrt: tuple[str, ...] = (),
-                    wide: bool = False) -> Compiled:
+                    wide: bool = False, positions: bool = False) -> Compiled:
     """The compiled backward module (dQ, dK, dV and the gradients of the float tensor arguments
     named in `wrt`) for `ir` specialized on its int/bool parameters."""
     from ..lowering.emit_backward import emit_backward
     wrt = tuple(sorted(wrt))
-    key = ("backward", ir, ir.path, tuple(sorted(specialization.items())), wrt, wide)
-    return _cached(key, lambda: emit_backward(ir, specialization, wrt, wide))
+    key = ("backward", ir, ir.path, tuple(sorted(specialization.items())), wrt, wide, positions)
+    return _cached(key, lambda: emit_backward(ir, specialization, wrt, wide, positions))
 
 
 def _cached(key: tuple, emit) -> Compiled:

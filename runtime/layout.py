@@ -14,6 +14,7 @@ import torch
 
 from ..lowering.closed_form import ClosedForm, derive
 from ..lowering.ir import PatternIR, walk
+from ..lowering.placement import place
 from ..lowering.sparsity import EMPTY, FULL, PARTIAL, analyze, constant_masks, index_deps, text
 
 #: how many layouts the cache keeps (least recently used are dropped)
@@ -156,8 +157,9 @@ _cache: OrderedDict = OrderedDict()
 
 def _key(ir, bound, q_len, k_len, block_m, block_n, device):
     tensors = tuple(sorted((name, id(t), t._version) for name, t in bound.tensors.items()))
+    placed = None if bound.positions is None else bound.positions.host()
     return (ir, tuple(sorted(bound.params.items())), tuple(sorted(bound.sizes.items())), q_len, k_len,
-            block_m, block_n, str(device), tensors)
+            block_m, block_n, str(device), tensors, placed)
 
 
 def build_layout(ir: PatternIR, bound, q_len: int, k_len: int, block_m: int, block_n: int,
@@ -176,22 +178,61 @@ def build_layout(ir: PatternIR, bound, q_len: int, k_len: int, block_m: int, blo
     from .binding import Bound
     sizes = dict(bound.sizes, q_len=q_len, k_len=k_len)
     inner = Bound(sizes, bound.params, bound.tensors)
-    inner = Bound(sizes, bound.params, inner.expanded(ir))  # broadcast dims at declared shapes
-    masks = constant_masks(ir.masks, inner.table())
+    tensors = inner.expanded(ir)  # broadcast dims at declared shapes
+    if bound.positions is None:
+        classes, masks, tiers, notes, cf = _classify(ir.masks, Bound(sizes, bound.params, tensors),
+                                                     q_len, k_len, block_m, block_n, device)
+    else:
+        classes, masks, tiers, notes, cf = _placed(ir, bound.positions.host(), sizes, bound.params,
+                                                   tensors, block_m, block_n, device)
+    layout = BlockLayout(classes, block_m, block_n, q_len, k_len, masks, tiers, notes, cf, device)
+    _cache[key] = (layout, {n: weakref.ref(t) for n, t in bound.tensors.items()})
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return layout
+
+
+def _classify(masks, inner, q_len: int, k_len: int, block_m: int, block_n: int, device):
+    """(classes, constant masks, tiers, notes, closed form) of `masks` bound to `inner`."""
+    masks = constant_masks(masks, inner.table())
     masks = tuple(m for m in masks if not (m.op == "const" and m.value is True))
     deps = set().union(*(index_deps(m) for m in masks)) if masks else set()
-    Bd = sizes.get("batch", 1) if "b" in deps else 1
-    Hd = sizes.get("heads", 1) if "h" in deps else 1
+    Bd = inner.sizes.get("batch", 1) if "b" in deps else 1
+    Hd = inner.sizes.get("heads", 1) if "h" in deps else 1
     result = analyze(masks, inner, q_len, k_len, block_m, block_n, device, Bd, Hd)
     cf = derive(masks, block_m, q_len, k_len)
     tiers = list(result.tiers)
     if cf is not None and cf.exact:
         tiers = ["closed_form"] * len(tiers)
-    layout = BlockLayout(result.classes, block_m, block_n, q_len, k_len, masks, tiers, result.notes, cf, device)
-    _cache[key] = (layout, {n: weakref.ref(t) for n, t in bound.tensors.items()})
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return layout
+    return result.classes, masks, tiers, list(result.notes), cf
+
+
+def _placed(ir: PatternIR, values, sizes: dict, params: dict, tensors: dict, block_m: int,
+            block_n: int, device):
+    """`_classify` for a call with positions: each sequence's tiles from the placed masks with
+    its (q_start, k_start, k_len) bound (sequences placed alike share one analysis), keys past
+    its k_len EMPTY; classes [batch, Hd, nQ, nK], or [1, ...] when every sequence is alike."""
+    from .binding import Bound
+    masks = place(ir).masks
+    q_len, n_k = sizes["q_len"], -(-sizes["k_len"] // block_n)
+    done: dict = {}
+    for triple in dict.fromkeys(values):
+        q_start, k_start, k_len = triple
+        inner = Bound(dict(sizes, q_start=q_start, k_start=k_start, k_len=k_len), params, tensors)
+        got = _classify(masks, inner, q_len, k_len, block_m, block_n, device)
+        cls = got[0]
+        pad = n_k - cls.shape[3]  # key tiles past this sequence's keys
+        if pad:
+            cls = torch.cat([cls, cls.new_zeros(cls.shape[:3] + (pad,))], dim=3)
+        done[triple] = (cls,) + got[1:]
+    first = done[values[0]]
+    if len(done) == 1 and first[0].shape[0] == 1:
+        return first
+    Hd = max(c[0].shape[1] for c in done.values())
+    rows = [done[t][0][b if done[t][0].shape[0] > 1 else 0].expand(Hd, -1, -1)
+            for b, t in enumerate(values)]
+    notes = list(dict.fromkeys(n for c in done.values() for n in c[3]))
+    return (torch.stack(rows).contiguous(),) + first[1:3] + (notes, first[4])
 
 
 def _masks_read(ir: PatternIR, index: str, size: str) -> bool:

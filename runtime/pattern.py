@@ -19,6 +19,7 @@ from .autograd import attention_op, forward, pack_params, scale_for, track
 from .binding import (FLOAT_DTYPES, Bound, bind, bind_params, check_qkv, sizes_for,
                       specialization_of)
 from .policy import KERNELS, OPTION_FIELDS, KernelOptions
+from .positions import Positions, pop_positions, positions_of
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -93,13 +94,16 @@ class Pattern:
 
     def __call__(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
                  return_lse: bool = False, kernel_options: dict | None = None, **arguments):
+        placed, arguments = pop_positions(arguments)
         if torch.compiler.is_compiling():
             return self._traced_call(q, k, v, scale, backend, return_lse, kernel_options,
-                                     arguments)
-        key = _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments)
+                                     arguments, placed)
+        key = _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments,
+                        tuple(placed))
         plan = self._plans.get(key) if key is not None else None
         if plan is None:  # validate everything once per call signature
-            plan = Plan.make(self, q, k, v, scale, backend, return_lse, kernel_options, arguments)
+            plan = Plan.make(self, q, k, v, scale, backend, return_lse, kernel_options, arguments,
+                             bool(placed))
             if key is not None:
                 self._plans[key] = plan
                 if len(self._plans) > PLAN_CACHE_SIZE:
@@ -107,7 +111,7 @@ class Pattern:
         else:
             self._plans.move_to_end(key)
         tensors = [arguments[n] for n in plan.tensor_names]
-        bound = plan.bound(tensors)
+        bound = plan.bound(tensors, positions_of(q, k, **placed) if placed else None)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or any(t.requires_grad for t in tensors)):
             out, lse = attention_op(self, q, k, v, tensors, plan.ints, plan.floats, plan.scale,
@@ -117,7 +121,8 @@ class Pattern:
                                plan.options)
         return (out, lse) if return_lse else out
 
-    def _traced_call(self, q, k, v, scale, backend, return_lse, kernel_options, arguments):
+    def _traced_call(self, q, k, v, scale, backend, return_lse, kernel_options, arguments,
+                     placed):
         """The call inside torch.compile: what the plan needs is static (dtypes, devices, head
         dims, parameter values, kernel options), so lengths may be dynamic without a recompile
         or graph break; checks that read lengths or head dims (kernel options against the
@@ -129,8 +134,10 @@ class Pattern:
             self, (q.dim(), k.dim(), v.dim()), (q.dtype, k.dtype, v.dtype),
             (str(q.device), str(k.device), str(v.device)), scalars, metas, scale, backend,
             return_lse, _frozen(kernel_options))
+        positions = positions_of(q, k, **placed) if placed else None
         out, lse = attention_op(self, q, k, v, [tensors[t.name] for t in self.ir.tensors], ints,
-                                floats, scale, backend, kernel_options=options)
+                                floats, scale, backend, kernel_options=options,
+                                positions=positions)
         return (out, lse) if return_lse else out
 
     def kernel_options_for(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
@@ -140,13 +147,14 @@ class Pattern:
         num_warps, num_stages. Passed back as ``kernel_options=`` it reproduces the same
         kernels. With autotuning on and nothing tuned yet for a kernel, the call is run once
         (forward and backward, on copies) so that the tuner chooses, as the call would."""
-        plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, arguments)
+        placed, rest = pop_positions(arguments)
+        plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, rest, bool(placed))
         if plan.backend != "triton":
             raise ValueError(f"kernel_options_for: this call runs on backend='{plan.backend}', "
                              f"which launches no generated kernels; generated kernels run with "
                              f"CUDA tensors, or with backend='triton' under TRITON_INTERPRET=1")
         from .dispatch import call_configs
-        bound = plan.bound([arguments[n] for n in plan.tensor_names])
+        bound = plan.bound([rest[n] for n in plan.tensor_names])
         options = KernelOptions.parse(plan.options)
         configs = call_configs(self.ir, bound, q, v, options)
         if any(c is None for c in configs.values()):  # the autotuner has yet to choose
@@ -210,14 +218,15 @@ def _thawed(value):
 _DICT = "<dict>"
 
 
-def _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments):
+def _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments, placed=()):
     """What a call's validation depends on: shapes, dtypes and devices of every tensor, the
-    scalar arguments, scale, backend, kernel options; None when something is not hashable (then
-    the call is checked in full, and its error raised, every time)."""
+    scalar arguments, scale, backend, kernel options, which position keywords it gives (their
+    values are checked per call); None when something is not hashable (then the call is
+    checked in full, and its error raised, every time)."""
     try:
         key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
                scale, backend, return_lse, _frozen(kernel_options),
-               tuple(sorted((n, _arg_key(x)) for n, x in arguments.items())))
+               tuple(sorted((n, _arg_key(x)) for n, x in arguments.items())), placed)
         hash(key)
         return key
     except (AttributeError, TypeError, RuntimeError):
@@ -241,7 +250,7 @@ class Plan:
 
     @staticmethod
     def make(pattern: "Pattern", q, k, v, scale, backend, return_lse, kernel_options,
-             arguments) -> "Plan":
+             arguments, placed: bool = False) -> "Plan":
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
@@ -250,7 +259,7 @@ class Plan:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         arguments = {n: (x.item() if isinstance(x, torch.Tensor) and x.dim() == 0 else x)
                      for n, x in arguments.items()}
-        bound = bind(pattern.ir, sizes_for(q.shape, k.shape), arguments, q.device)
+        bound = bind(pattern.ir, sizes_for(q.shape, k.shape), arguments, q.device, placed)
         scale = scale_for(scale, q)
         _check_lse(pattern, return_lse)
         requested = backend
@@ -269,9 +278,10 @@ class Plan:
                     tuple(t.name for t in pattern.ir.tensors), bound.sizes, bound.params,
                     bound.topk, options.text if options is not None else "")
 
-    def bound(self, tensors: list) -> Bound:
-        """The call's Bound, given its tensor arguments in declaration order."""
-        return Bound(self.sizes, self.params, dict(zip(self.tensor_names, tensors)), self.topk)
+    def bound(self, tensors: list, positions: Positions | None = None) -> Bound:
+        """The call's Bound, given its tensor arguments in declaration order and its positions."""
+        return Bound(self.sizes, self.params, dict(zip(self.tensor_names, tensors)), self.topk,
+                     positions)
 
 
 def _options_for(options: KernelOptions | None, requested: str,

@@ -33,16 +33,23 @@ def sink_logits(ir: PatternIR, bound: Bound, tensors: dict, dtype: torch.dtype, 
     (differentiable in `tensors`)."""
     B, H, Lq, Lk = shape
     tensors = Bound(bound.sizes, bound.params, tensors).expanded(ir)
-    env = Env(bound.sizes, bound.params, tensors, dtype, device, 0, Lq, B, H, Lk)
+    env = Env(bound.sizes, bound.params, tensors, dtype, device, 0, Lq, B, H, Lk,
+              _table(bound))
     sink = torch.as_tensor(Evaluator(env).eval(ir.sink), dtype=dtype, device=device)
     return sink.expand(B, H, Lq, 1).squeeze(-1)
+
+
+def _table(bound: Bound):
+    """The call's per-batch (q_start, k_start, k_len), or None."""
+    return None if bound.positions is None else bound.positions.table
 
 
 def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
     B, H, C, _ = q_chunk.shape
     Lk = k.shape[2]
     fdtype = compute_dtype(q_chunk.dtype)
-    env = Env(bound.sizes, bound.params, tensors, fdtype, q_chunk.device, q0, q0 + C, B, H, Lk)
+    env = Env(bound.sizes, bound.params, tensors, fdtype, q_chunk.device, q0, q0 + C, B, H, Lk,
+              _table(bound))
     ev = Evaluator(env)
     s = torch.matmul(q_chunk.to(fdtype), k.to(fdtype).transpose(-1, -2)) * scale
     for stmt in ir.scores:
@@ -52,6 +59,8 @@ def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
     ev.volatile[("score", None)] = s
     ev.local = {}
     keep = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=s.device)
+    if bound.positions is not None:  # keys past the sequence's k_len are never attended
+        keep = torch.arange(Lk, device=s.device).view(1, 1, 1, Lk) < env.per_batch["k_len"]
     for m in ir.masks:
         keep = keep & ev.eval(m)
     keep = keep.expand(B, H, C, Lk)

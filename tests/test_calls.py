@@ -142,7 +142,7 @@ def test_other_shape_mistakes_keep_their_error():
     q, k, v = _qkv(20, B=2, H=4, Hkv=2, grad=False)
     with pytest.raises(ValueError, match=r"`slopes` must have shape \[heads\] = \[4\] \(size 1"):
         attnc.std("alibi")(q, k, v, slopes=torch.rand(2))
-    with pytest.raises(ValueError, match=r"`doc` must have shape \[batch, q_len\] = \[2, 20\]"):
+    with pytest.raises(ValueError, match=r"`doc` must have shape \[batch, max\(q_len, k_len\)\] = \[2, 20\]"):
         attnc.std("document")(q, k, v, doc=torch.zeros(1, 19, dtype=torch.long))
 
 

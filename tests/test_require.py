@@ -216,10 +216,13 @@ def test_the_stdlib_states_its_constraints(name, args):
 
 
 def test_document_masks_need_every_key_labelled():
+    """`document` labels queries and keys with one id table: with more keys than queries it
+    takes an id for every key."""
     q, _, _ = _qkv(L=8)
     _, k, v = _qkv(L=10)
-    with pytest.raises(attnc.SpecError, match="k_len <= q_len with k_len = 10, q_len = 8"):
+    with pytest.raises(ValueError, match=r"`doc` must have shape \[batch, max\(q_len, k_len\)\] = \[1, 10\]"):
         attnc.std("document")(q, k, v, doc=torch.zeros(1, 8, dtype=torch.long))
+    attnc.std("document")(q, k, v, doc=torch.zeros(1, 10, dtype=torch.long))
 
 
 def test_sliding_window_with_a_negative_window_no_longer_returns_zeros():
