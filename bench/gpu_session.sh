@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one command of at most 8 minutes: the forward and the
-# forward+backward throughput benchmarks (vs FlexAttention and SDPA, in one process each), the
+# Everything a lent GPU is for, in one command of at most 8 minutes: the forward, the
+# forward+backward and the decoding benchmarks (vs FlexAttention and SDPA, in one process each), the
 # gpu-marked tests, and the static kernel statistics of the Triton in use; each step is
 # time-boxed. It writes at most 8 files under $OUT (default bench/out) and prints a short table
 # last. `bash bench/gpu_session.sh --smoke` runs the same steps on the CPU, tiny, under Triton's
@@ -22,11 +22,12 @@ OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 SMOKE=""
 # one budget for the whole session: each step gets a slice (seconds)
-FWD_S=${FWD_S:-215} BWD_S=${BWD_S:-170} TEST_S=${TEST_S:-30} STATIC_S=${STATIC_S:-40} OVH_S=${OVH_S:-20}
+FWD_S=${FWD_S:-185} BWD_S=${BWD_S:-150} DEC_S=${DEC_S:-60} TEST_S=${TEST_S:-30} STATIC_S=${STATIC_S:-40}
+OVH_S=${OVH_S:-20}
 if [ "${1:-}" = "--smoke" ]; then
     SMOKE="--smoke"
     export TRITON_INTERPRET=1
-    FWD_S=1800 BWD_S=1800  # the interpreter is slow; nothing is timed on the CPU
+    FWD_S=1800 BWD_S=1800 DEC_S=600  # the interpreter is slow; nothing is timed on the CPU
 else
     unset TRITON_INTERPRET
 fi
@@ -58,10 +59,13 @@ step() {  # step NAME SECONDS OUTFILE COMMAND...: run time-boxed, stderr to erro
 }
 step forward "$FWD_S" "$OUT/forward.md" python bench/forward.py $SMOKE
 step backward "$BWD_S" "$OUT/backward.md" python bench/backward.py $SMOKE
+step decode "$DEC_S" "$OUT/decode.md" python bench/decode.py $SMOKE
 step overhead "$OVH_S" "$OUT/overhead.md" python bench/overhead.py
 if [ -z "$SMOKE" ]; then
     step gpu-tests "$TEST_S" "$OUT/gpu-tests.txt" python -m pytest -m gpu -q -p no:cacheprovider -x
+    cat "$OUT/gpu-tests.txt" >>"$OUT/setup.txt" && rm -f "$OUT/gpu-tests.txt"  # 8 files at most
     step static "$STATIC_S" "$OUT/static.md" python bench/static.py --patterns causal,document,sharp_topk
 fi
 python bench/summary.py "$OUT/forward.md" "$OUT/backward.md" | tee "$OUT/summary.md"
+grep '^|' "$OUT/decode.md" | tee -a "$OUT/summary.md"
 exit "$status"

@@ -54,7 +54,7 @@ CANDIDATES = {
     "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
              (16, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2)],
 }
-_KERNEL_OF = {"attn_fwd": "forward", "attn_bwd_kth": "forward", "attn_bwd_dq": "dq",
+_KERNEL_OF = {"attn_fwd": "forward", "attn_kth": "forward", "attn_bwd_dq": "dq",
               "attn_bwd_dkdv": "dkdv"}
 
 
@@ -105,7 +105,7 @@ def search(args) -> int:
     jobs = []
     for launch in launches(name, args):
         kernel = _KERNEL_OF[launch.name]
-        if kernel == "forward" and launch.name == "attn_bwd_kth":
+        if kernel == "forward" and launch.name == "attn_kth":
             continue
         for bm, bn, warps, stages in CANDIDATES[kernel]:
             jobs.append(({kernel: policy.Config(bm, bn, warps, stages)}, launch.name))

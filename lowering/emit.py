@@ -22,7 +22,7 @@ from .ir import Node, PatternIR, const, walk
 from .ops import triton_helpers
 from .placement import place
 from .printer import canonical_text
-from .signature import Constraints, Signature, forward_signature
+from .signature import Constraints, Signature, forward_signatures
 from .simplify import simplify, static_value, substitute
 
 _HOLE = re.compile(r"\{\{([A-Z_][A-Z0-9_]*)\}\}")
@@ -308,9 +308,10 @@ def emit_forward(ir: PatternIR, specialization: dict[str, object], wide: bool = 
     topk = code.topk
 
     closed = kernel_closed_form(ir.masks)
-    signature = forward_signature(operands.operands(), closed is not None)
+    signatures = forward_signatures(operands.operands(), closed is not None)
     holes = {**common_holes(ir, specialization, code, operands, closed, wide, comments),
-             **signature_holes([signature], {"attn_fwd": "FWD"})}
+             **signature_holes(signatures, {"attn_kth": "KTH", "attn_fwd": "FWD",
+                                            "attn_merge": "MERGE"})}
     source = fill(skeleton("forward"), holes, "forward.py.in")
-    return Kernel(source, line_spans(source, comments), (signature,), constraints(ir, topk), topk,
+    return Kernel(source, line_spans(source, comments), signatures, constraints(ir, topk), topk,
                   closed, (), pattern_key(ir, specialization, wide, positions))

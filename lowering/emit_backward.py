@@ -185,7 +185,7 @@ def emit_backward(ir: PatternIR, specialization: dict[str, object],
         "N_COVER_T": str(len(closed_t.intervals) if closed_t else 0),
         "N_RUNS_T": str(len(closed_t.intervals) if closed_t else 1),
         "QUERY_RANGES": render(range_lines(closed_t, "k_lo", "k_hi", swap=True), comments),
-        **signature_holes(signatures, {"attn_bwd_kth": "KTH", "attn_bwd_dq": "DQ",
+        **signature_holes(signatures, {"attn_kth": "KTH", "attn_bwd_dq": "DQ",
                                        "attn_bwd_dkdv": "DKDV"}),
     }
     source = fill(skeleton("backward"), holes, "backward.py.in")

@@ -1,6 +1,6 @@
 """Kernel signatures as data: what every positional argument of a generated kernel is.
 
-A generated module describes each of its kernels (`attn_fwd`, `attn_bwd_kth`, `attn_bwd_dq`,
+A generated module describes each of its kernels (`attn_fwd`, `attn_kth`, `attn_bwd_dq`,
 `attn_bwd_dkdv`) by a `Signature`: the ordered `Arg`s, each with a *kind* that says where its
 value comes from at launch, the launch-time constexprs, and the kernel's grid and tile policy.
 The skeleton's `def` line and its argument docstring are printed from it (`params_text`,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 KINDS = ("tensor", "stride", "size", "scale", "param", "operand", "operand_dim", "operand_stride",
          "grad", "layout", "layout_stride")
-SIZES = ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim", "v_dim")
+SIZES = ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim", "v_dim", "splits")
 #: the roles of call tensors and their axes, for strides and descriptions
 ROLES = {
     "q": ("bhmd", "queries [batch, heads, q_len, head_dim]"),
@@ -44,6 +44,9 @@ ROLES = {
     "dk": ("bhnd", "gradient of k [batch, kv_heads, k_len, head_dim]"),
     "dv": ("bhnd", "gradient of v [batch, kv_heads, k_len, v_dim]"),
     "pos": ("b", "positions [batch, 3] int32: q_start, k_start, k_len of each sequence"),
+    "opart": ("sbhmd", "split-K partial outputs [splits, batch, heads, q_len, v_dim], fp32"),
+    "mpart": ("sbhm", "split-K partial row maxima [splits, batch, heads, q_len], fp32, log2 units"),
+    "lpart": ("sbhm", "split-K partial row sums [splits, batch, heads, q_len], fp32 (MP's strides)"),
 }
 LAYOUT_LISTS = ("part_num", "part_idx", "full_num", "full_idx")
 
@@ -252,31 +255,56 @@ _SCALE = (Arg("sm_scale", "scale"),)
 _POS = (tensor("Pos", "pos", optional=True), *strides("pos", "p"))
 
 
-def forward_signature(operands: tuple[Operand, ...], closed_form: bool) -> Signature:
-    args = (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("Out", "out"),
-            tensor("Lse", "lse", optional=True), *_POS,
-            *strides("q", "q"), *strides("k", "k"), *strides("v", "v"), *strides("out", "o"),
-            *strides("lse", "l"), *layout(None if closed_form else "kv"), *_SCALE, *_SIZES_FWD,
-            *operand_args(operands))
-    return Signature("attn_fwd", args, ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HEAD_DIM",
-                                        "V_DIM", "RETURN_LSE", "INPUT_PRECISION"),
-                     "query_tiles", "forward", None if closed_form else "kv")
+#: split-K's partial results (None unsplit) and their strides (LP shares MP's)
+_PARTS = (tensor("OutP", "opart", optional=True), tensor("MP", "mpart", optional=True),
+          tensor("LP", "lpart", optional=True))
+_PART_STRIDES = (*strides("opart", "os"), *strides("mpart", "ps"))
+
+
+def forward_signatures(operands: tuple[Operand, ...], closed_form: bool) -> tuple[Signature, ...]:
+    """The forward module's kernels in launch order: attn_kth (launched only for a split
+    `select topk`), attn_fwd (its grid's third axis is the split count), attn_merge (launched
+    only when split)."""
+    kv = None if closed_form else "kv"
+    fwd = (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("Out", "out"),
+           tensor("Lse", "lse", optional=True), *_POS, tensor("Kth", "kth", optional=True),
+           *_PARTS, *strides("q", "q"), *strides("k", "k"), *strides("v", "v"),
+           *strides("out", "o"), *strides("lse", "l"), *strides("kth", "t"), *_PART_STRIDES,
+           *layout(kv), *_SCALE, *_SIZES_FWD, *operand_args(operands))
+    merge = (*_PARTS, tensor("Out", "out"), tensor("Lse", "lse", optional=True), *_POS,
+             *_PART_STRIDES, *strides("out", "o"), *strides("lse", "l"), *_SIZES_FWD,
+             *sizes("splits"), *operand_args(operands))
+    return (
+        kth_signature(operands, kv),
+        Signature("attn_fwd", fwd, ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HEAD_DIM",
+                                    "V_DIM", "RETURN_LSE", "INPUT_PRECISION", "SPLIT"),
+                  "split_query_tiles", "forward", kv),
+        Signature("attn_merge", merge, ("BLOCK_M", "BLOCK_DV", "V_DIM", "RETURN_LSE"),
+                  "query_tiles", "forward", None))
+
+
+def kth_signature(operands: tuple[Operand, ...], kv: str | None) -> Signature:
+    """attn_kth: each row's top-k threshold, with the forward's tiles (a split forward and the
+    backward launch it)."""
+    return Signature(
+        "attn_kth",
+        (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"), *_POS,
+         *strides("q", "q"), *strides("k", "k"), *strides("kth", "s"), *layout(kv),
+         *_SCALE, *sizes("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim"),
+         *operand_args(operands)),
+        ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DIM", "INPUT_PRECISION", "FP64"), "query_tiles",
+        "forward", kv)
 
 
 def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], topk: bool,
                         closed_form: bool, closed_form_t: bool) -> tuple[Signature, ...]:
-    """attn_bwd_kth (launched only with `select topk`), attn_bwd_dq, attn_bwd_dkdv; the
+    """attn_kth (launched only with `select topk`), attn_bwd_dq, attn_bwd_dkdv; the
     query-major ones read the layout unless `closed_form`, dK/dV the transposed one unless
     `closed_form_t`."""
     ops = operand_args(operands)
     common = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DIM")
     kv = None if closed_form else "kv"
-    out = [Signature(
-        "attn_bwd_kth",
-        (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"), *_POS,
-         *strides("q", "q"), *strides("k", "k"), *strides("kth", "s"), *layout(kv),
-         *_SCALE, *sizes("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim"), *ops),
-        common + ("INPUT_PRECISION", "FP64"), "query_tiles", "forward", kv)]
+    out = [kth_signature(operands, kv)]
     # Lse, Delta and Kth are [batch, heads, q_len] alike and share Lse's strides
     stats = (tensor("Lse", "lse"), tensor("Delta", "delta"), tensor("Kth", "kth", optional=not topk))
     out.append(Signature(

@@ -1,7 +1,7 @@
 """Compile generated kernels for a GPU target without a GPU (ahead of time).
 
 `forward_launches` / `backward_launches` build the launches the CUDA backend would make for one
-call — by the same code that builds them at run time (`dispatch.forward_launch`,
+call — by the same code that builds them at run time (`dispatch.forward_launches`,
 `backward.backward_launches`, with CUDA as the target and CPU tensors of the call's shapes and
 dtypes standing in for the CUDA ones): the generated kernel, its arguments, the constexprs and
 the CUDA tile shapes, warps and stages. `compile_launch` specializes a launch the
@@ -31,10 +31,12 @@ import torch
 from ..dsl import config
 from ..lowering.derivative import differentiable_tensors
 from .backward import backward_launches as _backward_launches
-from .dispatch import call_specialization, forward_launch
+from .dispatch import call_specialization
+from .dispatch import forward_launches as dispatch_forward_launches
 from .jit import backward_kernel, forward_kernel
 from .launch import Launch
-from .policy import MAX_SHARED, Target
+from .policy import MAX_SHARED, KernelOptions, Target
+from .positions import positions_of
 
 
 __all__ = ["Launch", "MAX_SHARED", "forward_launches", "backward_launches", "compile_launch",
@@ -49,26 +51,32 @@ def _qkv(shape: dict, dtype: torch.dtype):
 
 
 def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
-                     return_lse: bool, capability: int = 90) -> list[Launch]:
-    """The forward launch of `pattern` on a GPU of this compute capability for a call of this
-    shape (batch, heads, kv_heads, q_len, k_len, head_dim, v_dim), dtype and arguments (tensor
-    arguments as CPU tensors): `runtime/dispatch.py`'s own launch, with CPU stand-ins for the
-    CUDA tensors."""
+                     return_lse: bool, capability: int = 90, splits: int = 1,
+                     placed: bool = False) -> list[Launch]:
+    """The forward launches of `pattern` on a GPU of this compute capability for a call of
+    this shape (batch, heads, kv_heads, q_len, k_len, head_dim, v_dim), dtype and arguments
+    (tensor arguments as CPU tensors): `runtime/dispatch.py`'s own launches, with CPU
+    stand-ins for the CUDA tensors. `splits` > 1 forces split-K (`attn_kth` for a top-k,
+    `attn_fwd`, `attn_merge`); `placed`: the call has positions (bottom-right, as decoding)."""
     q, k, v = _qkv(shape, dtype)
     bound = pattern.bind(q, k, v, arguments)
+    if placed:
+        bound.positions = positions_of(q, k, q_start=k.shape[2] - q.shape[2])
     compiled = forward_kernel(pattern.ir, *call_specialization(pattern.ir, bound))
     B, H, Lq, _ = q.shape
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)
     lse = torch.empty((B, H, Lq), dtype=torch.float32) if return_lse else None
-    launch, _ = forward_launch(compiled, pattern.ir, bound, q, k, v, out, lse,
-                               1.0 / q.shape[3] ** 0.5, Target("cuda", capability))
-    return [launch]
+    options = KernelOptions.of({"forward": {"splits": splits}}) if splits > 1 else None
+    launches, _, _ = dispatch_forward_launches(compiled, pattern.ir, bound, q, k, v, out, lse,
+                                               1.0 / q.shape[3] ** 0.5,
+                                               Target("cuda", capability), options)
+    return launches
 
 
 def backward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
                       wrt: tuple[str, ...] = (), deterministic: bool = False,
                       capability: int = 90) -> list[Launch]:
-    """The backward launches (`attn_bwd_kth` for top-k, `attn_bwd_dq`, `attn_bwd_dkdv`) of
+    """The backward launches (`attn_kth` for top-k, `attn_bwd_dq`, `attn_bwd_dkdv`) of
     `pattern` on a GPU of this compute capability, with gradients for the float tensor arguments named in `wrt`:
     `runtime/backward.py`'s own launches, with CPU stand-ins for the CUDA tensors."""
     q, k, v = _qkv(shape, dtype)

@@ -1,7 +1,7 @@
 """Launch of the generated backward kernels (FlashAttention-2 recomputation from the saved LSE).
 
 `triton_attention_backward` runs, for one bound call of a pattern:
-  1. `attn_bwd_kth` (only for `select topk`): each row's keep threshold, with the forward's tiles;
+  1. `attn_kth` (only for `select topk`): each row's keep threshold, with the forward's tiles;
   2. `attn_bwd_dq` over the layout's key tiles per query tile: dQ and the gradients of float
      tensor arguments (fp32 atomics, or program-private slices summed by torch when
      deterministic);
@@ -107,7 +107,7 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
                       dq, dk, dv, deterministic: bool, scale: float, target: Target,
                       options: KernelOptions | None = None) -> tuple[list[Launch], dict]:
     """The launches of one backward call on `target` (q's device, or a GPU for `runtime/aot.py`,
-    which passes CPU tensors of the call's shapes), in order: `attn_bwd_kth` (top-k only),
+    which passes CPU tensors of the call's shapes), in order: `attn_kth` (top-k only),
     `attn_bwd_dq`, `attn_bwd_dkdv`; and {name: buffer} for the gradients of the module's
     tensor arguments (`Kernel.grads`), zeroed, in lse's dtype: the gradient's shape, or
     [programs, numel] slices to sum when deterministic. `lse` and `delta` are [B, H, Lq],
@@ -126,7 +126,7 @@ def backward_launches(compiled: Compiled, ir, bound: Bound, q, k, v, grad_out, l
                         forced=forced.get(kernel.signature(name).config), **facts)
         return launch(compiled, name, call, cfg, target, layout_for(cfg), **facts)
 
-    launches = [bind("attn_bwd_kth")] if kernel.topk else []
+    launches = [bind("attn_kth")] if kernel.topk else []
     # gradient buffers first (a tuning run of dQ times scratch copies of them)
     # sized by the configuration dQ launches with when deterministic (see `tune.configure`)
     dq_sig = kernel.signature("attn_bwd_dq")

@@ -11,6 +11,8 @@ layout is built or passed. `LAUNCHES` counts forward launches per path ('closed_
 from __future__ import annotations
 
 import collections
+import functools
+from dataclasses import replace
 
 import torch
 
@@ -23,7 +25,7 @@ from .jit import Compiled, forward_kernel
 from .launch import Call, Launch, Template, launch, run_launch
 from .layout import build_layout
 from .policy import (KERNELS, MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, KernelOptions, Target,
-                     config_for, forced_configs)
+                     config_for, forced_configs, split_count)
 from .tune import chosen, configure
 
 #: forward launches per path, for tests and benchmarks
@@ -153,10 +155,11 @@ def _template_key(ir: PatternIR, q, k, v, bound: Bound, return_lse: bool, option
 
 def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_lse: bool,
                      options: str = ""):
-    """Run the generated forward kernel of `ir`. Returns (out [B,H,Lq,Dv], lse [B,H,Lq] or None).
-    `options`: the call's kernel options in their text form (`KernelOptions.text`; "" for none).
+    """Run the generated forward kernels of `ir`. Returns (out [B,H,Lq,Dv], lse [B,H,Lq] or
+    None). `options`: the call's kernel options in their text form (`KernelOptions.text`; ""
+    for none).
 
-    A call with the signature of an earlier one reuses its prepared launch: no validation,
+    A call with the signature of an earlier one reuses its prepared launches: no validation,
     planning or binding is repeated, only the per-call arguments are filled in."""
     k, v = broadcast_kv(q, k, v)
     key = _template_key(ir, q, k, v, bound, return_lse, options)
@@ -164,18 +167,19 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
     B, H, Lq, _ = q.shape
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device) if return_lse else None
-    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound)), bound.sizes, scale,
-                bound)
     if hit is not None:
         _TEMPLATES.move_to_end(key)
-        compiled, template, path = hit
+        compiled, templates, path, splits = hit
+        call = forward_call(compiled, bound, q, k, v, out, lse, scale, splits)
         layout = None
-        if template.layout is not None:
-            meta = template.launch.meta
-            layout = build_layout(ir, bound, Lq, k.shape[2], meta["BLOCK_M"], meta["BLOCK_N"],
-                                  q.device)
+        for t in templates:
+            if t.layout is not None and layout is None:
+                meta = t.launch.meta
+                layout = build_layout(ir, bound, Lq, k.shape[2], meta["BLOCK_M"],
+                                      meta["BLOCK_N"], q.device)
         LAUNCHES[path] += 1
-        run_launch(compiled, template.bind(call, layout))
+        for t in templates:
+            run_launch(compiled, t.bind(call, layout))
         return out, lse
     check_backend(q.device, q.dtype)
     check_head_dims(q.shape[3], v.shape[3])
@@ -191,29 +195,97 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
                 from .reference import sink_logits
                 lse.copy_(sink_logits(ir, bound, bound.tensors, lse.dtype, (B, H, Lq, 0), q.device))
         return out, lse
-    L, path = forward_launch(compiled, ir, bound, q, k, v, out, lse, scale, Target.of(q.device),
-                             KernelOptions.parse(options))
-    _TEMPLATES[key] = (compiled, Template.of(compiled, L), path)
+    launches, path, splits = forward_launches(compiled, ir, bound, q, k, v, out, lse, scale,
+                                              Target.of(q.device), KernelOptions.parse(options))
+    _TEMPLATES[key] = (compiled, [Template.of(compiled, L) for L in launches], path, splits)
     while len(_TEMPLATES) > TEMPLATE_CACHE_SIZE:
         _TEMPLATES.popitem(last=False)
     LAUNCHES[path] += 1
-    run_launch(compiled, L)
+    for L in launches:
+        run_launch(compiled, L)
     return out, lse
 
 
-def forward_launch(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out, lse,
-                   scale: float, target: Target,
-                   options: KernelOptions | None = None) -> tuple[Launch, str]:
-    """The forward launch of a call on `target` (q's device, or a GPU for `runtime/aot.py`,
-    which passes CPU tensors of the call's shapes) and its path: 'closed_form' or 'layout'.
-    `lse` is None unless the call returns it; `options` are the call's kernel options."""
-    sig = compiled.kernel.signature("attn_fwd")
-    call = Call(dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound)), call_sizes(bound, v),
-                scale, bound)
+def forward_call(compiled: Compiled, bound: Bound, q, k, v, out, lse, scale: float,
+                 splits: int) -> Call:
+    """What the forward kernels of a call bind: its tensors (with split-K's partial buffers and,
+    for a split `select topk`, the threshold buffer), sizes and scale."""
+    tensors = dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound))
+    if splits > 1:
+        B, H, Lq, _ = q.shape
+        f32 = dict(dtype=torch.float32, device=q.device)
+        tensors.update(opart=torch.empty((splits, B, H, Lq, v.shape[3]), **f32),
+                       mpart=torch.empty((splits, B, H, Lq), **f32),
+                       lpart=torch.empty((splits, B, H, Lq), **f32))
+        if compiled.kernel.topk:
+            tensors["kth"] = torch.empty((B, H, Lq), **f32)
+    return Call(tensors, dict(call_sizes(bound, v), splits=splits), scale, bound)
+
+
+def forward_launches(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out, lse,
+                     scale: float, target: Target,
+                     options: KernelOptions | None = None) -> tuple[list[Launch], str, int]:
+    """The forward launches of a call on `target` (q's device, or a GPU for `runtime/aot.py`,
+    which passes CPU tensors of the call's shapes), its path ('closed_form' or 'layout') and
+    split count: `attn_fwd` alone, or split-K's `attn_kth` (a `select topk` only), `attn_fwd`
+    over the splits and `attn_merge`. `lse` is None unless the call returns it; `options` are
+    the call's kernel options."""
+    kernel = compiled.kernel
+    sig = kernel.signature("attn_fwd")
     layout_for = layouts(ir, bound, q, k, sig)
     facts = dict(RETURN_LSE=lse is not None)
     forced = forced_configs(options, target, q.shape[3], v.shape[3], q.dtype,
-                            compiled.kernel.constraints)["forward"] if options else None
-    cfg = configure(compiled, "attn_fwd", target, call, layout_for, forced=forced, **facts)
-    return (launch(compiled, "attn_fwd", call, cfg, target, layout_for(cfg), **facts),
-            "layout" if sig.uses_layout() else "closed_form")
+                            kernel.constraints)["forward"] if options else None
+    cfg = configure(compiled, "attn_fwd", target, forward_call(compiled, bound, q, k, v, out, lse,
+                                                               scale, 1),
+                    layout_for, forced=forced, SPLIT=False, **facts)
+    splits = call_splits(kernel, bound, q, k, cfg, target)
+    call = forward_call(compiled, bound, q, k, v, out, lse, scale, splits)
+    layout = layout_for(cfg)
+    launches = []
+    if splits > 1 and kernel.topk:
+        launches.append(launch(compiled, "attn_kth", call, cfg, target, layout))
+    launches.append(launch(compiled, "attn_fwd", call, cfg, target, layout, SPLIT=splits > 1,
+                           **facts))
+    if splits > 1:  # the merge's row tile: no taller than the rows (one per decoding step)
+        rows = max(16, min(cfg.block_m, 1 << max(0, (q.shape[2] - 1).bit_length())))
+        launches.append(launch(compiled, "attn_merge", call, replace(cfg, block_m=rows), target,
+                               None, **facts))
+    return launches, "layout" if sig.uses_layout() else "closed_form", splits
+
+
+def call_splits(kernel, bound: Bound, q, k, cfg: Config, target: Target) -> int:
+    """The split-K count of a call's forward at configuration `cfg` (`policy.split_count`)."""
+    B, H, Lq, _ = q.shape
+    programs = -(-Lq // cfg.block_m) * B * H
+    return split_count(cfg, target, programs,
+                       _visited_key_tiles(kernel, bound, Lq, k.shape[2], cfg), q.device)
+
+
+def _visited_key_tiles(kernel, bound: Bound, q_len: int, k_len: int, cfg: Config):
+    """`split_count`'s estimate of the key tiles one row tile visits, as a thunk (only a call
+    that might split evaluates it): from the closed form at the first and last query tile of
+    the sequence with the most keys, else every key tile."""
+    def estimate() -> int:
+        every = -(-k_len // cfg.block_n)
+        cf = kernel.closed_form
+        placed = bound.positions
+        if cf is None or (placed is not None and placed.values is None):
+            return every
+        triple = (0, 0, k_len) if placed is None else max(placed.values, key=lambda t: t[2])
+        return min(every, _closed_form_tiles(cf, tuple(sorted(bound.sizes.items())), triple,
+                                             q_len, cfg.block_m, cfg.block_n))
+    return estimate
+
+
+@functools.lru_cache(maxsize=1024)
+def _closed_form_tiles(cf, sizes: tuple, triple: tuple, q_len: int, block_m: int,
+                       block_n: int) -> int:
+    q_start, k_start, k_len = triple
+    bound = cf.bind(block_m, dict(sizes, q_start=q_start, k_start=k_start, k_len=k_len))
+    tiles = 0
+    for q_lo in {0, (max(q_len, 1) - 1) // block_m * block_m}:
+        cover, _ = bound.evaluate(q_lo, min(q_lo + block_m, q_len))
+        tiles = max(tiles, sum(-(-max(0, min(hi, k_len) - max(lo, 0)) // block_n) + 1
+                               for lo, hi in cover))
+    return tiles

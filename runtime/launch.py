@@ -126,11 +126,14 @@ def arguments(sig: Signature, call: Call, layout=None) -> tuple:
     return tuple(out)
 
 
-def grid(sig: Signature, config: Config, call: Call) -> tuple[int, int]:
-    """The launch grid: (tiles, batch x heads) of the signature's grid kind."""
+def grid(sig: Signature, config: Config, call: Call) -> tuple[int, ...]:
+    """The launch grid: (tiles, batch x heads) of the signature's grid kind, and the split
+    count for a split one."""
     s = call.sizes
     if sig.grid == "query_tiles":
         return cdiv(s["q_len"], config.block_m), s["batch"] * s["heads"]
+    if sig.grid == "split_query_tiles":  # split-K: the key tiles of a row tile over programs
+        return cdiv(s["q_len"], config.block_m), s["batch"] * s["heads"], s.get("splits", 1)
     if sig.grid == "key_tiles":
         return cdiv(s["k_len"], config.block_n), s["batch"] * s["kv_heads"]
     raise RuntimeError(f"internal: unknown grid {sig.grid!r}")

@@ -144,8 +144,8 @@ class Pattern:
                            kernel_options: dict | None = None, **arguments) -> dict:
         """The launch settings of the generated kernels for the call ``self(q, k, v, ...)``:
         ``{'forward': {...}, 'dq': {...}, 'dkdv': {...}}``, each with block_m, block_n,
-        num_warps, num_stages. Passed back as ``kernel_options=`` it reproduces the same
-        kernels. With autotuning on and nothing tuned yet for a kernel, the call is run once
+        num_warps, num_stages, and the forward's split-K count `splits`. Passed back as
+        ``kernel_options=`` it reproduces the same kernels. With autotuning on and nothing tuned yet for a kernel, the call is run once
         (forward and backward, on copies) so that the tuner chooses, as the call would."""
         placed, rest = pop_positions(arguments)
         plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, rest, bool(placed))
@@ -153,8 +153,10 @@ class Pattern:
             raise ValueError(f"kernel_options_for: this call runs on backend='{plan.backend}', "
                              f"which launches no generated kernels; generated kernels run with "
                              f"CUDA tensors, or with backend='triton' under TRITON_INTERPRET=1")
-        from .dispatch import call_configs
-        bound = plan.bound([rest[n] for n in plan.tensor_names])
+        from .dispatch import call_configs, call_specialization, call_splits, forward_kernel
+        from .policy import Target
+        bound = plan.bound([rest[n] for n in plan.tensor_names],
+                           positions_of(q, k, **placed) if placed else None)
         options = KernelOptions.parse(plan.options)
         configs = call_configs(self.ir, bound, q, v, options)
         if any(c is None for c in configs.values()):  # the autotuner has yet to choose
@@ -163,7 +165,11 @@ class Pattern:
                 self(*leaves, scale=scale, backend=backend, kernel_options=kernel_options,
                      **arguments).float().sum().backward()
             configs = call_configs(self.ir, bound, q, v, options, settled=True)
-        return {name: {f: getattr(configs[name], f) for f in OPTION_FIELDS} for name in KERNELS}
+        out = {name: {f: getattr(configs[name], f) for f in OPTION_FIELDS} for name in KERNELS}
+        kernel = forward_kernel(self.ir, *call_specialization(self.ir, bound)).kernel
+        out["forward"]["splits"] = call_splits(kernel, bound, q, k, configs["forward"],
+                                               Target.of(q.device))
+        return out
 
     def _auto_backend(self, device: torch.device) -> str:
         if device.type == "cuda":

@@ -30,12 +30,14 @@ KERNELS = ("forward", "dq", "dkdv")
 
 @dataclass(frozen=True)
 class Config:
-    """How one kernel launches: its tile (BLOCK_M query rows x BLOCK_N keys), warps, stages."""
+    """How one kernel launches: its tile (BLOCK_M query rows x BLOCK_N keys), warps, stages;
+    for the forward, `splits` forces its split-K count (0: `split_count` decides per call)."""
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    splits: int = 0
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,8 @@ def supported_tiles() -> tuple[tuple[int, int], ...]:
 
 #: the fields a call may force, per kernel or for all of them (`KernelOptions`)
 OPTION_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+#: what the forward kernel also takes: its split-K count
+FORWARD_FIELDS = OPTION_FIELDS + ("splits",)
 NUM_WARPS = (1, 2, 4, 8, 16)
 #: Triton's largest tensor (`TRITON_MAX_TENSOR_NUMEL`): bounds a tile's elements
 MAX_TILE_NUMEL = 1 << 20
@@ -294,20 +298,22 @@ class KernelOptions:
             return None
         flat = not any(key in KERNELS for key in value)
         if flat:
-            settings = _option_fields(value, "kernel_options", KERNELS)
-            return KernelOptions(tuple((k, settings) for k in KERNELS), True)
+            settings = _option_fields(value, "kernel_options", KERNELS, FORWARD_FIELDS)
+            return KernelOptions(tuple((k, tuple(f for f in settings if k == "forward"
+                                                 or f[0] != "splits")) for k in KERNELS), True)
         per = []
         for key, sub in value.items():
-            if key in OPTION_FIELDS:
+            if key in FORWARD_FIELDS:
                 named = ", ".join(repr(k) for k in value if k in KERNELS)
                 raise ValueError(f"kernel_options mixes per-kernel dicts ({named}) with the flat "
                                  f"key {key!r}; put {key!r} inside each kernel's dict")
             if key not in KERNELS:
-                raise ValueError(_unknown(key, "kernel_options", KERNELS + OPTION_FIELDS))
+                raise ValueError(_unknown(key, "kernel_options", KERNELS + FORWARD_FIELDS))
             if not isinstance(sub, dict):
                 raise ValueError(f"kernel_options[{key!r}] must be a dict of "
                                  f"{', '.join(OPTION_FIELDS)}, got {type(sub).__name__}")
-            per.append((key, _option_fields(sub, f"kernel_options[{key!r}]")))
+            per.append((key, _option_fields(sub, f"kernel_options[{key!r}]", (),
+                                            FORWARD_FIELDS if key == "forward" else OPTION_FIELDS)))
         return KernelOptions(tuple(sorted(per)))
 
     @property
@@ -348,13 +354,17 @@ def _unknown(key, where: str, allowed) -> str:
             f" (allowed: {', '.join(allowed)})")
 
 
-def _option_fields(value: dict, where: str, also=()) -> tuple[tuple[str, int], ...]:
-    """A kernel's fields, each checked on its own (what no kernel would take); `also`: other
-    keys that would have been allowed instead (suggested for an unknown one)."""
+def _option_fields(value: dict, where: str, also=(),
+                   allowed=OPTION_FIELDS) -> tuple[tuple[str, int], ...]:
+    """A kernel's fields (of `allowed`), each checked on its own (what no kernel would take);
+    `also`: other keys that would have been allowed instead (suggested for an unknown one)."""
     out = []
     for key, x in value.items():
-        if key not in OPTION_FIELDS:
-            raise ValueError(_unknown(key, where, OPTION_FIELDS + tuple(also)))
+        if key not in allowed:
+            if key == "splits":
+                raise ValueError(f"{where}: 'splits' (split-K) is a setting of the forward "
+                                 f"kernel; put it in kernel_options['forward']")
+            raise ValueError(_unknown(key, where, allowed + tuple(also)))
         name = f"{where}[{key!r}]"
         if isinstance(x, bool) or not isinstance(x, int):
             raise ValueError(f"{name} must be an int, got {x!r}")
@@ -364,6 +374,8 @@ def _option_fields(value: dict, where: str, also=()) -> tuple[tuple[str, int], .
             raise ValueError(f"{name} must be one of {', '.join(map(str, NUM_WARPS))}, got {x}")
         if key == "num_stages" and x < 1:
             raise ValueError(f"{name} must be >= 1, got {x}")
+        if key == "splits" and not 1 <= x <= MAX_SPLITS:
+            raise ValueError(f"{name} must be in 1..{MAX_SPLITS}, got {x}")
         out.append((key, x))
     return tuple(sorted(out))
 
@@ -419,6 +431,7 @@ def _check_shared_tiles(options: KernelOptions, out: dict, target: Target, head_
     """Where keep decisions read the score every pass launches with the forward's configuration
     (`config_for`): the backward's options must agree with it, and it must fit them all."""
     fwd = out["forward"] or config_for("forward", target, head_dim, v_dim, dtype, constraints)
+    fwd = replace(fwd, splits=0)  # split-K is the forward's alone
     for kernel in ("dq", "dkdv"):
         if out[kernel] is not None and out[kernel] != fwd:
             raise ValueError(
@@ -432,3 +445,38 @@ def _check_shared_tiles(options: KernelOptions, out: dict, target: Target, head_
 
 def _fields(cfg: Config) -> str:
     return ", ".join(f"{f}={getattr(cfg, f)}" for f in OPTION_FIELDS)
+
+
+# ------------------------------------------------------------------ split-K (flash-decoding)
+
+#: the most programs one row tile's key tiles are split over
+MAX_SPLITS = 64
+#: a split keeps at least this many key tiles (fewer: the merge's traffic outweighs the gain)
+MIN_SPLIT_TILES = 4
+#: split until about this many waves of programs fill the GPU
+SPLIT_WAVES = 2
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_count(cfg: Config, target: Target, programs: int, key_tiles,
+                device: torch.device | None = None) -> int:
+    """How many programs share one row tile's key tiles (split-K, flash-decoding): what the
+    call forces (`cfg.splits`), else 1 off the GPU or where `programs` (query tiles x batch x
+    heads) already fill it, else enough for `SPLIT_WAVES` waves over its multiprocessors, at
+    most one split per `MIN_SPLIT_TILES` of the key tiles a row tile visits (`key_tiles()`, an
+    estimate: a window of 4K over 128K keys visits the window's tiles, not 128K's) and
+    `MAX_SPLITS`."""
+    if cfg.splits:
+        return cfg.splits
+    device = torch.device(device) if device is not None else None
+    if not target.is_cuda or programs <= 0 or device is None or device.type != "cuda":
+        return 1  # (runtime/aot.py compiles for a GPU with CPU tensors: unsplit)
+    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    want = -(-SPLIT_WAVES * sms // programs)
+    return max(1, min(want, key_tiles() // MIN_SPLIT_TILES, MAX_SPLITS))

@@ -18,7 +18,6 @@ import json
 import os
 import threading
 import warnings
-from dataclasses import asdict
 
 import torch
 
@@ -26,7 +25,7 @@ from ..dsl import config
 from ..lowering.signature import Constraints
 from .jit import Compiled
 from .launch import Call, launch
-from .policy import Config, Target, candidates, config_for
+from .policy import OPTION_FIELDS, Config, Target, candidates, config_for
 
 _LOCK = threading.Lock()
 FILE = "tuning.json"
@@ -76,7 +75,8 @@ class Tuner:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({k: asdict(v) for k, v in sorted(self.memory.items())}, f, indent=1)
+                json.dump({k: {f: getattr(v, f) for f in OPTION_FIELDS}  # tiles, warps, stages
+                           for k, v in sorted(self.memory.items())}, f, indent=1)
             os.replace(tmp, path)
         except OSError as e:  # the choices stay in memory for this process
             warnings.warn(f"attnc could not save tuned configurations to {path} ({e.strerror or e});"

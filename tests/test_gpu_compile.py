@@ -33,16 +33,18 @@ import time
 FULL = os.environ.get("ATTNC_GPU_COMPILE", "") == "full"
 #: the call every case compiles for: GQA (4 query heads over 2 kv heads), lengths off the tiles
 SHAPE = dict(batch=2, heads=4, kv_heads=2, q_len=200, k_len=200, head_dim=64, v_dim=64)
+#: a decoding case's call: one query per sequence against a cache
+DECODE_SHAPE = dict(SHAPE, heads=8, q_len=1, k_len=4096)
 STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")
 
 # --------------------------------------------------------------------------- cases (parent side)
 
 
 def _case(pattern, direction="fwd", dtype="bf16", cap=90, return_lse=True, head_dim=64,
-          v_dim=None, wrt=(), deterministic=False, bug=None, memory=False):
+          v_dim=None, wrt=(), deterministic=False, bug=None, memory=False, decode=0):
     case = dict(pattern=pattern, direction=direction, dtype=dtype, cap=cap,
-                head_dim=head_dim, v_dim=v_dim or head_dim, memory=memory)
-    name = f"{direction}-{pattern}-{dtype}-sm{cap}"
+                head_dim=head_dim, v_dim=v_dim or head_dim, memory=memory, decode=decode)
+    name = f"{direction}-{pattern}-{dtype}-sm{cap}" + (f"-decode-split{decode}" if decode else "")
     if head_dim != 64 or case["v_dim"] != head_dim:
         name += f"-d{head_dim}" + (f"v{case['v_dim']}" if case["v_dim"] != head_dim else "")
     if direction == "fwd":
@@ -93,6 +95,10 @@ def _cases():
     for n in ("causal", "document"):
         cases.append(_case(n, head_dim=96, return_lse=True, memory=True))
         cases.append(_case(n, "bwd", head_dim=96, memory=True))
+    # decoding (one query against 4096 keys, with positions) split 4 ways: attn_kth (top-k),
+    # attn_fwd writing partial results, attn_merge
+    for n in ("causal", "streaming", "document", "topk", "sigmoid", "learned_sinks"):
+        cases.append(_case(n, head_dim=128, return_lse=lse(n), memory=True, decode=4))
     if FULL:
         for n in names:
             for dtype in ("bf16", "fp16", "fp32"):
@@ -223,6 +229,8 @@ if __name__ != "__main__":
         r = compiled.get(case["id"])
         assert r is not None and r["ok"], f"{case['id']} did not compile"
         for k in r["kernels"]:
+            if k["name"] == "attn_merge":  # split-K's merge has no dot
+                continue
             assert k["wgmma"] > 0 and k["mma_sync"] == 0, f"{case['id']} {k}"
 
     @pytest.mark.parametrize("case", [c for c in _params() if c.values[0]["memory"]])
@@ -238,8 +246,12 @@ if __name__ != "__main__":
         for k in r["kernels"]:
             where = f"{case['id']} {k['name']}: {k}"
             assert k["ld_b16"] == 0 and k["st_b16"] == 0, "scalar 2-byte global access in " + where
+            if k["name"] == "attn_merge":  # split-K's merge: fp32 partial rows, no dot
+                assert k["ld_16B"] > 0 and k["st_16B"] > 0, where
+                assert k["spill_stores"] == 0 and k["spill_loads"] == 0, "spills in " + where
+                continue
             assert k["cp_async_16B"] + k["tma"] > 0, "no asynchronous 16-byte tile copy in " + where
-            assert k["ld_16B"] > 0 and k["st_16B"] + (k["name"] == "attn_bwd_kth") > 0, where
+            assert k["ld_16B"] > 0 and k["st_16B"] + (k["name"] == "attn_kth") > 0, where
             assert k["wgmma"] > 0 and k["mma_sync"] == 0, where
             shared = case["pattern"] in SHARED_DECISIONS
             if k["name"] != "attn_bwd_dkdv" or (case["head_dim"] <= 128 and not shared
@@ -263,12 +275,14 @@ def _compile_case(case) -> dict:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case["dtype"]]
     p = _pattern(case["pattern"])
-    shape = dict(SHAPE, head_dim=case["head_dim"], v_dim=case["v_dim"])
+    shape = dict(DECODE_SHAPE if case["decode"] else SHAPE, head_dim=case["head_dim"],
+                 v_dim=case["v_dim"])
     sizes = {k: shape[k] for k in ("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim")}
     args = sample_arguments(p.ir, sizes, case["arguments"], seed=0)
     params = {q.name: args.get(q.name, q.default) for q in p.params}
     if case["direction"] == "fwd":
-        launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"], case["cap"])
+        launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"], case["cap"],
+                                        splits=case["decode"] or 1, placed=bool(case["decode"]))
     else:
         launches = aot.backward_launches(p, shape, dtype, args, tuple(case["wrt"]),
                                          case["deterministic"], case["cap"])

@@ -138,9 +138,11 @@ def test_kernel_options_for_says_what_a_call_launches_with(launches):
     q, k, v = _qkv(grad=True)
     chosen = attnc.kernel_options_for(p, q, k, v, window=9, backend="triton")
     base = policy.INTERPRETER_CONFIG
-    assert chosen == {role: {"block_m": base.block_m, "block_n": base.block_n,
-                             "num_warps": base.num_warps, "num_stages": base.num_stages}
-                      for role in policy.KERNELS}
+    want = {role: {"block_m": base.block_m, "block_n": base.block_n,
+                   "num_warps": base.num_warps, "num_stages": base.num_stages}
+            for role in policy.KERNELS}
+    want["forward"]["splits"] = 1  # no split-K under the interpreter unless forced
+    assert chosen == want
     _grads(p(q, k, v, window=9, backend="triton"), q, k, v)
     for role in policy.KERNELS:
         assert _tiles(launches[role][-1]) == (chosen[role]["block_m"], chosen[role]["block_n"])
@@ -180,6 +182,7 @@ def test_kernel_options_for_reports_the_tuned_configuration(monkeypatch, tmp_pat
     tuner._load().update({tune.tuning_key(kernel.pattern_key, role, 16, 16, torch.float32,
                                           "Fake GPU"): cfg for role, cfg in tuned.items()})
     got = attnc.kernel_options_for(p, q, k, v, backend="triton")
+    assert got["forward"].pop("splits") == 1  # a CPU tensor is never split unless forced
     assert {role: Config(**fields) for role, fields in got.items()} == tuned
     forced = {"forward": {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 1}}
     monkeypatch.setattr(tuner, "_load", lambda: {})  # nothing remembered: would tune...
@@ -203,6 +206,7 @@ def test_kernel_options_for_lets_the_tuner_choose_first(monkeypatch, tmp_path, f
         monkeypatch.setattr(module, "configure",
                             lambda *a, **kw: tune.configure(*a, tuner=tuner, **kw))
     got = attnc.kernel_options_for(p, q, k, v, backend="triton")
+    assert got["forward"].pop("splits") == 1
     assert {role: Config(**fields) for role, fields in got.items()} == \
         {role: small[1] for role in policy.KERNELS}
     assert not q.requires_grad and len(tuner.memory) == 3
@@ -254,6 +258,7 @@ def test_top_k_needs_its_key_tile_and_one_configuration_for_every_pass():
                                                      "dq": {"block_m": 32}})
     chosen = attnc.kernel_options_for(p, q, k, v, backend="triton",
                                       kernel_options={"forward": {"block_m": 16}})
+    assert chosen["forward"].pop("splits") == 1
     assert chosen["forward"] == chosen["dq"] == chosen["dkdv"]
     assert chosen["forward"]["block_m"] == 16 and chosen["forward"]["block_n"] == 64
 
@@ -263,7 +268,7 @@ def test_top_k_passes_share_the_forced_tiles(launches):
     q, k, v = _qkv(grad=True)
     out = p(q, k, v, top=5, backend="triton", kernel_options={"block_m": 16, "block_n": 16})
     got = _grads(out, q, k, v)
-    for role in ("forward", "attn_bwd_kth", "dq", "dkdv"):
+    for role in ("forward", "attn_kth", "dq", "dkdv"):
         assert _tiles(launches[role][-1]) == (16, 16), role
     ref = p(q, k, v, top=5, backend="reference")
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
