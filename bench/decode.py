@@ -5,7 +5,9 @@
     TRITON_INTERPRET=1 python bench/decode.py --smoke   # CPU: tiny shapes, checks agreement only
 
 Each row is one call: queries [batch, heads, q_len, D] placed at the end of a cache of k_len keys
-per sequence ([batch, kv_heads, k_len, D], GQA), bf16. `causal` attends to the whole cache
+per sequence ([batch, kv_heads, k_len, D], GQA), bf16; `paged` rows read the same cache from a
+pool of 64-row pages in shuffled order through a block table (FlexAttention and SDPA read the
+contiguous cache: the paged attnc row is compared with them as the same step). `causal` attends to the whole cache
 (bottom-right), `streaming` to a window of 4096 plus 4 sinks. attnc is called with positions
 (`q_start = k_len - q_len`), as a decoder would; its split-K count and launches are its own
 policy's. The memory traffic that bounds a decode step is reading K and V: GB/s is the bytes of K
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import sys
@@ -31,6 +34,21 @@ import attnc  # noqa: E402
 
 PATTERNS = ("causal", "streaming")
 WINDOW, SINKS = 4096, 4
+PAGE = 64
+
+
+def paged(k, v, page: int):
+    """k and v [B, Hkv, L, D] as pools of `page`-row pages in a shuffled order, and the block
+    table [B, L // page] (L a multiple of `page`)."""
+    B, Hkv, L, D = k.shape
+    n = L // page
+    order = torch.randperm(B * n, generator=torch.Generator().manual_seed(0)).to(k.device)
+
+    def pool(t):
+        out = torch.empty(B * n, Hkv, page, t.shape[-1], dtype=t.dtype, device=t.device)
+        out[order] = t.view(B, Hkv, n, page, -1).permute(0, 2, 1, 3, 4).reshape(B * n, Hkv, page, -1)
+        return out
+    return pool(k), pool(v), order.view(B, n).to(torch.int32)
 
 
 def timed(fn, smoke: bool) -> float:
@@ -73,21 +91,27 @@ def run(args) -> list[dict]:
             q = torch.randn(B, H, q_len, D, generator=gen).to(device, dtype)
             k = torch.randn(B, Hkv, k_len, D, generator=gen).to(device, dtype)
             v = torch.randn(B, Hkv, k_len, D, generator=gen).to(device, dtype)
-            for name in args.patterns:
+            pools = paged(k, v, PAGE) if "paged" in args.caches else None
+            for name, cache in itertools.product(args.patterns, args.caches):
                 p = attnc.std(name)
                 kw = dict(q_start=k_len - q_len)
                 if name == "streaming":
                     kw.update(window=WINDOW, sinks=SINKS)
                 if args.smoke:
                     kw["backend"] = "triton"
+                kv = (k, v) if cache == "contiguous" else pools[:2]
+                if cache == "paged":
+                    kw["block_table"] = pools[2]
 
-                def ours(p=p, kw=kw):
-                    return p(q, k, v, **kw)
+                def ours(p=p, kw=kw, kv=kv):
+                    with torch.no_grad():
+                        return p(q, *kv, **kw)
                 out = ours()
-                row = dict(pattern=name, k_len=k_len, q_len=q_len,
+                row = dict(pattern=name if cache == "contiguous" else f"{name} (paged)",
+                           k_len=k_len, q_len=q_len,
                            bytes=kv_bytes(name, B, Hkv, k_len, q_len, D, q.element_size()))
                 if args.smoke:  # agreement with the reference: that is all a smoke run checks
-                    ref = p(q, k, v, **dict(kw, backend="reference"))
+                    ref = p(q, *kv, **dict(kw, backend="reference"))
                     row["max_diff"] = float((out.float() - ref.float()).abs().max())
                 row["attnc_ms"] = timed(ours, args.smoke)
                 row.update(flex(name, q, k, v, k_len - q_len, out, args.smoke))
@@ -141,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k-len", type=ints, default=[4096, 32768, 131072])
     ap.add_argument("--q-len", type=ints, default=[1, 4])
     ap.add_argument("--patterns", type=lambda s: s.split(","), default=list(PATTERNS))
+    ap.add_argument("--caches", type=lambda s: s.split(","), default=["contiguous", "paged"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
@@ -153,7 +178,7 @@ def main(argv=None) -> int:
             print("--smoke needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
             return 2
         args.k_len, args.q_len, args.batch, args.heads, args.kv_heads, args.head_dim = (
-            [300], [1, 4], 2, 4, 2, 16)
+            [320], [1, 4], 2, 4, 2, 16)
     elif not torch.cuda.is_available():
         print("bench/decode.py needs a CUDA GPU (none found); nothing measured. "
               "Use --smoke under TRITON_INTERPRET=1 for a CPU correctness run.")

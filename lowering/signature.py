@@ -44,6 +44,7 @@ ROLES = {
     "dk": ("bhnd", "gradient of k [batch, kv_heads, k_len, head_dim]"),
     "dv": ("bhnd", "gradient of v [batch, kv_heads, k_len, v_dim]"),
     "pos": ("b", "positions [batch, 3] int32: q_start, k_start, k_len of each sequence"),
+    "table": ("bp", "block table [batch, max_pages] int32: each sequence's pages of keys, values"),
     "opart": ("sbhmd", "split-K partial outputs [splits, batch, heads, q_len, v_dim], fp32"),
     "mpart": ("sbhm", "split-K partial row maxima [splits, batch, heads, q_len], fp32, log2 units"),
     "lpart": ("sbhm", "split-K partial row sums [splits, batch, heads, q_len], fp32 (MP's strides)"),
@@ -253,6 +254,9 @@ _SCALE = (Arg("sm_scale", "scale"),)
 
 #: the call's positions table and its stride along the batch (every kernel takes them)
 _POS = (tensor("Pos", "pos", optional=True), *strides("pos", "p"))
+#: a paged call's block table and its strides (the kernels that read keys take them; K and V
+#: are then page pools, whose batch-axis stride is the page stride)
+_TABLE = (tensor("Table", "table", optional=True), *strides("table", "bt"))
 
 
 #: split-K's partial results (None unsplit) and their strides (LP shares MP's)
@@ -268,7 +272,7 @@ def forward_signatures(operands: tuple[Operand, ...], closed_form: bool) -> tupl
     kv = None if closed_form else "kv"
     fwd = (tensor("Q", "q"), tensor("K", "k"), tensor("V", "v"), tensor("Out", "out"),
            tensor("Lse", "lse", optional=True), *_POS, tensor("Kth", "kth", optional=True),
-           *_PARTS, *strides("q", "q"), *strides("k", "k"), *strides("v", "v"),
+           *_PARTS, *_TABLE, *strides("q", "q"), *strides("k", "k"), *strides("v", "v"),
            *strides("out", "o"), *strides("lse", "l"), *strides("kth", "t"), *_PART_STRIDES,
            *layout(kv), *_SCALE, *_SIZES_FWD, *operand_args(operands))
     merge = (*_PARTS, tensor("Out", "out"), tensor("Lse", "lse", optional=True), *_POS,
@@ -277,7 +281,8 @@ def forward_signatures(operands: tuple[Operand, ...], closed_form: bool) -> tupl
     return (
         kth_signature(operands, kv),
         Signature("attn_fwd", fwd, ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HEAD_DIM",
-                                    "V_DIM", "RETURN_LSE", "INPUT_PRECISION", "SPLIT"),
+                                    "V_DIM", "RETURN_LSE", "INPUT_PRECISION", "SPLIT", "PACK",
+                                    "PAGE"),
                   "split_query_tiles", "forward", kv),
         Signature("attn_merge", merge, ("BLOCK_M", "BLOCK_DV", "V_DIM", "RETURN_LSE"),
                   "query_tiles", "forward", None))
@@ -288,12 +293,12 @@ def kth_signature(operands: tuple[Operand, ...], kv: str | None) -> Signature:
     backward launch it)."""
     return Signature(
         "attn_kth",
-        (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"), *_POS,
+        (tensor("Q", "q"), tensor("K", "k"), tensor("Kth", "kth"), *_POS, *_TABLE,
          *strides("q", "q"), *strides("k", "k"), *strides("kth", "s"), *layout(kv),
          *_SCALE, *sizes("batch", "heads", "kv_heads", "q_len", "k_len", "head_dim"),
          *operand_args(operands)),
-        ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DIM", "INPUT_PRECISION", "FP64"), "query_tiles",
-        "forward", kv)
+        ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DIM", "INPUT_PRECISION", "FP64", "PAGE"),
+        "query_tiles", "forward", kv)
 
 
 def backward_signatures(operands: tuple[Operand, ...], grads: tuple[str, ...], topk: bool,

@@ -36,6 +36,7 @@ from .dispatch import forward_launches as dispatch_forward_launches
 from .jit import backward_kernel, forward_kernel
 from .launch import Launch
 from .policy import MAX_SHARED, KernelOptions, Target
+from .paging import Pages
 from .positions import positions_of
 
 
@@ -52,22 +53,28 @@ def _qkv(shape: dict, dtype: torch.dtype):
 
 def forward_launches(pattern, shape: dict, dtype: torch.dtype, arguments: dict,
                      return_lse: bool, capability: int = 90, splits: int = 1,
-                     placed: bool = False) -> list[Launch]:
+                     placed: bool = False, page_size: int = 0) -> list[Launch]:
     """The forward launches of `pattern` on a GPU of this compute capability for a call of
     this shape (batch, heads, kv_heads, q_len, k_len, head_dim, v_dim), dtype and arguments
     (tensor arguments as CPU tensors): `runtime/dispatch.py`'s own launches, with CPU
     stand-ins for the CUDA tensors. `splits` > 1 forces split-K (`attn_kth` for a top-k,
-    `attn_fwd`, `attn_merge`); `placed`: the call has positions (bottom-right, as decoding)."""
+    `attn_fwd`, `attn_merge`); `placed`: the call has positions (bottom-right, as decoding);
+    `page_size` > 0: k and v are page pools read through a block table (k_len a multiple)."""
     q, k, v = _qkv(shape, dtype)
     bound = pattern.bind(q, k, v, arguments)
     if placed:
         bound.positions = positions_of(q, k, q_start=k.shape[2] - q.shape[2])
+    if page_size:
+        B, Hkv, Lk, _ = k.shape
+        n = Lk // page_size
+        k, v = (torch.empty((B * n, Hkv, page_size, t.shape[3]), dtype=dtype) for t in (k, v))
+        bound.pages = Pages(torch.arange(B * n, dtype=torch.int32).view(B, n), page_size)
     compiled = forward_kernel(pattern.ir, *call_specialization(pattern.ir, bound))
     B, H, Lq, _ = q.shape
     out = torch.empty((B, H, Lq, v.shape[3]), dtype=dtype)
     lse = torch.empty((B, H, Lq), dtype=torch.float32) if return_lse else None
     options = KernelOptions.of({"forward": {"splits": splits}}) if splits > 1 else None
-    launches, _, _ = dispatch_forward_launches(compiled, pattern.ir, bound, q, k, v, out, lse,
+    launches, _, _, _ = dispatch_forward_launches(compiled, pattern.ir, bound, q, k, v, out, lse,
                                                1.0 / q.shape[3] ** 0.5,
                                                Target("cuda", capability), options)
     return launches

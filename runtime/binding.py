@@ -9,6 +9,7 @@ import torch
 from ..dsl.diagnostics import SpecError, closest
 from ..lowering.ir import Node, PatternIR, walk
 from ..lowering.simplify import constant_table, simplify, static_value, substitute, unroll_loops
+from .paging import Pages
 from .positions import Positions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,8 +28,6 @@ FOREIGN_KEYWORDS = {
     "score_mod": "write the score change as `score = ...` statements in the pattern",
     "block_mask": "attnc derives the block structure from the pattern's masks (p.layout(...))",
     "dropout_p": "attnc has no attention dropout",
-    "block_table": "paged KV caches are not supported yet: gather the pages into contiguous k and "
-                   "v [batch, kv_heads, k_len, head_dim] and place them with q_start= / k_lens=",
 }
 
 
@@ -49,6 +48,7 @@ class Bound:
     tensors: dict[str, torch.Tensor]
     topk: int | None = None
     positions: Positions | None = None
+    pages: Pages | None = None   # a paged call's block table (runtime/paging.py)
 
     def table(self) -> dict[tuple[str, str], Node]:
         """Substitution table for sizes and parameters, for specializing IR."""

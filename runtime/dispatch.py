@@ -19,13 +19,13 @@ import torch
 from ..dsl import config
 from ..lowering.int_range import int32_overflow
 from ..lowering.ir import PatternIR
-from .binding import Bound, broadcast_kv
 from . import jit
+from .binding import Bound, broadcast_kv
 from .jit import Compiled, forward_kernel
 from .launch import Call, Launch, Template, launch, run_launch
 from .layout import build_layout
 from .policy import (KERNELS, MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, KernelOptions, Target,
-                     config_for, forced_configs, split_count)
+                    config_for, forced_configs, split_count)
 from .tune import chosen, configure
 
 #: forward launches per path, for tests and benchmarks
@@ -106,7 +106,8 @@ def layouts(ir: PatternIR, bound: Bound, q, k, sig):
     def layout_for(cfg: Config):
         if not sig.uses_layout():
             return None
-        return build_layout(ir, bound, q.shape[2], k.shape[2], cfg.block_m, cfg.block_n, q.device)
+        return build_layout(ir, bound, q.shape[2], bound.sizes["k_len"], cfg.block_m, cfg.block_n,
+                            q.device)
     return layout_for
 
 
@@ -149,6 +150,7 @@ def _template_key(ir: PatternIR, q, k, v, bound: Bound, return_lse: bool, option
     return (jit.GENERATION, ir, tuple(x for x in bound.params.values() if not isinstance(x, float)),
             None if bound.positions is None else call_specialization(ir, bound)[1],
             q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+            None if bound.pages is None else bound.pages.table.shape,
             return_lse, tuple((t.shape, t.stride(), t.dtype) for t in bound.tensors.values()),
             options)
 
@@ -161,7 +163,9 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
 
     A call with the signature of an earlier one reuses its prepared launches: no validation,
     planning or binding is repeated, only the per-call arguments are filled in."""
-    k, v = broadcast_kv(q, k, v)
+    if bound.pages is None:  # (page pools serve every sequence through the block table)
+        k, v = broadcast_kv(q, k, v)
+    Lk = bound.sizes["k_len"]
     key = _template_key(ir, q, k, v, bound, return_lse, options)
     hit = _TEMPLATES.get(key)
     B, H, Lq, _ = q.shape
@@ -169,14 +173,14 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device) if return_lse else None
     if hit is not None:
         _TEMPLATES.move_to_end(key)
-        compiled, templates, path, splits = hit
-        call = forward_call(compiled, bound, q, k, v, out, lse, scale, splits)
+        compiled, templates, path, splits, pack = hit
+        call = forward_call(compiled, bound, q, k, v, out, lse, scale, splits, pack)
         layout = None
         for t in templates:
             if t.layout is not None and layout is None:
                 meta = t.launch.meta
-                layout = build_layout(ir, bound, Lq, k.shape[2], meta["BLOCK_M"],
-                                      meta["BLOCK_N"], q.device)
+                layout = build_layout(ir, bound, Lq, Lk, meta["BLOCK_M"], meta["BLOCK_N"],
+                                      q.device)
         LAUNCHES[path] += 1
         for t in templates:
             run_launch(compiled, t.bind(call, layout))
@@ -186,7 +190,7 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
     compiled = forward_kernel(ir, *call_specialization(ir, bound))
     if Lq == 0 or B * H == 0:
         return out, lse
-    if k.shape[2] == 0:  # every row is empty: output 0, LSE the sink's (or -inf)
+    if Lk == 0:  # every row is empty: output 0, LSE the sink's (or -inf)
         out.zero_()
         if lse is not None:
             if ir.sink is None:
@@ -195,9 +199,10 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
                 from .reference import sink_logits
                 lse.copy_(sink_logits(ir, bound, bound.tensors, lse.dtype, (B, H, Lq, 0), q.device))
         return out, lse
-    launches, path, splits = forward_launches(compiled, ir, bound, q, k, v, out, lse, scale,
-                                              Target.of(q.device), KernelOptions.parse(options))
-    _TEMPLATES[key] = (compiled, [Template.of(compiled, L) for L in launches], path, splits)
+    launches, path, splits, pack = forward_launches(compiled, ir, bound, q, k, v, out, lse, scale,
+                                                    Target.of(q.device),
+                                                    KernelOptions.parse(options))
+    _TEMPLATES[key] = (compiled, [Template.of(compiled, L) for L in launches], path, splits, pack)
     while len(_TEMPLATES) > TEMPLATE_CACHE_SIZE:
         _TEMPLATES.popitem(last=False)
     LAUNCHES[path] += 1
@@ -207,10 +212,12 @@ def triton_attention(ir: PatternIR, q, k, v, bound: Bound, scale: float, return_
 
 
 def forward_call(compiled: Compiled, bound: Bound, q, k, v, out, lse, scale: float,
-                 splits: int) -> Call:
+                 splits: int, pack: int = 1) -> Call:
     """What the forward kernels of a call bind: its tensors (with split-K's partial buffers and,
-    for a split `select topk`, the threshold buffer), sizes and scale."""
-    tensors = dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound))
+    for a split `select topk`, the threshold buffer), sizes (the split count and GQA packing
+    among them) and scale."""
+    tensors = dict(q=q, k=k, v=v, out=out, lse=lse, pos=_table(bound),
+                   table=None if bound.pages is None else bound.pages.table)
     if splits > 1:
         B, H, Lq, _ = q.shape
         f32 = dict(dtype=torch.float32, device=q.device)
@@ -219,47 +226,62 @@ def forward_call(compiled: Compiled, bound: Bound, q, k, v, out, lse, scale: flo
                        lpart=torch.empty((splits, B, H, Lq), **f32))
         if compiled.kernel.topk:
             tensors["kth"] = torch.empty((B, H, Lq), **f32)
-    return Call(tensors, dict(call_sizes(bound, v), splits=splits), scale, bound)
+    return Call(tensors, dict(call_sizes(bound, v), splits=splits, pack=pack), scale, bound)
 
 
 def forward_launches(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, out, lse,
                      scale: float, target: Target,
-                     options: KernelOptions | None = None) -> tuple[list[Launch], str, int]:
+                     options: KernelOptions | None = None) -> tuple[list[Launch], str, int, int]:
     """The forward launches of a call on `target` (q's device, or a GPU for `runtime/aot.py`,
-    which passes CPU tensors of the call's shapes), its path ('closed_form' or 'layout') and
-    split count: `attn_fwd` alone, or split-K's `attn_kth` (a `select topk` only), `attn_fwd`
-    over the splits and `attn_merge`. `lse` is None unless the call returns it; `options` are
-    the call's kernel options."""
+    which passes CPU tensors of the call's shapes), its path ('closed_form' or 'layout'), split
+    count and GQA packing: `attn_fwd` alone, or split-K's `attn_kth` (a `select topk` only),
+    `attn_fwd` over the splits and `attn_merge`. `lse` is None unless the call returns it;
+    `options` are the call's kernel options."""
     kernel = compiled.kernel
     sig = kernel.signature("attn_fwd")
     layout_for = layouts(ir, bound, q, k, sig)
-    facts = dict(RETURN_LSE=lse is not None)
+    facts = dict(RETURN_LSE=lse is not None,
+                 PAGE=0 if bound.pages is None else bound.pages.page_size)
     forced = forced_configs(options, target, q.shape[3], v.shape[3], q.dtype,
                             kernel.constraints)["forward"] if options else None
     cfg = configure(compiled, "attn_fwd", target, forward_call(compiled, bound, q, k, v, out, lse,
                                                                scale, 1),
                     layout_for, forced=forced, SPLIT=False, **facts)
+    pack = call_pack(kernel, q, k, cfg)
     splits = call_splits(kernel, bound, q, k, cfg, target)
-    call = forward_call(compiled, bound, q, k, v, out, lse, scale, splits)
+    call = forward_call(compiled, bound, q, k, v, out, lse, scale, splits, pack)
     layout = layout_for(cfg)
     launches = []
     if splits > 1 and kernel.topk:
-        launches.append(launch(compiled, "attn_kth", call, cfg, target, layout))
+        launches.append(launch(compiled, "attn_kth", call, cfg, target, layout, **facts))
     launches.append(launch(compiled, "attn_fwd", call, cfg, target, layout, SPLIT=splits > 1,
-                           **facts))
+                           PACK=pack, **facts))
     if splits > 1:  # the merge's row tile: no taller than the rows (one per decoding step)
         rows = max(16, min(cfg.block_m, 1 << max(0, (q.shape[2] - 1).bit_length())))
         launches.append(launch(compiled, "attn_merge", call, replace(cfg, block_m=rows), target,
                                None, **facts))
-    return launches, "layout" if sig.uses_layout() else "closed_form", splits
+    return launches, "layout" if sig.uses_layout() else "closed_form", splits, pack
+
+
+def call_pack(kernel, q, k, cfg: Config) -> int:
+    """GQA packing of a call's forward: the query heads of a kv head's group share its programs
+    (their rows (query, head) pairs) when there are fewer queries than a tile's rows (decoding)
+    and the forward computes its key ranges per tile (closed form: they hold for every head).
+    Not where a keep decision reads the score (top-k): its decisions must come from the dot of
+    the tiles every pass uses."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or kernel.closed_form is None or kernel.constraints.shared_tiles:
+        return 1
+    return group if q.shape[2] < cfg.block_m else 1
 
 
 def call_splits(kernel, bound: Bound, q, k, cfg: Config, target: Target) -> int:
     """The split-K count of a call's forward at configuration `cfg` (`policy.split_count`)."""
     B, H, Lq, _ = q.shape
-    programs = -(-Lq // cfg.block_m) * B * H
+    pack = call_pack(kernel, q, k, cfg)
+    programs = -(-Lq * pack // cfg.block_m) * B * H // pack
     return split_count(cfg, target, programs,
-                       _visited_key_tiles(kernel, bound, Lq, k.shape[2], cfg), q.device)
+                       _visited_key_tiles(kernel, bound, Lq, bound.sizes["k_len"], cfg), q.device)
 
 
 def _visited_key_tiles(kernel, bound: Bound, q_len: int, k_len: int, cfg: Config):

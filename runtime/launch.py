@@ -132,8 +132,10 @@ def grid(sig: Signature, config: Config, call: Call) -> tuple[int, ...]:
     s = call.sizes
     if sig.grid == "query_tiles":
         return cdiv(s["q_len"], config.block_m), s["batch"] * s["heads"]
-    if sig.grid == "split_query_tiles":  # split-K: the key tiles of a row tile over programs
-        return cdiv(s["q_len"], config.block_m), s["batch"] * s["heads"], s.get("splits", 1)
+    if sig.grid == "split_query_tiles":  # split-K: the key tiles of a row tile over programs;
+        pack = s.get("pack", 1)          # GQA packing: rows of `pack` heads per (batch, kv head)
+        return (cdiv(s["q_len"] * pack, config.block_m), s["batch"] * s["heads"] // pack,
+                s.get("splits", 1))
     if sig.grid == "key_tiles":
         return cdiv(s["k_len"], config.block_n), s["batch"] * s["kv_heads"]
     raise RuntimeError(f"internal: unknown grid {sig.grid!r}")
@@ -157,7 +159,9 @@ def launch(compiled: Compiled, name: str, call: Call, config: Config, target: Ta
                  BLOCK_D=max(16, next_pow2(call.sizes["head_dim"])),
                  BLOCK_DV=max(16, next_pow2(call.sizes["v_dim"])),
                  HEAD_DIM=call.sizes["head_dim"], V_DIM=call.sizes["v_dim"],
-                 INPUT_PRECISION=input_precision(dtype), FP64=dtype == torch.float64, **facts)
+                 INPUT_PRECISION=input_precision(dtype), FP64=dtype == torch.float64,
+                 SPLIT=False, PACK=1, PAGE=0)
+    known.update(facts)  # what the call decides: LSE, split-K, GQA packing, page size, ...
     missing = [c for c in sig.constexprs if c not in known]
     if missing:
         raise RuntimeError(f"internal: no value for constexprs {missing} of {name}")

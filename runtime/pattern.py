@@ -18,8 +18,9 @@ from ..lowering.printer import canonical_text, format_pattern
 from .autograd import attention_op, forward, pack_params, scale_for, track
 from .binding import (FLOAT_DTYPES, Bound, bind, bind_params, check_qkv, sizes_for,
                       specialization_of)
+from .paging import Pages, needs_grad, pages_of
 from .policy import KERNELS, OPTION_FIELDS, KernelOptions
-from .positions import Positions, pop_positions, positions_of
+from .positions import Positions, placement, positions_of
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -93,13 +94,60 @@ class Pattern:
         return bind(self.ir, sizes_for(q.shape, k.shape), arguments, q.device)
 
     def __call__(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
-                 return_lse: bool = False, kernel_options: dict | None = None, **arguments):
-        placed, arguments = pop_positions(arguments)
+                 return_lse: bool = False, kernel_options: dict | None = None, q_start=None,
+                 k_start=None, k_lens=None, block_table=None, **arguments):
+        placed = placement(q_start, k_start, k_lens)
+        if block_table is not None:
+            return self._paged_call(q, k, v, block_table, scale, backend, return_lse,
+                                    kernel_options, arguments, placed)
         if torch.compiler.is_compiling():
             return self._traced_call(q, k, v, scale, backend, return_lse, kernel_options,
                                      arguments, placed)
+        return self._call(q, k, v, scale, backend, return_lse, kernel_options, arguments, placed)
+
+    def _call(self, q, k, v, scale, backend, return_lse, kernel_options, arguments, placed,
+              pages: Pages | None = None):
+        """An eager call (`pages`: a paged one, whose k and v are the pools and `_plan` saw
+        stand-ins of the logical cache)."""
+        k_seen, v_seen = (k, v) if pages is None else (pages.view(q.shape[0], k),
+                                                       pages.view(q.shape[0], v))
+        plan = self._plan(q, k_seen, v_seen, scale, backend, return_lse, kernel_options,
+                          arguments, placed, pages is not None)
+        tensors = [arguments[n] for n in plan.tensor_names]
+        bound = plan.bound(tensors, positions_of(q, k_seen, **placed) if placed else None)
+        if pages is not None:
+            if plan.backend == "reference":  # the interpreter reads the gathered cache
+                k, v = pages.gather(k), pages.gather(v)
+            else:
+                bound.pages = pages
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or any(t.requires_grad for t in tensors)):
+            out, lse = attention_op(self, q, k, v, tensors, plan.ints, plan.floats, plan.scale,
+                                    plan.backend, bound, plan.options)
+        else:  # nothing to differentiate: no autograd node, no LSE unless asked for
+            out, lse = forward(self, q, k, v, bound, plan.scale, plan.backend, return_lse,
+                               plan.options)
+        return (out, lse) if return_lse else out
+
+    def _paged_call(self, q, k, v, table, scale, backend, return_lse, kernel_options, arguments,
+                    placed):
+        """A call on a paged KV cache (`runtime/paging.py`): inference only."""
+        if needs_grad(q, k, v, arguments):
+            raise ValueError("a call with block_table= (a paged KV cache) is for inference and "
+                             "has no backward: call it under torch.no_grad(), or pass contiguous "
+                             "k and v [batch, kv_heads, k_len, head_dim] to train")
+        if torch.compiler.is_compiling():
+            raise ValueError("block_table= (paged KV caches) is not supported under "
+                             "torch.compile yet: call the pattern outside the compiled region")
+        pages = pages_of(q, k, v, table)
+        return self._call(q, k, v, scale, backend, return_lse, kernel_options, arguments,
+                          placed, pages)
+
+    def _plan(self, q, k, v, scale, backend, return_lse, kernel_options, arguments, placed,
+              paged: bool = False) -> Plan:
+        """The validated plan of a call signature (made once, then remembered)."""
         key = _call_key(q, k, v, scale, backend, return_lse, kernel_options, arguments,
-                        tuple(placed))
+                        tuple(placed) + (("block_table",) if paged else ()))
         plan = self._plans.get(key) if key is not None else None
         if plan is None:  # validate everything once per call signature
             plan = Plan.make(self, q, k, v, scale, backend, return_lse, kernel_options, arguments,
@@ -110,16 +158,7 @@ class Pattern:
                     self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
-        tensors = [arguments[n] for n in plan.tensor_names]
-        bound = plan.bound(tensors, positions_of(q, k, **placed) if placed else None)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or any(t.requires_grad for t in tensors)):
-            out, lse = attention_op(self, q, k, v, tensors, plan.ints, plan.floats, plan.scale,
-                                    plan.backend, bound, plan.options)
-        else:  # nothing to differentiate: no autograd node, no LSE unless asked for
-            out, lse = forward(self, q, k, v, bound, plan.scale, plan.backend, return_lse,
-                               plan.options)
-        return (out, lse) if return_lse else out
+        return plan
 
     def _traced_call(self, q, k, v, scale, backend, return_lse, kernel_options, arguments,
                      placed):
@@ -141,29 +180,41 @@ class Pattern:
         return (out, lse) if return_lse else out
 
     def kernel_options_for(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
-                           kernel_options: dict | None = None, **arguments) -> dict:
+                           kernel_options: dict | None = None, q_start=None, k_start=None,
+                           k_lens=None, block_table=None, **arguments) -> dict:
         """The launch settings of the generated kernels for the call ``self(q, k, v, ...)``:
         ``{'forward': {...}, 'dq': {...}, 'dkdv': {...}}``, each with block_m, block_n,
         num_warps, num_stages, and the forward's split-K count `splits`. Passed back as
         ``kernel_options=`` it reproduces the same kernels. With autotuning on and nothing tuned yet for a kernel, the call is run once
         (forward and backward, on copies) so that the tuner chooses, as the call would."""
-        placed, rest = pop_positions(arguments)
+        placed = placement(q_start, k_start, k_lens)
+        rest = arguments
+        pools = k, v
+        if block_table is not None:  # plan on stand-ins of the logical cache
+            pages = pages_of(q, k, v, block_table)
+            k, v = pages.view(q.shape[0], k), pages.view(q.shape[0], v)
         plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, rest, bool(placed))
         if plan.backend != "triton":
             raise ValueError(f"kernel_options_for: this call runs on backend='{plan.backend}', "
                              f"which launches no generated kernels; generated kernels run with "
                              f"CUDA tensors, or with backend='triton' under TRITON_INTERPRET=1")
-        from .dispatch import call_configs, call_specialization, call_splits, forward_kernel
+        from .dispatch import (call_configs, call_specialization,
+                               call_splits, forward_kernel)
         from .policy import Target
         bound = plan.bound([rest[n] for n in plan.tensor_names],
                            positions_of(q, k, **placed) if placed else None)
         options = KernelOptions.parse(plan.options)
         configs = call_configs(self.ir, bound, q, v, options)
         if any(c is None for c in configs.values()):  # the autotuner has yet to choose
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                self(*leaves, scale=scale, backend=backend, kernel_options=kernel_options,
-                     **arguments).float().sum().backward()
+            call = dict(scale=scale, backend=backend, kernel_options=kernel_options, **placed,
+                        **arguments)
+            if block_table is not None:  # inference only: the forward chooses
+                with torch.no_grad():
+                    self(q, *pools, block_table=block_table, **call)
+            else:
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                    self(*leaves, **call).float().sum().backward()
             configs = call_configs(self.ir, bound, q, v, options, settled=True)
         out = {name: {f: getattr(configs[name], f) for f in OPTION_FIELDS} for name in KERNELS}
         kernel = forward_kernel(self.ir, *call_specialization(self.ir, bound)).kernel

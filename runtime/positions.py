@@ -104,9 +104,7 @@ def positions_of(q, k, q_start=None, k_start=None, k_lens=None) -> Positions | N
                      tuple(tuple(int(x) for x in r) for r in rows))
 
 
-def pop_positions(arguments: dict) -> tuple[dict, dict]:
-    """(the position keywords of a call's `arguments`, the remaining arguments)."""
-    found = {n: arguments[n] for n in KEYWORDS if n in arguments}
-    if not found:
-        return {}, arguments
-    return found, {n: x for n, x in arguments.items() if n not in found}
+def placement(q_start=None, k_start=None, k_lens=None) -> dict:
+    """The position keywords a call gave (those not None), for `positions_of`."""
+    return {n: x for n, x in (("q_start", q_start), ("k_start", k_start), ("k_lens", k_lens))
+            if x is not None}

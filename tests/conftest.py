@@ -28,6 +28,21 @@ def _private_kernel_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def forward_grids(monkeypatch):
+    """[(kernel name, grid)] of every forward launch of the test (no prepared launch reused)."""
+    from attnc.runtime import dispatch
+    seen = []
+    run = dispatch.run_launch
+
+    def counted(compiled, launch):
+        seen.append((launch.name, launch.grid))
+        return run(compiled, launch)
+    monkeypatch.setattr(dispatch, "run_launch", counted)
+    monkeypatch.setattr(dispatch, "_TEMPLATES", type(dispatch._TEMPLATES)())
+    return seen
+
+
+@pytest.fixture
 def kernel_cache_dir(tmp_path, monkeypatch):
     """A fresh kernel cache directory for one test, and no module loaded from memory."""
     from attnc.runtime import jit

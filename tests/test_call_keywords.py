@@ -12,8 +12,8 @@ import attnc
 from attnc.dsl.checker import CALL_KEYWORDS
 from attnc.runtime.pattern import Pattern
 
-#: reserved now for the keywords of the inference issue (absolute positions, paged caches)
-COMING = {"q_start", "k_start", "k_lens", "block_table"}
+#: reserved for keywords to come (none at present)
+COMING: set[str] = set()
 
 
 def _keyword_only(fn) -> set[str]:

@@ -41,10 +41,12 @@ STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")
 
 
 def _case(pattern, direction="fwd", dtype="bf16", cap=90, return_lse=True, head_dim=64,
-          v_dim=None, wrt=(), deterministic=False, bug=None, memory=False, decode=0):
+          v_dim=None, wrt=(), deterministic=False, bug=None, memory=False, decode=0, page=0):
     case = dict(pattern=pattern, direction=direction, dtype=dtype, cap=cap,
-                head_dim=head_dim, v_dim=v_dim or head_dim, memory=memory, decode=decode)
+                head_dim=head_dim, v_dim=v_dim or head_dim, memory=memory, decode=decode,
+                page=page)
     name = f"{direction}-{pattern}-{dtype}-sm{cap}" + (f"-decode-split{decode}" if decode else "")
+    name += f"-page{page}" if page else ""
     if head_dim != 64 or case["v_dim"] != head_dim:
         name += f"-d{head_dim}" + (f"v{case['v_dim']}" if case["v_dim"] != head_dim else "")
     if direction == "fwd":
@@ -99,6 +101,10 @@ def _cases():
     # attn_fwd writing partial results, attn_merge
     for n in ("causal", "streaming", "document", "topk", "sigmoid", "learned_sinks"):
         cases.append(_case(n, head_dim=128, return_lse=lse(n), memory=True, decode=4))
+    # ... and reading a paged cache (pages of 16 and 64 rows), unsplit and split
+    for n, page, split in (("causal", 64, 1), ("streaming", 16, 4), ("topk", 64, 4)):
+        cases.append(_case(n, head_dim=128, return_lse=True, memory=True, decode=split,
+                           page=page))
     if FULL:
         for n in names:
             for dtype in ("bf16", "fp16", "fp32"):
@@ -282,7 +288,8 @@ def _compile_case(case) -> dict:
     params = {q.name: args.get(q.name, q.default) for q in p.params}
     if case["direction"] == "fwd":
         launches = aot.forward_launches(p, shape, dtype, args, case["return_lse"], case["cap"],
-                                        splits=case["decode"] or 1, placed=bool(case["decode"]))
+                                        splits=case["decode"] or 1, placed=bool(case["decode"]),
+                                        page_size=case["page"])
     else:
         launches = aot.backward_launches(p, shape, dtype, args, tuple(case["wrt"]),
                                          case["deterministic"], case["cap"])

@@ -320,13 +320,6 @@ def test_bad_positions_are_value_errors(kwargs, match):
         attnc.std("causal")(q, k, v, backend="reference", **kwargs)
 
 
-def test_block_table_is_still_a_clear_error():
-    q, k, v, _ = _inputs(1, 1, 1, 1, 16)
-    with pytest.raises(attnc.SpecError, match="block_table") as err:
-        attnc.std("causal")(q, k, v, block_table=torch.zeros(1, 1, dtype=torch.int32))
-    assert "paged" in str(err.value)
-
-
 def test_positions_under_torch_compile():
     """A traced call with positions: one graph, the positions a tensor argument of the op."""
     p = attnc.std("streaming")

@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
-
-import attnc
 from attnc.runtime import dispatch, policy
 from attnc.runtime.policy import Config, Target
 from attnc.runtime.positions import positions_of
+
+import attnc
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -44,18 +44,6 @@ def _check(p, q, k, v, splits, **kw):
     return got
 
 
-def _counting(monkeypatch):
-    names = []
-    run = dispatch.run_launch
-
-    def counted(compiled, launch):
-        names.append((launch.name, launch.grid))
-        return run(compiled, launch)
-    monkeypatch.setattr(dispatch, "run_launch", counted)
-    monkeypatch.setattr(dispatch, "_TEMPLATES", type(dispatch._TEMPLATES)())
-    return names
-
-
 CASES = [  # (pattern, arguments, q_len, k_len, k_lens, splits)
     ("causal", {}, 1, 400, [400, 77], 3),
     ("causal", {}, 37, 150, None, 4),
@@ -72,8 +60,9 @@ CASES = [  # (pattern, arguments, q_len, k_len, k_lens, splits)
 
 @pytest.mark.parametrize("name,args,Lq,Lk,lens,splits", CASES,
                          ids=[f"{c[0]}-q{c[2]}-k{c[3]}-s{c[5]}" for c in CASES])
-def test_split_forward_matches_the_reference(name, args, Lq, Lk, lens, splits, monkeypatch):
-    launched = _counting(monkeypatch)
+def test_split_forward_matches_the_reference(name, args, Lq, Lk, lens, splits,
+                                             forward_grids):
+    launched = forward_grids
     B, H, Hkv = 2, 4, 2
     q, k, v = _inputs(B, H, Hkv, Lq, Lk)
     gen = torch.Generator().manual_seed(1)
@@ -98,7 +87,7 @@ def test_splitting_is_invisible_at_every_count():
     """The same call at 1..6 splits: the same result to rounding (the merge reorders sums)."""
     p = attnc.std("streaming")
     q, k, v = _inputs(1, 2, 1, 1, 333, seed=2)
-    kw = dict(q_start=332, window=100, sinks=3)
+    kw = {"q_start": 332, "window": 100, "sinks": 3}
     base = p(q, k, v, backend="triton", **kw)
     for splits in range(2, 7):
         got = p(q, k, v, backend="triton", kernel_options={"forward": {"splits": splits}}, **kw)
@@ -113,8 +102,8 @@ def test_an_empty_row_stays_zero_and_minus_inf_when_split():
     assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
 
 
-def test_a_repeated_split_call_reuses_its_launches(monkeypatch):
-    launched = _counting(monkeypatch)
+def test_a_repeated_split_call_reuses_its_launches(forward_grids):
+    launched = forward_grids
     p = attnc.std("causal")
     q, k, v = _inputs(1, 2, 2, 1, 100, seed=4)
     opts = {"forward": {"splits": 3}}
@@ -166,7 +155,7 @@ def h200(monkeypatch):
 
 def test_split_count_fills_the_gpu_only_when_needed(h200):
     cfg = Config(128, 64, 8, 3)
-    many = lambda: 2048  # noqa: E731  (key tiles: 128K keys)
+    many = lambda: 2048
     assert policy.split_count(cfg, h200, 256, many, GPU) == 1       # programs fill it
     assert policy.split_count(cfg, h200, 64, many, GPU) == 5        # 2 waves of 132
     assert policy.split_count(cfg, h200, 2, many, GPU) == 64        # capped
@@ -189,3 +178,18 @@ def test_the_estimate_sees_the_window_not_the_cache():
         bound.positions = positions_of(q, k, q_start=131071)
         kernel = dispatch.forward_kernel(p.ir, *dispatch.call_specialization(p.ir, bound)).kernel
         assert dispatch._visited_key_tiles(kernel, bound, 1, 131072, cfg)() in want, name
+
+
+def test_the_decode_benchmark_agrees_in_its_smoke_run():
+    """bench/decode.py --smoke: attnc (contiguous and paged), FlexAttention and SDPA agree on
+    tiny decode steps (the GPU run times them)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    res = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True,
+                         check=False,
+                         timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| causal")]
+    assert len(rows) == 4 and any("(paged)" in r for r in rows)
