@@ -5,24 +5,14 @@ that say whether a call was packed.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import attnc
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+from decoding import DEVICE, needs_kernels, qkv
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _inputs(B, H, Hkv, Lq, Lk, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, L, 16, generator=gen).to(DEVICE)
-            for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk))]
+pytestmark = needs_kernels
 
 
 def _arguments(name, H, gen):
@@ -53,7 +43,7 @@ CASES = [  # (pattern, heads, kv_heads, q_len, k_len, k_lens, splits)
 def test_packed_decoding_matches_the_reference(name, H, Hkv, Lq, Lk, lens, splits,
                                                forward_grids):
     B = 2
-    q, k, v = _inputs(B, H, Hkv, Lq, Lk)
+    q, k, v = qkv(B, H, Hkv, Lq, Lk)
     gen = torch.Generator().manual_seed(1)
     args = _arguments(name, H, gen)
     if lens is not None:
@@ -77,7 +67,7 @@ def test_prefill_and_layout_patterns_stay_unpacked(forward_grids):
     tiles are per query) and top-k (its keep decisions use every pass's tiles) are not packed,
     and still match."""
     B, H, Hkv = 1, 4, 1
-    q, k, v = _inputs(B, H, Hkv, 64, 64)
+    q, k, v = qkv(B, H, Hkv, 64, 64)
     attnc.std("causal")(q, k, v, backend="triton")
     assert dict(forward_grids)["attn_fwd"][1] == B * H
     forward_grids.clear()
@@ -95,7 +85,7 @@ def test_prefill_and_layout_patterns_stay_unpacked(forward_grids):
 
 def test_packed_forward_trains():
     """A packed forward's LSE feeds the (unpacked) backward."""
-    q, k, v = _inputs(1, 4, 1, 2, 70, seed=3)
+    q, k, v = qkv(1, 4, 1, 2, 70, seed=3)
     p = attnc.std("alibi")
     slopes = torch.tensor([0.1, 0.2, 0.3, 0.4], device=DEVICE)
     grads = []

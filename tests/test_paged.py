@@ -5,19 +5,13 @@ contiguous cache (and so against the reference); the kernels gather the pages th
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from attnc.runtime import dispatch
 
 import attnc
+from attnc.runtime import dispatch
 
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
+from decoding import DEVICE, needs_kernels, qkv
 
 def paged(k, v, page: int, seed: int = 0, spare: int = 3):
     """The contiguous cache k, v [B, Hkv, L, D] (L a multiple of `page`) as page pools in a
@@ -35,12 +29,6 @@ def paged(k, v, page: int, seed: int = 0, spare: int = 3):
     return pool(k), pool(v), table
 
 
-def _inputs(B, H, Hkv, Lq, Lk, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, L, 16, generator=gen).to(DEVICE, dtype)
-            for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk))]
-
-
 CASES = [  # (pattern, arguments, page, q_len, pages per sequence, k_lens, heads, kv_heads, splits)
     ("causal", {}, 16, 1, 12, [192, 77], 8, 2, 1),
     ("streaming", {"window": 40, "sinks": 4}, 64, 1, 5, [320, 150], 4, 1, 1),
@@ -53,12 +41,12 @@ CASES = [  # (pattern, arguments, page, q_len, pages per sequence, k_lens, heads
 ]
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.parametrize("name,args,page,Lq,n,lens,H,Hkv,splits", CASES,
                          ids=[f"{c[0]}-page{c[2]}-q{c[3]}-s{c[8]}" for c in CASES])
 def test_paged_equals_contiguous(name, args, page, Lq, n, lens, H, Hkv, splits):
     B = len(lens)
-    q, k, v = _inputs(B, H, Hkv, Lq, n * page)
+    q, k, v = qkv(B, H, Hkv, Lq, n * page)
     gen = torch.Generator().manual_seed(1)
     args = dict(args)
     for key, x in args.items():
@@ -78,9 +66,9 @@ def test_paged_equals_contiguous(name, args, page, Lq, n, lens, H, Hkv, splits):
     torch.testing.assert_close(ref.double(), want, rtol=2e-5, atol=2e-5)
 
 
-@needs_interpreter
+@needs_kernels
 def test_paged_calls_reuse_their_launch_and_read_the_new_table():
-    q, k, v = _inputs(2, 4, 2, 1, 64)
+    q, k, v = qkv(2, 4, 2, 1, 64)
     k_pages, v_pages, table = paged(k, v, 16)
     p = attnc.std("causal")
     kw = {"q_start": 63, "backend": "triton"}
@@ -92,7 +80,7 @@ def test_paged_calls_reuse_their_launch_and_read_the_new_table():
 
 
 def test_paged_lse_and_empty_sequences():
-    q, k, v = _inputs(2, 2, 2, 1, 32, torch.float64)
+    q, k, v = qkv(2, 2, 2, 1, 32, torch.float64)
     k_pages, v_pages, table = paged(k, v, 16)
     out, lse = attnc.std("causal")(q, k_pages, v_pages, block_table=table,
                                    k_lens=torch.tensor([32, 0]), q_start=torch.tensor([31, 0]),
@@ -109,7 +97,7 @@ def test_paged_lse_and_empty_sequences():
     (lambda k, v, t: (k[0], v[0], t), r"`k` must be a page pool"),
 ])
 def test_bad_paged_calls_are_value_errors(make, match):
-    q, k, v = _inputs(2, 2, 2, 1, 32)
+    q, k, v = qkv(2, 2, 2, 1, 32)
     k_pages, v_pages, table = paged(k, v, 16)
     kp, vp, t = make(k_pages, v_pages, table)
     with pytest.raises(ValueError, match=match):
@@ -117,7 +105,7 @@ def test_bad_paged_calls_are_value_errors(make, match):
 
 
 def test_paged_calls_are_forward_only():
-    q, k, v = _inputs(2, 2, 2, 1, 32)
+    q, k, v = qkv(2, 2, 2, 1, 32)
     k_pages, v_pages, table = paged(k, v, 16)
     q.requires_grad_()
     with pytest.raises(ValueError, match="for inference and has no backward"):

@@ -11,23 +11,15 @@ import os
 
 import pytest
 import torch
+
+import attnc
 from attnc.runtime import dispatch, policy
 from attnc.runtime.policy import Config, Target
 from attnc.runtime.positions import positions_of
 
-import attnc
+from decoding import DEVICE, needs_kernels, qkv
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _inputs(B, H, Hkv, Lq, Lk, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, L, 16, generator=gen).to(DEVICE)
-            for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk))]
+pytestmark = needs_kernels
 
 
 def _check(p, q, k, v, splits, **kw):
@@ -64,7 +56,7 @@ def test_split_forward_matches_the_reference(name, args, Lq, Lk, lens, splits,
                                              forward_grids):
     launched = forward_grids
     B, H, Hkv = 2, 4, 2
-    q, k, v = _inputs(B, H, Hkv, Lq, Lk)
+    q, k, v = qkv(B, H, Hkv, Lq, Lk)
     gen = torch.Generator().manual_seed(1)
     args = dict(args)
     for n, x in args.items():
@@ -86,7 +78,7 @@ def test_split_forward_matches_the_reference(name, args, Lq, Lk, lens, splits,
 def test_splitting_is_invisible_at_every_count():
     """The same call at 1..6 splits: the same result to rounding (the merge reorders sums)."""
     p = attnc.std("streaming")
-    q, k, v = _inputs(1, 2, 1, 1, 333, seed=2)
+    q, k, v = qkv(1, 2, 1, 1, 333, seed=2)
     kw = {"q_start": 332, "window": 100, "sinks": 3}
     base = p(q, k, v, backend="triton", **kw)
     for splits in range(2, 7):
@@ -96,7 +88,7 @@ def test_splitting_is_invisible_at_every_count():
 
 def test_an_empty_row_stays_zero_and_minus_inf_when_split():
     p = attnc.std("causal")
-    q, k, v = _inputs(2, 2, 2, 1, 64, seed=3)
+    q, k, v = qkv(2, 2, 2, 1, 64, seed=3)
     out, lse = _check(p, q, k, v, 4, q_start=torch.tensor([63, 0], device=DEVICE),
                       k_lens=torch.tensor([64, 0], device=DEVICE))
     assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
@@ -105,7 +97,7 @@ def test_an_empty_row_stays_zero_and_minus_inf_when_split():
 def test_a_repeated_split_call_reuses_its_launches(forward_grids):
     launched = forward_grids
     p = attnc.std("causal")
-    q, k, v = _inputs(1, 2, 2, 1, 100, seed=4)
+    q, k, v = qkv(1, 2, 2, 1, 100, seed=4)
     opts = {"forward": {"splits": 3}}
     first = p(q, k, v, backend="triton", kernel_options=opts, q_start=99)
     again = p(q, k, v, backend="triton", kernel_options=opts, q_start=99)
@@ -115,7 +107,7 @@ def test_a_repeated_split_call_reuses_its_launches(forward_grids):
 
 def test_kernel_options_for_reports_and_reproduces_the_split():
     p = attnc.std("causal")
-    q, k, v = _inputs(1, 2, 2, 1, 100, seed=5)
+    q, k, v = qkv(1, 2, 2, 1, 100, seed=5)
     got = attnc.kernel_options_for(p, q, k, v, backend="triton", q_start=99,
                                    kernel_options={"forward": {"splits": 3}})
     assert got["forward"]["splits"] == 3 and "splits" not in got["dq"]
@@ -130,7 +122,7 @@ def test_kernel_options_for_reports_and_reproduces_the_split():
     ({"forward": {"split": 2}}, r"did you mean 'splits'"),
 ])
 def test_bad_split_options_are_value_errors(options, match):
-    q, k, v = _inputs(1, 1, 1, 1, 16)
+    q, k, v = qkv(1, 1, 1, 1, 16)
     with pytest.raises(ValueError, match=match):
         attnc.std("causal")(q, k, v, backend="triton", kernel_options=options)
 
