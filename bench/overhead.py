@@ -82,6 +82,15 @@ def main(argv=None) -> int:
         grad = per_call_us(lambda: p(qg, k, v, backend="triton", **a), args.calls, args.repeats,
                            sync)
         print(f"| {name} | {us:.1f} | {grad:.1f} |", flush=True)
+    # a decode step: one query placed at the end of the cache, by an int or per-sequence tensors
+    q1, lens = q[:, :, :1], torch.full((B,), L, device=device)
+    p = attnc.std("causal")
+    for label, kw in (("causal decode step, `q_start=` int", {"q_start": L - 1}),
+                      ("causal decode step, `q_start=`/`k_lens=` tensors",
+                       {"q_start": lens - 1, "k_lens": lens})):
+        us = per_call_us(lambda kw=kw: p(q1, k, v, backend="triton", **kw), args.calls,
+                         args.repeats, sync)
+        print(f"| {label} | {us:.1f} | — |", flush=True)
     if cuda:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         us = per_call_us(lambda: sdpa(q, k, v, is_causal=True), args.calls, args.repeats, sync)

@@ -84,8 +84,10 @@ def call_specialization(ir: PatternIR, bound: Bound) -> tuple[dict, bool, bool]:
     the call has positions."""
     spec = {p.name: bound.params[p.name] for p in ir.params if p.type in ("int", "bool")}
     sizes = bound.sizes
-    if bound.positions is not None:  # q and k reach the positions' ends
-        q_end, k_end = bound.positions.ends(sizes["q_len"])
+    if bound.positions is not None:  # q and k reach the positions' ends, rounded up to a
+        # power of two so that decoding steps (ends growing by one) share the analysis
+        q_end, k_end = (1 << max(0, (n - 1).bit_length())
+                        for n in bound.positions.ends(sizes["q_len"]))
         sizes = dict(sizes, q_len=q_end, k_len=k_end)
     return spec, int32_overflow(ir, sizes, bound.params) is not None, bound.positions is not None
 

@@ -49,13 +49,12 @@ class Positions:
         return (max(v[0] for v in self.values) + q_len, max(v[1] + v[2] for v in self.values))
 
 
-def _as_column(name: str, value, batch: int, device, checked: list) -> torch.Tensor:
+def _as_column(name: str, value, batch: int, device) -> torch.Tensor:
     """`value` (an int, or an int tensor [batch] / [1] / 0-dim) as int64 [batch] on `device`."""
     if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
         raise ValueError(f"`{name}` must be an int or an int tensor [batch], got "
                          f"{type(value).__name__}")
     if isinstance(value, int):
-        checked.append((name, value, value))
         return torch.full((batch,), value, dtype=torch.int64, device=device)
     t = value
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -76,16 +75,19 @@ def positions_of(q, k, q_start=None, k_start=None, k_lens=None) -> Positions | N
     if q_start is None and k_start is None and k_lens is None:
         return None
     B, Lk = q.shape[0], k.shape[2]
-    checked: list = []
-    cols = [_as_column(n, 0 if x is None else x, B, q.device, checked)
-            for n, x in (("q_start", q_start), ("k_start", k_start))]
-    cols.append(_as_column("k_lens", Lk if k_lens is None else k_lens, B, q.device, checked))
-    table = torch.stack(cols, dim=1)
+    given = (0 if q_start is None else q_start, 0 if k_start is None else k_start,
+             Lk if k_lens is None else k_lens)
     tracing = torch.compiler.is_compiling() or (
         q.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-    if tracing:
-        return Positions(table.to(torch.int32), None)
-    rows = table.tolist()
+    if not tracing and all(type(x) is int for x in given):  # every sequence alike: no tensor ops
+        rows = [list(given)] * B
+        table = None
+    else:
+        cols = [_as_column(n, x, B, q.device) for n, x in zip(KEYWORDS, given)]
+        table = torch.stack(cols, dim=1)
+        if tracing:
+            return Positions(table.to(torch.int32), None)
+        rows = table.tolist()
     for j, name in enumerate(KEYWORDS):
         col = [r[j] for r in rows]
         if not col:
@@ -100,8 +102,9 @@ def positions_of(q, k, q_start=None, k_start=None, k_lens=None) -> Positions | N
     ends = [max(r[0] + q.shape[2], r[1] + r[2]) for r in rows]
     if ends and max(ends) > MAX_POSITION:
         raise ValueError(f"positions reach {max(ends)}; they must stay below 2**31")
-    return Positions(table.to(torch.int32).contiguous(),
-                     tuple(tuple(int(x) for x in r) for r in rows))
+    table = (torch.tensor(rows, dtype=torch.int32, device=q.device) if table is None
+             else table.to(torch.int32).contiguous())
+    return Positions(table, tuple(tuple(int(x) for x in r) for r in rows))
 
 
 def placement(q_start=None, k_start=None, k_lens=None) -> dict:
