@@ -17,6 +17,7 @@ thanks to checkpointing).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -29,6 +30,7 @@ from ..lowering.derivative import differentiable_tensors, sink_tensors
 from ..lowering.ir import PatternIR
 from .binding import Bound, check_requires, select_count, sizes_for
 from .grad_mode import autograd_inside_op
+from .paging import Pages
 from .positions import Positions
 
 _LOCK = threading.Lock()
@@ -85,15 +87,21 @@ def unpack_params(ir: PatternIR, ints, floats) -> dict:
     return out
 
 
-def rebind(ir: PatternIR, q, k, ints, floats, tensors, positions=None) -> Bound:
-    """The Bound of a call the op already checked: sizes from q and k, parameters unpacked;
-    `positions` a `Positions`, or its table (an op's argument), or None."""
-    sizes, params, topk = _bound_parts(ir, tuple(q.shape), tuple(k.shape), tuple(ints),
-                                       tuple(floats))
+def rebind(ir: PatternIR, q, k, ints, floats, tensors, positions=None,
+           block_table=None) -> Bound:
+    """The Bound of a call the op already checked: sizes from q and k (k a page pool when
+    `block_table` is given: the logical cache's length), parameters unpacked; `positions` a
+    `Positions`, or its table (an op's argument), or None."""
+    pages = None
+    k_shape = tuple(k.shape)
+    if block_table is not None:
+        pages = Pages(block_table, k.shape[2])
+        k_shape = (q.shape[0], k.shape[1], pages.k_len, k.shape[3])
+    sizes, params, topk = _bound_parts(ir, tuple(q.shape), k_shape, tuple(ints), tuple(floats))
     if isinstance(positions, torch.Tensor):
         positions = Positions(positions, None)
     return Bound(sizes, params, {t.name: x for t, x in zip(ir.tensors, tensors)}, topk,
-                 positions)
+                 positions, pages)
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,6 +130,9 @@ def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = Tru
     float64 inputs); zeros for sigmoid, and None when not `want_lse`."""
     ir = pattern.ir
     softmax = ir.normalizer == "softmax"
+    if bound.pages is not None and backend != "triton":  # the interpreter reads the gathered cache
+        k, v = bound.pages.gather(k), bound.pages.gather(v)
+        bound = dataclasses.replace(bound, pages=None)
     if backend == "triton":
         from .dispatch import triton_attention
         out, lse = triton_attention(ir, q, k, v, bound, scale, softmax, kernel_options)
@@ -139,16 +150,18 @@ def forward(pattern, q, k, v, bound: Bound, scale, backend, want_lse: bool = Tru
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                pattern: str, ints: list[int], floats: list[float], scale: Optional[float],
-               backend: str, kernel_options: str,
-               positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str, kernel_options: str, positions: Optional[torch.Tensor],
+               block_table: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     p = find(pattern)
-    out, lse = forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors, positions),
+    out, lse = forward(p, q, k, v, rebind(p.ir, q, k, ints, floats, tensors, positions,
+                                          block_table),
                        scale_for(scale, q), backend, kernel_options=kernel_options)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention.register_fake
-def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options, positions):
+def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options, positions,
+      block_table):
     B, H, Lq, _ = q.shape
     out = q.new_empty((B, H, Lq, v.shape[-1]))
     lse = q.new_empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -156,7 +169,7 @@ def _(q, k, v, tensors, pattern, ints, floats, scale, backend, kernel_options, p
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, digest, ints, floats, scale, backend, kernel_options, positions = inputs
+    q, k, v, tensors, digest, ints, floats, scale, backend, kernel_options, positions, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
     ctx.positions = positions
@@ -170,7 +183,7 @@ def _backward(ctx, grad_out, grad_lse):
     # no gradient for the digest, parameters, scale, backend, kernel options; torch's structure
     # check takes a list of numbers as one leaf (None), but an empty list as a list
     return (dq, dk, dv, grads, None, None if ctx.ints else [], None if ctx.floats else [], None,
-            None, None, None)
+            None, None, None, None)
 
 
 def _gradients(ctx, needs, grad_out, grad_lse):
@@ -309,17 +322,18 @@ class _EagerAttention(torch.autograd.Function):
 
 def attention_op(pattern, q, k, v, tensors: list, ints, floats, scale: float | None,
                  backend: str, bound: Bound | None = None, kernel_options: str = "",
-                 positions: Positions | None = None):
+                 positions: Positions | None = None, pages: Pages | None = None):
     """Run `pattern` (`track`ed) with autograd; returns (out, lse) (lse zeros for sigmoid).
     `tensors` are its tensor arguments in declaration order. Traced by torch.compile, it is the
     custom op; eagerly, the same forward and backward without the op's dispatch. A `scale`
     of None is 1/sqrt(head_dim), resolved inside the op (so a dynamic head_dim stays dynamic).
     `kernel_options`: `KernelOptions.text` of the call's options ("" for none); `positions`
-    the call's (`bound.positions` when a bound is given)."""
+    the call's (`bound.positions` when a bound is given), `pages` a paged call's block table
+    (traced calls only: an eager paged call runs `forward` directly)."""
     if torch.compiler.is_compiling():
         return _attention(q, k, v, list(tensors), pattern.digest, list(ints), list(floats),
                           None if scale is None else float(scale), backend, kernel_options,
-                          _table(positions))
+                          _table(positions), None if pages is None else pages.table)
     scale = scale_for(scale, q)
     if bound is None:
         bound = rebind(pattern.ir, q, k, ints, floats, tensors, positions)

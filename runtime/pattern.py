@@ -115,11 +115,7 @@ class Pattern:
                           arguments, placed, pages is not None)
         tensors = [arguments[n] for n in plan.tensor_names]
         bound = plan.bound(tensors, positions_of(q, k_seen, **placed) if placed else None)
-        if pages is not None:
-            if plan.backend == "reference":  # the interpreter reads the gathered cache
-                k, v = pages.gather(k), pages.gather(v)
-            else:
-                bound.pages = pages
+        bound.pages = pages
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or any(t.requires_grad for t in tensors)):
             out, lse = attention_op(self, q, k, v, tensors, plan.ints, plan.floats, plan.scale,
@@ -136,10 +132,10 @@ class Pattern:
             raise ValueError("a call with block_table= (a paged KV cache) is for inference and "
                              "has no backward: call it under torch.no_grad(), or pass contiguous "
                              "k and v [batch, kv_heads, k_len, head_dim] to train")
-        if torch.compiler.is_compiling():
-            raise ValueError("block_table= (paged KV caches) is not supported under "
-                             "torch.compile yet: call the pattern outside the compiled region")
         pages = pages_of(q, k, v, table)
+        if torch.compiler.is_compiling():
+            return self._traced_call(q, k, v, scale, backend, return_lse, kernel_options,
+                                     arguments, placed, pages)
         return self._call(q, k, v, scale, backend, return_lse, kernel_options, arguments,
                           placed, pages)
 
@@ -161,7 +157,7 @@ class Pattern:
         return plan
 
     def _traced_call(self, q, k, v, scale, backend, return_lse, kernel_options, arguments,
-                     placed):
+                     placed, pages: Pages | None = None):
         """The call inside torch.compile: what the plan needs is static (dtypes, devices, head
         dims, parameter values, kernel options), so lengths may be dynamic without a recompile
         or graph break; checks that read lengths or head dims (kernel options against the
@@ -173,10 +169,11 @@ class Pattern:
             self, (q.dim(), k.dim(), v.dim()), (q.dtype, k.dtype, v.dtype),
             (str(q.device), str(k.device), str(v.device)), scalars, metas, scale, backend,
             return_lse, _frozen(kernel_options))
-        positions = positions_of(q, k, **placed) if placed else None
+        keys = k if pages is None else pages.view(q.shape[0], k)
+        positions = positions_of(q, keys, **placed) if placed else None
         out, lse = attention_op(self, q, k, v, [tensors[t.name] for t in self.ir.tensors], ints,
                                 floats, scale, backend, kernel_options=options,
-                                positions=positions)
+                                positions=positions, pages=pages)
         return (out, lse) if return_lse else out
 
     def kernel_options_for(self, q, k, v, *, scale: float | None = None, backend: str = "auto",
@@ -185,8 +182,9 @@ class Pattern:
         """The launch settings of the generated kernels for the call ``self(q, k, v, ...)``:
         ``{'forward': {...}, 'dq': {...}, 'dkdv': {...}}``, each with block_m, block_n,
         num_warps, num_stages, and the forward's split-K count `splits`. Passed back as
-        ``kernel_options=`` it reproduces the same kernels. With autotuning on and nothing tuned yet for a kernel, the call is run once
-        (forward and backward, on copies) so that the tuner chooses, as the call would."""
+        ``kernel_options=`` it reproduces the same kernels. With autotuning on and nothing tuned
+        yet for a kernel, the call is run once (forward and backward, on copies; a paged call
+        forward only) so that the tuner chooses, as the call would."""
         placed = placement(q_start, k_start, k_lens)
         rest = arguments
         pools = k, v

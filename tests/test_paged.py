@@ -127,3 +127,24 @@ def test_static_checks_see_paged_launches():
              .kernel.signature("attn_fwd").args]
     table = fwd.args[names.index("Table")]
     assert tuple(table.shape) == (2, 8) and table.dtype == torch.int32
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
+def test_paged_decoding_under_torch_compile(backend):
+    """A compiled decode step on a paged cache: one graph, the block table an op argument."""
+    q, k, v = qkv(2, 4, 2, 1, 64)
+    k_pages, v_pages, table = paged(k, v, 16)
+    p = attnc.std("streaming")
+
+    def step(q, k_pages, v_pages, table, k_lens):
+        return p(q, k_pages, v_pages, block_table=table, q_start=k_lens - 1, k_lens=k_lens,
+                 window=20, sinks=2, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for lens in ([64, 30], [40, 9]):
+            k_lens = torch.tensor(lens, device=DEVICE)
+            got = compiled(q, k_pages, v_pages, table, k_lens)
+            want = p(q, k, v, q_start=k_lens - 1, k_lens=k_lens, window=20, sinks=2,
+                     backend="reference")
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

@@ -320,14 +320,20 @@ def test_bad_positions_are_value_errors(kwargs, match):
         attnc.std("causal")(q, k, v, backend="reference", **kwargs)
 
 
-def test_positions_under_torch_compile():
-    """A traced call with positions: one graph, the positions a tensor argument of the op."""
-    p = attnc.std("streaming")
-    q, k, v, _ = _inputs(2, 2, 2, 1, 48, torch.float64)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("name", ["streaming", "document"])
+def test_positions_under_torch_compile(backend, name):
+    """A traced call with positions: one graph, the positions a tensor argument of the op (the
+    kernels then never see the values on the host: a layout is built from them when the op
+    runs)."""
+    p = attnc.std(name)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v, _ = _inputs(2, 2, 2, 1, 48, dtype)
+    args = ({"window": 8, "sinks": 2} if name == "streaming" else
+            {"doc": (torch.arange(48) // 10).expand(2, 48).contiguous()})
 
     def step(q, k, v, k_lens):
-        return p(q, k, v, q_start=k_lens - 1, k_lens=k_lens, window=8, sinks=2,
-                 backend="reference")
+        return p(q, k, v, q_start=k_lens - 1, k_lens=k_lens, backend=backend, **args)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for lens in ([48, 20], [30, 7]):
