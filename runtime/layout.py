@@ -242,8 +242,9 @@ def _masks_read(ir: PatternIR, index: str, size: str) -> bool:
 
 
 def layout_for(ir: PatternIR, q_len: int, k_len: int, block, batch, heads, kv_heads, head_dim,
-               device, arguments: dict) -> BlockLayout:
-    """`Pattern.layout`: infer batch / heads from tensor arguments, bind, build."""
+               device, arguments: dict, placed: dict | None = None) -> BlockLayout:
+    """`Pattern.layout`: infer batch / heads from tensor arguments, bind, build (`placed`: the
+    call's position keywords)."""
     from .binding import bind
     try:
         block_m, block_n = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
@@ -268,5 +269,11 @@ def layout_for(ir: PatternIR, q_len: int, k_len: int, block, batch, heads, kv_he
              "q_len": q_len, "k_len": k_len, "head_dim": head_dim}
     if device is None:
         device = next((v.device for v in arguments.values() if isinstance(v, torch.Tensor)), None)
-    bound = bind(ir, sizes, arguments, torch.device(device) if device is not None else None)
+    device = torch.device(device) if device is not None else None
+    bound = bind(ir, sizes, arguments, device, bool(placed))
+    if placed:
+        from .positions import positions_of
+        where = device or torch.device("cpu")  # shapes only: what positions_of reads
+        bound.positions = positions_of(torch.empty((batch, 1, q_len, 0), device=where),
+                                       torch.empty((batch, 1, k_len, 0), device=where), **placed)
     return build_layout(ir, bound, q_len, k_len, block_m, block_n, device)

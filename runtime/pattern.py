@@ -82,12 +82,15 @@ class Pattern:
 
     def layout(self, q_len: int, k_len: int | None = None, *, block=(128, 128), batch: int | None = None,
                heads: int | None = None, kv_heads: int | None = None, head_dim: int = 64, device=None,
-               **arguments):
+               q_start=None, k_start=None, k_lens=None, **arguments):
         """The block layout (`runtime.layout.BlockLayout`) for these lengths, tile shape and
-        arguments. batch / heads default to 1, or to what tensor arguments' shapes say."""
+        arguments. batch / heads default to 1, or to what tensor arguments' shapes say.
+        `q_start=`, `k_start=`, `k_lens=` place the queries and keys as in a call (a layout per
+        sequence when they differ between sequences)."""
         from .layout import layout_for
         return layout_for(self.ir, q_len, q_len if k_len is None else k_len, block, batch, heads,
-                          kv_heads, head_dim, device, arguments)
+                          kv_heads, head_dim, device, arguments,
+                          placement(q_start, k_start, k_lens))
 
     def bind(self, q, k, v, arguments: dict) -> Bound:
         check_qkv(q, k, v)

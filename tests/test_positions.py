@@ -340,3 +340,16 @@ def test_positions_under_torch_compile(backend, name):
         k_lens = torch.tensor(lens)
         torch.testing.assert_close(compiled(q, k, v, k_lens), step(q, k, v, k_lens))
 
+
+
+def test_pattern_layout_takes_positions():
+    """`p.layout(..., q_start=...)` shows the tiles a placed call visits: per sequence when the
+    placements differ."""
+    p = attnc.std("sliding_window")
+    lay = p.layout(1, 512, block=(16, 64), window=100, q_start=511)
+    assert lay.classes.shape == (1, 1, 1, 8)
+    assert lay.classes[0, 0, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 2]  # keys 412..511
+    per = p.layout(1, 512, block=(16, 64), window=100, batch=2,
+                   q_start=torch.tensor([511, 99]), k_lens=torch.tensor([512, 100]))
+    assert per.classes.shape[0] == 2
+    assert per.classes[1, 0, 0].tolist() == [2, 2, 0, 0, 0, 0, 0, 0]  # keys 0..99, all seen
