@@ -1,0 +1,180 @@
+"""Context parallelism (`attnc.parallel`): sharded calls on torch.distributed's gloo backend in
+spawned CPU processes equal the single-process call, forward and backward; EMPTY shard pairs
+are neither computed nor sent; mistakes are errors on every rank, never a hang.
+
+Each world size runs all its cases in one spawn (process start-up dominates at these sizes).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+L, D = 64, 16
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(name, B=2, H=4, Hkv=2, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, Hkv, L, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, Hkv, L, D, generator=gen, dtype=dtype)
+    args = {}
+    if name == "sliding_window":
+        args["window"] = 10
+    if name == "document":
+        args["doc"] = (torch.arange(L) // 24).expand(B, L).contiguous()
+    if name == "alibi":
+        args["slopes"] = torch.rand(H, generator=gen, dtype=dtype).requires_grad_()
+    if name == "gaussian_mixture":  # learnable weights and widths of 3 Gaussians over an 8x8 grid
+        args["width"] = 8
+        args["alpha"] = torch.rand(H, 3, generator=gen, dtype=dtype).requires_grad_()
+        args["sigma"] = (1 + torch.rand(H, 3, generator=gen, dtype=dtype)).requires_grad_()
+    return q, k, v, args
+
+
+def _grads(out, leaves, w):
+    """Gradients of sum(out * w) (on a shard: this rank's part of the loss, whose sum over the
+    ranks is the whole sequence's)."""
+    return torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+
+
+def _case(rank, world, name, order, backend, tol):
+    import torch.distributed as dist
+
+    import attnc
+    import attnc.parallel as cp
+    p = attnc.std(name)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v, args = _inputs(name, dtype=dtype)
+    float_args = [x for x in args.values() if isinstance(x, torch.Tensor) and x.requires_grad]
+    # the whole sequence in one process
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    full = p(*leaves, backend=backend, **args)
+    w = torch.linspace(-1, 1, full.numel(), dtype=full.dtype).view(full.shape)
+    want = _grads(full, leaves + float_args, w)
+    # sharded
+    shards = [cp.shard(t, order=order).detach().clone().requires_grad_() for t in (q, k, v)]
+    out = cp.ring_attention(p, *shards, order=order, backend=backend, **args)
+    got = _grads(out, shards + float_args, cp.shard(w, order=order))
+    torch.testing.assert_close(cp.unshard(out.detach(), order=order), full.detach(),
+                               rtol=tol, atol=tol)
+    for g, w, what in zip(got[:3], want[:3], "qkv"):
+        torch.testing.assert_close(cp.unshard(g, order=order), w, rtol=tol, atol=tol,
+                                   msg=lambda m, what=what: f"d{what} ({name}, {order}): {m}")
+    for g, w in zip(got[3:], want[3:]):  # tensor arguments: summed over the group by the call
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    dist.barrier()
+
+
+def _worker(rank, world, port, cases):
+    import datetime
+
+    import torch.distributed as dist
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        for case in cases:
+            if case[0] == "report":
+                _report(rank, world)
+            elif case[0] == "errors":
+                _errors(rank, world)
+            else:
+                _case(rank, world, *case)
+    finally:
+        dist.destroy_process_group()
+
+
+def _report(rank, world):
+    """A sliding window of 10 over 64 positions at world size 4 (chunks of 16): each query chunk
+    reaches its own and the previous chunk only, so 16 - 7 = 9 of the 16 pairs are skipped, and
+    each rank but the last sends its k and v shard to its right neighbour only."""
+    import attnc
+    import attnc.parallel as cp
+    q, k, v, args = _inputs("sliding_window")
+    shards = [cp.shard(t) for t in (q, k, v)]
+    cp.ring_attention(attnc.std("sliding_window"), *shards, backend="reference", **args)
+    report = cp.last_report()
+    assert (report.pairs, report.skipped) == (16, 9), report
+    chunk_bytes = 2 * (shards[1].numel() * shards[1].element_size())  # its k and v
+    assert report.bytes_sent == (chunk_bytes if rank < world - 1 else 0), report
+
+
+def _errors(rank, world):
+    import attnc
+    import attnc.parallel as cp
+    q, k, v, _ = _inputs("causal")
+    shards = [cp.shard(t) for t in (q, k, v)]
+    bad = shards[0][:, :, : (8 if rank == 0 else 16)]  # rank 0 passes a shorter shard
+    with pytest.raises(ValueError, match="the shards differ between ranks"):
+        cp.ring_attention(attnc.std("causal"), bad, shards[1][:, :, :bad.shape[2]],
+                          shards[2][:, :, :bad.shape[2]])
+    with pytest.raises(ValueError, match="arguments differ between ranks"):
+        cp.ring_attention(attnc.std("sliding_window"), *shards, window=8 + rank)
+    with pytest.raises(ValueError, match="selects the top k"):
+        cp.ring_attention(attnc.std("topk"), *shards)
+    with pytest.raises(ValueError, match="reads q_len or k_len"):
+        cp.ring_attention(attnc.std("sigmoid"), *shards)
+
+
+def _spawn(world, cases):
+    mp.spawn(_worker, args=(world, _port(), cases), nprocs=world, join=True)
+
+
+REFERENCE = [(n, o, "reference", 1e-10) for n, o in (
+    ("causal", "contiguous"), ("causal", "zigzag"), ("sliding_window", "contiguous"),
+    ("document", "zigzag"), ("alibi", "contiguous"), ("gaussian_mixture", "zigzag"))]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_calls_equal_the_whole_sequence(world):
+    _spawn(world, REFERENCE + ([("report",), ("errors",)] if world == 4 else []))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_sharded_generated_kernels():
+    _spawn(2, [("causal", "zigzag", "triton", 2e-5), ("alibi", "contiguous", "triton", 2e-5)])
+
+
+def test_position_keywords_are_refused(monkeypatch):
+    import torch.distributed as dist
+
+    import attnc
+    import attnc.parallel as cp
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    q, k, v, _ = _inputs("causal")
+    with pytest.raises(ValueError, match="places the shards itself .* q_start"):
+        cp.ring_attention(attnc.std("causal"), q, k, v, q_start=3)
+
+
+def test_a_group_of_one_rank_is_an_error(monkeypatch):
+    import torch.distributed as dist
+
+    import attnc
+    import attnc.parallel as cp
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    q, k, v, _ = _inputs("causal")
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        cp.ring_attention(attnc.std("causal"), q, k, v)
+
+
+def test_shard_and_unshard_orders():
+    from attnc.runtime.ring import shard, unshard
+    x = torch.arange(16).view(1, 1, 16, 1)
+    for order, first in (("contiguous", [0, 1, 2, 3]), ("zigzag", [0, 1, 14, 15])):
+        parts = [shard(x, 4, r, order) for r in range(4)]
+        assert parts[0].flatten().tolist() == first
+        assert torch.equal(unshard(parts, order), x)
