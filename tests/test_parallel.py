@@ -145,27 +145,32 @@ def test_sharded_generated_kernels():
     _spawn(2, [("causal", "zigzag", "triton", 2e-5), ("alibi", "contiguous", "triton", 2e-5)])
 
 
-def test_position_keywords_are_refused(monkeypatch):
+@pytest.fixture
+def group_of(monkeypatch):
+    """A stand-in process group of `world` ranks, this process rank 0 (for the checks made
+    before anything is sent)."""
     import torch.distributed as dist
 
+    def make(world: int):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    return make
+
+
+def test_position_keywords_are_refused(group_of):
     import attnc
     import attnc.parallel as cp
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    group_of(2)
     q, k, v, _ = _inputs("causal")
     with pytest.raises(ValueError, match="places the shards itself .* q_start"):
         cp.ring_attention(attnc.std("causal"), q, k, v, q_start=3)
 
 
-def test_a_group_of_one_rank_is_an_error(monkeypatch):
-    import torch.distributed as dist
-
+def test_a_group_of_one_rank_is_an_error(group_of):
     import attnc
     import attnc.parallel as cp
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    group_of(1)
     q, k, v, _ = _inputs("causal")
     with pytest.raises(ValueError, match="at least 2 ranks"):
         cp.ring_attention(attnc.std("causal"), q, k, v)
