@@ -189,12 +189,12 @@ class Pattern:
         yet for a kernel, the call is run once (forward and backward, on copies; a paged call
         forward only) so that the tuner chooses, as the call would."""
         placed = placement(q_start, k_start, k_lens)
-        rest = arguments
         pools = k, v
         if block_table is not None:  # plan on stand-ins of the logical cache
             pages = pages_of(q, k, v, block_table)
             k, v = pages.view(q.shape[0], k), pages.view(q.shape[0], v)
-        plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, rest, bool(placed))
+        plan = Plan.make(self, q, k, v, scale, backend, False, kernel_options, arguments,
+                         bool(placed))
         if plan.backend != "triton":
             raise ValueError(f"kernel_options_for: this call runs on backend='{plan.backend}', "
                              f"which launches no generated kernels; generated kernels run with "
@@ -202,7 +202,7 @@ class Pattern:
         from .dispatch import (call_configs, call_specialization,
                                call_splits, forward_kernel)
         from .policy import Target
-        bound = plan.bound([rest[n] for n in plan.tensor_names],
+        bound = plan.bound([arguments[n] for n in plan.tensor_names],
                            positions_of(q, k, **placed) if placed else None)
         options = KernelOptions.parse(plan.options)
         configs = call_configs(self.ir, bound, q, v, options)

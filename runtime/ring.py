@@ -32,7 +32,7 @@ TIMEOUT = datetime.timedelta(seconds=300)
 
 
 @dataclass(frozen=True)
-class Plan:
+class ShardPlan:
     """Who holds what and who needs what, the same on every rank. Chunks are numbered along the
     sequence; `held[r]` are rank r's chunks in its local order, `pairs` the non-EMPTY (query
     chunk, key chunk) pairs, `skipped` how many pairs the analysis proved EMPTY."""
@@ -87,7 +87,7 @@ def unshard(shards: list[torch.Tensor], order: str, dim: int = 2) -> torch.Tenso
     return torch.cat([pieces[c] for c in range(world * per)], dim=dim)
 
 
-def plan_for(pattern, world: int, order: str, q, k, arguments: dict) -> Plan:
+def plan_for(pattern, world: int, order: str, q, k, arguments: dict) -> ShardPlan:
     """The plan of a sharded call: chunk pairs from the pattern's block layout at chunk
     granularity over the global sequence."""
     held = chunks_of(world, order)
@@ -103,7 +103,7 @@ def plan_for(pattern, world: int, order: str, q, k, arguments: dict) -> Plan:
                             device=q.device, **params)
     live = (layout.classes != EMPTY).reshape(-1, n, n).any(0)
     pairs = frozenset((i, j) for i in range(n) for j in range(n) if bool(live[i, j]))
-    return Plan(world, chunk, held, pairs, n * n - len(pairs))
+    return ShardPlan(world, chunk, held, pairs, n * n - len(pairs))
 
 
 def _pattern_names(pattern) -> set[str]:
@@ -139,7 +139,7 @@ def _wait(works) -> None:
         w.wait(TIMEOUT)
 
 
-def _messages(plan: Plan, rank: int, k, v) -> tuple[dict, dict]:
+def _messages(plan: ShardPlan, rank: int, k, v) -> tuple[dict, dict]:
     """The forward's transfers: ({(dst, chunk, 'k' | 'v'): this rank's chunk for a rank whose
     queries reach it}, {(src, chunk, 'k' | 'v'): a tensor shaped as a chunk this rank's queries
     reach on another rank})."""
@@ -199,9 +199,8 @@ class RingAttention(torch.autograd.Function):
             for c in plan.held[rank]:  # local key chunks first: the transfers overlap them
                 attend(c, kl[:, :, plan.local(rank, c)], vl[:, :, plan.local(rank, c)])
             _wait(works)
-            remote = {}
-            for key, buf in bufs.items():
-                remote[key] = buf.requires_grad_(k.requires_grad)
+            kv_grad = k.requires_grad or v.requires_grad  # then every rank sends dK/dV home
+            remote = {key: buf.requires_grad_(kv_grad) for key, buf in bufs.items()}
             for c in sorted({c for (_, c, _) in bufs}):
                 src = plan.owner(c)
                 attend(c, remote[(src, c, "k")], remote[(src, c, "v")])
@@ -218,7 +217,7 @@ class RingAttention(torch.autograd.Function):
             out = torch.cat(outs, dim=2)
             lse = torch.cat(lses, dim=2) if softmax else None
         ctx.graph = (out, lse, leaves, remote)
-        ctx.info = (plan, rank, group, len(grad_tensors))
+        ctx.info = (plan, rank, group, len(grad_tensors), kv_grad)
         if lse is None:  # sigmoid: no log-sum-exp
             lse_out = q.new_zeros((B, H, q.shape[2]), dtype=torch.float32)
             ctx.mark_non_differentiable(lse_out)
@@ -228,7 +227,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         out, lse, leaves, remote = ctx.graph
-        plan, rank, group, n_tensors = ctx.info
+        plan, rank, group, n_tensors, kv_grad = ctx.info
         ctx.graph = None
         wrt = [t for t in leaves if t.requires_grad]
         wrt_remote = [(key, t) for key, t in sorted(remote.items()) if t.requires_grad]
@@ -246,24 +245,17 @@ class RingAttention(torch.autograd.Function):
         result = [None if not t.requires_grad else
                   (by_leaf[id(t)] if by_leaf[id(t)] is not None else torch.zeros_like(t))
                   for t in leaves]
-        # each remote chunk's gradient goes home; this rank's chunks' come back, summed
-        sends = {key: (g if g is not None else torch.zeros_like(t))
-                 for (key, t), g in zip(wrt_remote, got[len(wrt):])}
-        recvs = {}
-        k_leaf, v_leaf = leaves[1], leaves[2]
-        if k_leaf.requires_grad:
-            for dst in range(plan.world):
-                if dst != rank:
-                    for c in set(plan.held[rank]) & set(plan.needed(dst)):
-                        part = plan.local(rank, c)
-                        recvs[(dst, c, "k")] = k_leaf[:, :, part]
-                        recvs[(dst, c, "v")] = v_leaf[:, :, part]
-        sends = {(src, c, which): g for (src, c, which), g in sends.items()}
-        works, bufs = _exchange(group, sends, recvs)
-        _wait(works)
-        for (dst, c, which), buf in bufs.items():
-            i = 1 if which == "k" else 2
-            result[i][:, :, plan.local(rank, c)] += buf
+        if kv_grad:  # the forward's transfers reversed: remote chunks' gradients go home, and
+            # this rank's chunks' come back from the ranks that used them, summed
+            sends = {key: (g if g is not None else torch.zeros_like(t))
+                     for (key, t), g in zip(wrt_remote, got[len(wrt):])}
+            recvs, _ = _messages(plan, rank, leaves[1], leaves[2])
+            works, bufs = _exchange(group, sends, recvs)
+            _wait(works)
+            for (_, c, part), buf in bufs.items():
+                grad = result[1 if part == "k" else 2]
+                if grad is not None:
+                    grad[:, :, plan.local(rank, c)] += buf
         for i in range(3, 3 + n_tensors):  # float tensor arguments: summed over the group
             if result[i] is not None:
                 dist.all_reduce(result[i], group=group)

@@ -15,8 +15,8 @@ needs_kernels = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
-def qkv(B, H, Hkv, Lq, Lk, dtype=torch.float32, seed=0, head_dim=16):
-    """Random q [B, H, Lq, D], k and v [B, Hkv, Lk, D] on DEVICE."""
+def qkv(B, H, Hkv, Lq, Lk, dtype=torch.float32, seed=0, head_dim=16, device=DEVICE):
+    """Random q [B, H, Lq, D], k and v [B, Hkv, Lk, D] (on DEVICE unless told)."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, L, head_dim, generator=gen).to(DEVICE, dtype)
+    return [torch.randn(B, h, L, head_dim, generator=gen).to(device, dtype)
             for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk))]

@@ -8,20 +8,18 @@ the pattern's `k_len` is k_lens[b].
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+
+import attnc
 from attnc.runtime import jit
 from attnc.runtime.layout import build_layout
 from attnc.runtime.positions import positions_of
 
-import attnc
+from decoding import needs_kernels, qkv
 
 NEG_INF = float("-inf")
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
 # ------------------------------------------------------------------ dense formulas
@@ -114,11 +112,9 @@ def _arguments(name, B, H, L, gen):
 
 
 def _inputs(B, H, Hkv, Lq, Lk, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Lq, 16, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, Lk, 16, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, Lk, 16, generator=gen).to(dtype)
-    return q, k, v, gen
+    """q, k, v on the CPU (the formulas run there) and a generator for the pattern's tensors."""
+    q, k, v = qkv(B, H, Hkv, Lq, Lk, dtype, seed, device="cpu")
+    return q, k, v, torch.Generator().manual_seed(seed + 1000)
 
 
 # ------------------------------------------------------------------ reference = definition
@@ -188,7 +184,7 @@ KERNEL_CASES = [  # (pattern, q_len, k_len, k_lens, heads, kv_heads)
 ]
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.parametrize("name,Lq,Lk,lens,H,Hkv", KERNEL_CASES,
                          ids=[f"{c[0]}-q{c[1]}-k{c[2]}-gqa{c[4] // c[5]}" for c in KERNEL_CASES])
 def test_kernels_match_the_formulas(name, Lq, Lk, lens, H, Hkv):
@@ -209,7 +205,7 @@ def test_kernels_match_the_formulas(name, Lq, Lk, lens, H, Hkv):
         torch.testing.assert_close(got[1].double(), ref_lse, rtol=2e-5, atol=2e-5)
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_decoding(dtype):
     """fp16/bf16 against the fp64 reference, with the tolerance scaled by the error the
@@ -225,7 +221,7 @@ def test_half_precision_decoding(dtype):
     assert err <= 3 * ref_err + ulp
 
 
-@needs_interpreter
+@needs_kernels
 @pytest.mark.parametrize("name", ["causal", "document", "alibi", "sliding_window", "topk"])
 def test_chunked_prefill_trains(name):
     """Gradients of q, k, v (and of learnable tensors) with positions equal the reference's."""
@@ -252,7 +248,7 @@ def test_chunked_prefill_trains(name):
     assert torch.all(grads["triton"][1][1, :, 50:] == 0)
 
 
-@needs_interpreter
+@needs_kernels
 def test_positions_compile_a_placed_kernel_once():
     """Calls with positions share one placed module whatever the values; calls without keep
     theirs."""
@@ -285,7 +281,7 @@ def test_layout_is_per_sequence():
     assert classes[1, 0, 0].tolist() == [2, 1, 0, 0, 0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
 def test_the_decoding_example_matches_full_sequences(backend):
     """examples/decode.py: prefill, then one token per step into a KV cache, equals one call
     over the whole sequences."""
@@ -320,7 +316,7 @@ def test_bad_positions_are_value_errors(kwargs, match):
         attnc.std("causal")(q, k, v, backend="reference", **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
 @pytest.mark.parametrize("name", ["streaming", "document"])
 def test_positions_under_torch_compile(backend, name):
     """A traced call with positions: one graph, the positions a tensor argument of the op (the
