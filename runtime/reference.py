@@ -44,7 +44,9 @@ def _table(bound: Bound):
     return None if bound.positions is None else bound.positions.table
 
 
-def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
+def _allowed(ir, q_chunk, k, bound: Bound, tensors, scale, q0):
+    """One chunk of query rows' final scores [B, H, C, Lk] (fp32/fp64), which keys the masks
+    allow (before `select topk`), and the evaluator (for the normalizer's expressions)."""
     B, H, C, _ = q_chunk.shape
     Lk = k.shape[2]
     fdtype = compute_dtype(q_chunk.dtype)
@@ -63,7 +65,14 @@ def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
         keep = torch.arange(Lk, device=s.device).view(1, 1, 1, Lk) < env.per_batch["k_len"]
     for m in ir.masks:
         keep = keep & ev.eval(m)
-    keep = keep.expand(B, H, C, Lk)
+    return s, keep.expand(B, H, C, Lk), ev
+
+
+def _chunk_rows(ir, q_chunk, k, v, bound: Bound, tensors, scale, q0, want_lse):
+    B, H, C, _ = q_chunk.shape
+    Lk = k.shape[2]
+    fdtype = compute_dtype(q_chunk.dtype)
+    s, keep, ev = _allowed(ir, q_chunk, k, bound, tensors, scale, q0)
     if bound.topk is not None:
         n = bound.topk
         masked = torch.where(keep, s, torch.full_like(s, float("-inf")))
@@ -103,14 +112,10 @@ def reference_attention(ir: PatternIR, q, k, v, bound: Bound, *, scale: float,
 
     Returns (out [B,H,Lq,Dv] in q's dtype, lse [B,H,Lq] in fp32/fp64 or None)."""
     B, H, Lq, _ = q.shape
-    k, v = broadcast_kv(q, k, v)
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if H != Hkv:
-        group = H // Hkv
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    k, v = _per_head(q, k, v)
+    Lk = k.shape[2]
     if chunk is None:
-        chunk = max(1, CHUNK_ELEMENTS // max(1, B * H * max(Lk, 1)))
+        chunk = _rows_per_chunk(B, H, Lk)
     tensors = bound.expanded(ir)  # size-1 broadcast dims as views of the declared shapes
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [q, k, v, *tensors.values()] if isinstance(t, torch.Tensor))
@@ -135,3 +140,31 @@ def reference_attention(ir: PatternIR, q, k, v, bound: Bound, *, scale: float,
     if return_lse:
         lse = torch.cat(lses, dim=2) if lses else q.new_zeros((B, H, 0), dtype=compute_dtype(q.dtype))
     return out, lse
+
+
+def _per_head(q, k, v):
+    """k and v with one head per query head (batch broadcast, grouped-query heads repeated)."""
+    k, v = broadcast_kv(q, k, v)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return k, v
+
+
+def _rows_per_chunk(B: int, H: int, Lk: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, B * H * max(Lk, 1)))
+
+
+@torch.no_grad()
+def allowed_scores(ir: PatternIR, q, k, bound: Bound, *, scale: float):
+    """The final scores of the keys the masks allow, -inf elsewhere (before `select topk`):
+    yields (q0, [B, H, rows, k_len] in fp32/fp64) for each chunk of query rows, without
+    gradients. `bound` as for `reference_attention` (its positions place the rows)."""
+    B, H, Lq, _ = q.shape
+    k, _ = _per_head(q, k, k)
+    chunk = _rows_per_chunk(B, H, k.shape[2])
+    tensors = bound.expanded(ir)
+    for q0 in range(0, Lq, chunk):
+        s, keep, _ = _allowed(ir, q[:, :, q0:q0 + chunk], k, bound, tensors, scale, q0)
+        yield q0, torch.where(keep, s, torch.full_like(s, float("-inf")))

@@ -9,22 +9,30 @@ Before anything moves, the block-sparsity analysis classifies every (query chunk
 pair at chunk granularity (`p.layout` with chunk-sized tiles): an EMPTY pair costs neither
 compute nor a transfer. Each rank then sends its key/value chunks only to the ranks whose
 queries reach them (asynchronous point-to-point sends, posted before the local work so that
-they overlap it), attends its query chunks to every reachable key chunk with positions
-(`q_start=` / `k_start=`: the pattern sees global positions), and merges the partial outputs by
-log-sum-exp (sigmoid: by sum). The backward runs the same calls' backward and sends each
-key/value chunk's gradient home the same way; gradients of float tensor arguments are summed
-over the group.
+they overlap it, in rounds by distance so that the compute waiting on them pipelines), attends
+its query chunks to every reachable key chunk with positions (`q_start=` / `k_start=`: the
+pattern sees global positions), and merges the partial outputs by log-sum-exp (sigmoid: by
+sum). What is about a whole row or the whole sequence — q_len and k_len, a softmax sink,
+`select topk` — is taken apart in runtime/ring_patterns.py; top-k's thresholds come from a
+first pass over every reached key chunk (`Candidates`). The backward runs the same calls'
+backward and sends each key/value chunk's gradient home the same way; gradients of float
+tensor arguments are summed over the group.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..lowering.sparsity import EMPTY
+from . import ring_patterns
+from .autograd import scale_for
+from .positions import positions_of
+from .reference import allowed_scores
 
 ORDERS = ("contiguous", "zigzag")
 #: how long a transfer or a check may wait for the other ranks before it fails
@@ -42,6 +50,11 @@ class ShardPlan:
     held: tuple[tuple[int, ...], ...]
     pairs: frozenset
     skipped: int
+
+    @property
+    def length(self) -> int:
+        """The whole sequence's length."""
+        return self.chunk * sum(len(h) for h in self.held)
 
     def owner(self, c: int) -> int:
         return next(r for r, cs in enumerate(self.held) if c in cs)
@@ -117,19 +130,27 @@ def _global(group, r: int) -> int:
     return r if group is None else dist.get_global_rank(group, r)
 
 
-def _exchange(group, sends: dict, recv_like: dict) -> tuple[list, dict]:
+def _exchange(group, rank: int, world: int, sends: dict, recv_like: dict) -> tuple[list, dict]:
     """Post the asynchronous sends and receives of one exchange: `sends` {(dst, chunk, part):
-    tensor}, `recv_like` {(src, chunk, part): a tensor of the shape to receive}. Both sides of
-    a pair of ranks list their messages in the same (sorted) order. Returns (works,
-    {(src, chunk, part): buffer}); wait on the works before reading the buffers."""
-    ops, bufs = [], {}
+    tensor}, `recv_like` {(src, chunk, part): a tensor of the shape to receive}.
+
+    They go as one batch per *round*: round d carries the messages between ranks d apart (to
+    rank + d, from rank − d), so a rank's nearest chunks come first and the rounds pipeline
+    with the compute that waits on them one by one. Both sides of a pair of ranks list their
+    messages of a round in the same (sorted) order. Returns ([(works, received keys) per round,
+    nearest first], {(src, chunk, part): buffer}); wait on a round's works before reading its
+    buffers."""
+    rounds: dict[int, tuple[list, list]] = {}
     for key, t in sorted(sends.items(), key=lambda kv: kv[0]):
-        ops.append(dist.P2POp(dist.isend, t.contiguous(), _global(group, key[0]), group))
+        rounds.setdefault((key[0] - rank) % world, ([], []))[0].append(
+            dist.P2POp(dist.isend, t.contiguous(), _global(group, key[0]), group))
+    bufs = {}
     for key, like in sorted(recv_like.items(), key=lambda kv: kv[0]):
         bufs[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        ops, keys = rounds.setdefault((rank - key[0]) % world, ([], []))
         ops.append(dist.P2POp(dist.irecv, bufs[key], _global(group, key[0]), group))
-    works = dist.batch_isend_irecv(ops) if ops else []
-    return works, bufs
+        keys.append(key)
+    return [(dist.batch_isend_irecv(ops), keys) for _, (ops, keys) in sorted(rounds.items())], bufs
 
 
 def _wait(works) -> None:
@@ -161,7 +182,8 @@ def merge(parts: list, softmax: bool):
     """One query chunk's output from its partial (out, lse) over key chunks: by log-sum-exp
     (a row no chunk allows gives 0 and -inf), or by sum (sigmoid)."""
     if not softmax:
-        return sum(o.float() for o, _ in parts).to(parts[0][0].dtype), None
+        wide = torch.promote_types(parts[0][0].dtype, torch.float32)
+        return sum(o.to(wide) for o, _ in parts).to(parts[0][0].dtype), None
     lses = torch.stack([l for _, l in parts])
     m = lses.amax(0)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -173,6 +195,81 @@ def merge(parts: list, softmax: bool):
     return out.to(parts[0][0].dtype), lse
 
 
+class Candidates:
+    """The first pass of a sharded `select topk(n)`: each local query row's keep threshold
+    over every key chunk its queries reach.
+
+    For each (query chunk, key chunk) pair it keeps the row's n + 1 largest allowed scores (the
+    reference interpreter's, in fp32/fp64). The row's n-th largest allowed score t over the
+    whole sequence is the n-th largest of those lists, and its largest allowed score below t,
+    b, is in them too unless one chunk holds n + 1 scores ≥ t (a tie at t; the pairs are then
+    evaluated again for b). The pairs keep the keys whose score is ≥ (t + b) / 2: exactly those
+    ≥ t, and robust to a generated kernel's rounding of the scores (as long as it is below
+    half the gap between t and b, where a kernel's own choice of keys is at the mercy of
+    rounding as well). A row with fewer than n allowed keys keeps them all (threshold -inf)."""
+
+    def __init__(self, whole, plan: ShardPlan, rank: int, q, k, arguments: dict):
+        self.whole, self.plan, self.rank, self.q = whole, plan, rank, q.detach()
+        self.scale = scale_for(arguments.get("scale"), q)
+        names = {p.name for p in whole.ir.params} | {t.name for t in whole.ir.tensors}
+        self.arguments = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
+                          for n, x in arguments.items() if n in names}
+        first = slice(0, plan.chunk)
+        self.count = whole.bind(q[:, :, first], k[:, :, first], k[:, :, first], self.arguments).topk
+        self.lists: dict[int, list] = {c: [] for c in plan.held[rank]}
+
+    def _scores(self, qc: int, kc: int, keys):
+        """(row offset, scores with -inf at disallowed keys) of one pair, by chunks of rows."""
+        qq = self.q[:, :, self.plan.local(self.rank, qc)]
+        bound = self.whole.bind(qq, keys, keys, self.arguments)
+        bound.positions = positions_of(qq, keys, q_start=qc * self.plan.chunk,
+                                       k_start=kc * self.plan.chunk)
+        return allowed_scores(self.whole.ir, qq, keys, bound, scale=self.scale)
+
+    def add(self, kc: int, keys) -> None:
+        """Take the candidates of key chunk `kc` (its keys `keys`)."""
+        for qc in self.plan.held[self.rank]:
+            if (qc, kc) in self.plan.pairs:
+                width = min(self.count + 1, keys.shape[2])
+                rows = [s.topk(width, dim=-1).values for _, s in self._scores(qc, kc, keys.detach())]
+                self.lists[qc].append(torch.cat(rows, dim=2))
+
+    def thresholds(self, chunks) -> torch.Tensor:
+        """[batch, heads, N] thresholds (this rank's rows set); `chunks` are the (key chunk,
+        keys, values) of every reached key chunk, for the rare second look."""
+        B, H, _, _ = self.q.shape
+        dtype = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        out = torch.full((B, H, self.plan.length), float("-inf"), dtype=dtype, device=self.q.device)
+        n = self.count
+        for qc, lists in self.lists.items():
+            if not lists:
+                continue
+            every = torch.cat(lists, dim=-1)
+            if every.shape[-1] < n:  # fewer keys than n: every allowed key is kept
+                continue
+            t = every.topk(n, dim=-1).values[..., -1:]
+            b = torch.where(every < t, every, torch.full_like(every, float("-inf"))).amax(-1)
+            hidden = [(l >= t).all(-1) & torch.isfinite(t.squeeze(-1)) for l in lists
+                      if l.shape[-1] > n]  # a chunk whose n + 1 candidates all tie or pass t
+            if any(bool(h.any()) for h in hidden):
+                b = self._below(qc, t, chunks)  # a tie at t may hide b: look at every score
+            t = t.squeeze(-1)
+            cut = torch.where(torch.isfinite(b), t / 2 + b / 2, torch.full_like(t, float("-inf")))
+            out[:, :, qc * self.plan.chunk:(qc + 1) * self.plan.chunk] = cut.to(dtype)
+        return out
+
+    def _below(self, qc: int, t, chunks) -> torch.Tensor:
+        """The largest allowed score below `t` ([B, H, rows, 1]) of each row of query chunk qc."""
+        b = torch.full_like(t.squeeze(-1), float("-inf"))
+        for kc, keys, _ in chunks:
+            if (qc, kc) in self.plan.pairs:
+                for q0, s in self._scores(qc, kc, keys.detach()):
+                    tt = t[:, :, q0:q0 + s.shape[2]]
+                    got = torch.where(s < tt, s, torch.full_like(s, float("-inf"))).amax(-1)
+                    b[:, :, q0:q0 + s.shape[2]] = torch.maximum(b[:, :, q0:q0 + s.shape[2]], got)
+        return b
+
+
 class RingAttention(torch.autograd.Function):
     """The sharded call, forward and backward (see the module docstring). Inputs after the
     non-tensor ones: q, k, v shards and the float tensor arguments that may take gradients."""
@@ -180,30 +277,55 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pattern, plan, rank, group, scalars, others, names, q, k, v, *grad_tensors):
         softmax = pattern.ir.normalizer == "softmax"
+        n = plan.length
+        part, sinked = ring_patterns.pairs(pattern, n), ring_patterns.whole(pattern, n)
         sends, recvs = _messages(plan, rank, k, v)
-        works, bufs = _exchange(group, sends, recvs)
+        rounds, bufs = _exchange(group, rank, plan.world, sends, recvs)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, *grad_tensors)]
             ql, kl, vl = leaves[:3]
             arguments = dict(scalars, **others, **dict(zip(names, leaves[3:])))
+            kv_grad = k.requires_grad or v.requires_grad  # then every rank sends dK/dV home
+            local = [(c, kl[:, :, plan.local(rank, c)], vl[:, :, plan.local(rank, c)])
+                     for c in plan.held[rank]]
+            remote = {}
+
+            def arriving():
+                """The other ranks' key chunks (chunk, k, v), round by round as they arrive."""
+                for works, keys in rounds:
+                    _wait(works)
+                    remote.update((key, bufs[key].requires_grad_(kv_grad)) for key in keys)
+                    for c in sorted({c for (_, c, _) in keys}):
+                        yield c, remote[(plan.owner(c), c, "k")], remote[(plan.owner(c), c, "v")]
+
             partial = {c: [] for c in plan.held[rank]}
+            thresholds = {}
 
             def attend(kc, kk, vv):
                 for qc in plan.held[rank]:
-                    if (qc, kc) not in plan.pairs:
-                        continue
-                    got = pattern(ql[:, :, plan.local(rank, qc)], kk, vv, q_start=qc * plan.chunk,
-                                  k_start=kc * plan.chunk, return_lse=softmax, **arguments)
-                    partial[qc].append(got if softmax else (got, None))
+                    if (qc, kc) in plan.pairs:
+                        got = part(ql[:, :, plan.local(rank, qc)], kk, vv, q_start=qc * plan.chunk,
+                                   k_start=kc * plan.chunk, return_lse=softmax, **arguments,
+                                   **thresholds)
+                        partial[qc].append(got if softmax else (got, None))
 
-            for c in plan.held[rank]:  # local key chunks first: the transfers overlap them
-                attend(c, kl[:, :, plan.local(rank, c)], vl[:, :, plan.local(rank, c)])
-            _wait(works)
-            kv_grad = k.requires_grad or v.requires_grad  # then every rank sends dK/dV home
-            remote = {key: buf.requires_grad_(kv_grad) for key, buf in bufs.items()}
-            for c in sorted({c for (_, c, _) in bufs}):
-                src = plan.owner(c)
-                attend(c, remote[(src, c, "k")], remote[(src, c, "v")])
+            if sinked.ir.topk is None:  # local key chunks first: the transfers overlap them
+                for chunk in itertools.chain(local, arriving()):
+                    attend(*chunk)
+            else:  # every key chunk's candidates first, for the rows' thresholds
+                kept = Candidates(sinked, plan, rank, ql, kl, arguments)
+                chunks = []
+                for chunk in itertools.chain(local, arriving()):
+                    kept.add(chunk[0], chunk[1])
+                    chunks.append(chunk)
+                thresholds[ring_patterns.threshold_name(sinked.ir)] = kept.thresholds(chunks)
+                for chunk in chunks:
+                    attend(*chunk)
+            if sinked.ir.sink is not None:  # each row's sink, once: the whole pattern on no keys
+                for qc in plan.held[rank]:
+                    partial[qc].append(sinked(ql[:, :, plan.local(rank, qc)], kl[:, :, :0],
+                                              vl[:, :, :0], q_start=qc * plan.chunk,
+                                              return_lse=True, **arguments))
             outs, lses = [], []
             B, H, _, _ = ql.shape
             for qc in plan.held[rank]:
@@ -250,8 +372,9 @@ class RingAttention(torch.autograd.Function):
             sends = {key: (g if g is not None else torch.zeros_like(t))
                      for (key, t), g in zip(wrt_remote, got[len(wrt):])}
             recvs, _ = _messages(plan, rank, leaves[1], leaves[2])
-            works, bufs = _exchange(group, sends, recvs)
-            _wait(works)
+            rounds, bufs = _exchange(group, rank, plan.world, sends, recvs)
+            for works, _ in rounds:
+                _wait(works)
             for (_, c, part), buf in bufs.items():
                 grad = result[1 if part == "k" else 2]
                 if grad is not None:
@@ -280,13 +403,6 @@ class Report:
 LAST: list[Report] = []
 
 
-def _reads_lengths(ir) -> bool:
-    """Whether a score, mask, bias or sink reads q_len or k_len (tensor shapes may)."""
-    from ..lowering.ir import walk
-    roots = [*ir.scores, *ir.masks, *(r for r in (ir.bias, ir.sink) if r is not None)]
-    return any(n.op == "size" and n.value in ("q_len", "k_len") for r in roots for n in walk(r))
-
-
 def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
                    return_lse: bool = False, scale: float | None = None, backend: str = "auto",
                    **arguments):
@@ -306,15 +422,6 @@ def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
         raise ValueError(f"ring_attention places the shards itself (by `order`); it takes no "
                          f"{', '.join(placed)}")
     ir = pattern.ir
-    if ir.topk is not None:
-        raise ValueError(f"`{pattern.name}` selects the top k keys of each row: across shards "
-                         f"that needs each row's global threshold first, not supported yet")
-    if ir.sink is not None:
-        raise ValueError(f"`{pattern.name}` has a softmax sink: merging shards would count it "
-                         f"once per shard; not supported yet")
-    if _reads_lengths(ir):
-        raise ValueError(f"`{pattern.name}` reads q_len or k_len, which on a shard would be the "
-                         f"shard's length, not the sequence's; not supported yet")
     if return_lse and ir.normalizer != "softmax":
         raise ValueError(f"return_lse=True needs the softmax normalizer; `{pattern.name}` uses "
                          f"{ir.normalizer}")

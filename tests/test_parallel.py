@@ -35,6 +35,13 @@ def _inputs(name, B=2, H=4, Hkv=2, dtype=torch.float64):
         args["doc"] = (torch.arange(L) // 24).expand(B, L).contiguous()
     if name == "alibi":
         args["slopes"] = torch.rand(H, generator=gen, dtype=dtype).requires_grad_()
+    if name == "topk":
+        args["top"] = 5
+    if name == "topk_ties":  # many tied scores, exact in any order of summation (small ints)
+        args["top"] = 5
+        q, k = (torch.randint(-2, 3, t.shape, generator=gen).to(dtype) for t in (q, k))
+    if name == "learned_sinks":
+        args["sinks"] = torch.randn(H, generator=gen, dtype=dtype).requires_grad_()
     if name == "gaussian_mixture":  # learnable weights and widths of 3 Gaussians over an 8x8 grid
         args["width"] = 8
         args["alpha"] = torch.rand(H, 3, generator=gen, dtype=dtype).requires_grad_()
@@ -53,7 +60,7 @@ def _case(rank, world, name, order, backend, tol):
 
     import attnc
     import attnc.parallel as cp
-    p = attnc.std(name)
+    p = attnc.std(name.removesuffix("_ties"))
     dtype = torch.float64 if backend == "reference" else torch.float32
     q, k, v, args = _inputs(name, dtype=dtype)
     float_args = [x for x in args.values() if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -124,10 +131,8 @@ def _errors(rank, world):
                           shards[2][:, :, :bad.shape[2]])
     with pytest.raises(ValueError, match="arguments differ between ranks"):
         cp.ring_attention(attnc.std("sliding_window"), *shards, window=8 + rank)
-    with pytest.raises(ValueError, match="selects the top k"):
-        cp.ring_attention(attnc.std("topk"), *shards)
-    with pytest.raises(ValueError, match="reads q_len or k_len"):
-        cp.ring_attention(attnc.std("sigmoid"), *shards)
+    with pytest.raises(ValueError, match="return_lse=True needs the softmax normalizer"):
+        cp.ring_attention(attnc.std("sigmoid"), *shards, return_lse=True)
 
 
 def _spawn(world, cases):
@@ -136,7 +141,9 @@ def _spawn(world, cases):
 
 REFERENCE = [(n, o, "reference", 1e-10) for n, o in (
     ("causal", "contiguous"), ("causal", "zigzag"), ("sliding_window", "contiguous"),
-    ("document", "zigzag"), ("alibi", "contiguous"), ("gaussian_mixture", "zigzag"))]
+    ("document", "zigzag"), ("alibi", "contiguous"), ("gaussian_mixture", "zigzag"),
+    ("topk", "contiguous"), ("topk_ties", "zigzag"), ("sigmoid", "zigzag"),
+    ("learned_sinks", "contiguous"))]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -146,7 +153,9 @@ def test_sharded_calls_equal_the_whole_sequence(world):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_sharded_generated_kernels():
-    _spawn(2, [("causal", "zigzag", "triton", 2e-5), ("alibi", "contiguous", "triton", 2e-5)])
+    _spawn(2, [(name, order, "triton", 2e-5) for name, order in (
+        ("causal", "zigzag"), ("alibi", "contiguous"), ("topk", "zigzag"),
+        ("sigmoid", "contiguous"), ("learned_sinks", "zigzag"))])
 
 
 @pytest.fixture
@@ -187,3 +196,43 @@ def test_shard_and_unshard_orders():
         parts = [shard(x, 4, r, order) for r in range(4)]
         assert parts[0].flatten().tolist() == first
         assert torch.equal(unshard(parts, order), x)
+
+
+def test_transfers_go_in_rounds_nearest_first(monkeypatch):
+    """Rank 1 of 4 sends to ranks 2 and 3 and receives from rank 0: round 1 (distance 1) sends
+    to 2 and receives from 0, round 2 sends to 3; each round is one batch, posted in order."""
+    import torch.distributed as dist
+
+    from attnc.runtime import ring
+    batches = []
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batches.append(ops) or [])
+    monkeypatch.setattr(dist, "P2POp", lambda op, t, peer, group: (op.__name__, peer))
+    t = torch.zeros(2)
+    sends = {(3, 5, "k"): t, (2, 1, "k"): t, (2, 1, "v"): t}
+    rounds, bufs = ring._exchange(None, 1, 4, sends, {(0, 0, "k"): t, (0, 0, "v"): t})
+    assert batches == [[("isend", 2), ("isend", 2), ("irecv", 0), ("irecv", 0)], [("isend", 3)]]
+    assert [keys for _, keys in rounds] == [[(0, 0, "k"), (0, 0, "v")], []]
+    assert set(bufs) == {(0, 0, "k"), (0, 0, "v")}
+
+
+def test_what_the_pairs_call():
+    """A pair's pattern sees the whole sequence's lengths, has no sink (the merge adds it once
+    per row) and keeps top-k keys by a threshold tensor instead of selecting."""
+    import math
+
+    import attnc
+    from attnc.runtime import ring_patterns as rp
+    causal = attnc.std("causal")
+    assert rp.whole(causal, 64) is causal and rp.pairs(causal, 64) is causal
+    sigmoid = rp.whole(attnc.std("sigmoid"), 64)
+    assert sigmoid.ir.bias.op == "const" and sigmoid.ir.bias.value == -math.log(64)
+    doc = rp.whole(attnc.std("document"), 64).ir.tensor("doc")
+    assert [d.value for d in doc.dims[1:]] == [64]  # passed whole: [batch, N]
+    sinks = rp.pairs(attnc.std("learned_sinks"), 64)
+    assert sinks.ir.sink is None and rp.whole(attnc.std("learned_sinks"), 64).ir.sink is not None
+    topk = rp.pairs(attnc.std("topk"), 64).ir
+    assert topk.topk is None and topk.tensors[-1].name == "ring_kth"
+    assert "score >= ring_kth[b, h, q]" in str(topk.scores[-1])
+    clash = attnc.Pattern.from_source("pattern p(ring_kth: int = 3):\n    select topk(ring_kth)\n")
+    assert rp.threshold_name(clash.ir) == "ring_kth_"
+    assert rp.pairs(clash, 64).ir.tensors[-1].name == "ring_kth_"
