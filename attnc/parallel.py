@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .runtime.ring import LAST, ORDERS, Report, ring_attention
-from .runtime.ring import shard as _shard_of
-from .runtime.ring import unshard as _join
+from .runtime.ring import LAST, Report, ring_attention
+from .runtime.ring_plan import ORDERS
+from .runtime.ring_plan import shard as _shard_of
+from .runtime.ring_plan import unshard as _join
 
 __all__ = ["ORDERS", "Report", "last_report", "ring_attention", "shard", "unshard"]
 

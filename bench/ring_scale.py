@@ -5,7 +5,7 @@ sparsity-aware transfers against plain ring attention that passes every shard.
     python bench/ring_scale.py --smoke    # small N: the tile counts checked against p.layout
 
 Nothing here runs attention. The (query chunk, key chunk) pairs are attnc's own sharding plan
-(`runtime/ring.py: plan_for`, the pattern's block layout at chunk granularity, exactly what a
+(`runtime/ring_plan.py: plan_for`, the pattern's block layout at chunk granularity, exactly what a
 call would use); the work of a pair is its non-empty 128 × 128 tiles, counted from each query
 tile's key range (the masks of these patterns allow one contiguous key range per row), and
 turned into time with attnc's *measured* single-GPU speed (../shared/gpu-baseline.md, H200,
@@ -13,16 +13,18 @@ N = 16384: TFLOP/s over computed tiles, 4·128·128·D·H flop per tile forward 
 forward + backward). Links move `LINKS` bytes per second per direction per GPU.
 
 The model, per rank:
-- attnc posts every transfer before computing (`runtime/ring.py`), so a rank takes
-  max(compute, the larger of what it sends and what it receives over its link); the backward
-  sends the dK/dV of every received chunk home (as many bytes again; the forward's K/V are kept).
-- attnc keeps every chunk it received until the backward (`K/V held`); plain ring attention
-  holds its own shard and the one passing through (and passes K/V again in the backward).
+- attnc posts its transfers in rounds by rank distance, one round ahead of the compute
+  (runtime/ring_transfers.py), so a rank takes max(compute, the larger of what it sends and
+  what it receives over its link), and holds its own shard and at most two rounds' chunks
+  (`K/V held`). Its backward streams K/V again, runs each pair's backward kernels against the
+  merged rows (3.5× forward flop in all, as a single-GPU forward + backward) and sends dK/dV
+  home: 3× the forward's bytes in all.
 - plain ring attention takes P − 1 steps; in each, every rank passes on the shard it holds
   while computing its queries against it, and the ranks move in lockstep, so a step takes the
-  largest of the ranks' compute and one shard's transfer. Its backward passes K/V and dK/dV
-  (twice the bytes per step). Its kernel is assumed to skip empty tiles as attnc's does, so the
-  two differ in communication only.
+  largest of the ranks' compute and one shard's transfer. It holds its own shard and the one
+  passing through. Its backward passes K/V and dK/dV (twice the bytes per step). Its kernel
+  is assumed to skip empty tiles as attnc's does, and to run at the same speed: the two differ
+  in what they send and in how the ranks wait for each other.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 import attnc  # noqa: E402
 from attnc.lowering.sparsity import EMPTY  # noqa: E402
-from attnc.runtime.ring import chunks_of, plan_for  # noqa: E402
+from attnc.runtime.ring_plan import chunks_of, plan_for  # noqa: E402
 
 #: one attention layer of a Llama-3-8B-sized model, bf16
 BATCH, HEADS, KV_HEADS, HEAD_DIM, ELEMENT = 1, 32, 8, 128, 2
@@ -117,25 +119,37 @@ def estimate(name: str, n: int, world: int, doc=None) -> dict:
                        for s in range(world)] for r in range(world)])
     return dict(name=name, n=n, world=world, order=order, pairs=len(plan.pairs),
                 total=chunks * chunks, sent=max(sent), received=max(received),
-                held=max(chunk_bytes * len(held[r]) + received[r] for r in range(world)),
+                held=max(chunk_bytes * (len(held[r]) + _two_rounds(plan, r)) for r in range(world)),
                 plain=(world - 1) * chunk_bytes * len(held[0]), shard=chunk_bytes * len(held[0]),
                 work=work * flop, steps=steps * flop)
 
 
+def _two_rounds(plan, rank: int) -> int:
+    """The most chunks of two consecutive rounds that `rank` receives (what it holds besides
+    its own shard): round d brings the chunks of rank − d that its queries reach."""
+    reach = set(plan.needed(rank))
+    got = [len(reach & set(plan.held[(rank - d) % plan.world])) for d in range(1, plan.world)]
+    return max((a + b for a, b in zip(got, got[1:] + [0])), default=0)
+
+
 def times(e: dict, bandwidth: float, rates: tuple[int, int]) -> dict:
-    """Seconds, forward and forward + backward, for attnc and plain ring (see the docstring)."""
-    out = {}
-    for k, (rate, work_factor, comm_factor) in enumerate(((rates[0], 1.0, 1), (rates[1], 3.5, 2))):
-        compute = e["work"] * work_factor / (rate * 1e12)
-        comm = comm_factor * max(e["sent"], e["received"]) / bandwidth
-        step_compute = (e["steps"] * work_factor / (rate * 1e12)).max(0)  # lockstep: slowest rank
-        shard = comm_factor * e["shard"] / bandwidth
-        plain = float(np.maximum(step_compute[:-1], shard).sum() + step_compute[-1]) \
-            if e["world"] > 1 else float(step_compute.sum())
-        out["fwd" if k == 0 else "fwd+bwd"] = dict(
-            compute=float(compute.max()), attnc=float(max(compute.max(), comm)), comm=comm,
-            plain=plain, step_compute=float(step_compute.mean()), step_comm=shard)
-    return out
+    """Seconds of the forward and of forward + backward, for attnc and plain ring (see the
+    docstring). The backward's seconds per forward flop come from the two measured rates:
+    3.5 / fwd+bwd rate − 1 / fwd rate."""
+    per_flop = {"fwd": 1 / (rates[0] * 1e12),
+                "bwd": 3.5 / (rates[1] * 1e12) - 1 / (rates[0] * 1e12)}
+    moved = {"fwd": 1, "bwd": 2}  # K/V; then K/V again (attnc) or K/V passing on (plain), dK/dV
+    phases = {}
+    for phase, cost in per_flop.items():
+        compute = float((e["work"] * cost).max())
+        comm = moved[phase] * max(e["sent"], e["received"]) / bandwidth
+        step_compute = (e["steps"] * cost).max(0)  # the ranks move in lockstep: the slowest
+        shard = moved[phase] * e["shard"] / bandwidth
+        plain = float(np.maximum(step_compute[:-1], shard).sum() + step_compute[-1])
+        phases[phase] = dict(compute=compute, attnc=max(compute, comm), comm=comm, plain=plain,
+                             step_compute=float(step_compute.mean()), step_comm=shard)
+    both = {key: phases["fwd"][key] + phases["bwd"][key] for key in phases["fwd"]}
+    return {"fwd": phases["fwd"], "fwd+bwd": both}
 
 
 def check_tiles(n: int = 8192) -> None:
@@ -182,9 +196,9 @@ def main(argv=None) -> None:
               f"{fmt_bytes(e['held'])}, {fmt_bytes(2 * e['shard'])} | "
               f"{fmt_time(t['fwd']['compute'])} |")
     for rates_name, rates in (("attnc's measured speed", RATES), ("FlexAttention's measured speed", FLEX_RATES)):
-        print(f"\nforward + backward, ms, at {rates_name} (compute / attnc with its transfers / "
-              f"plain ring; plain ring per step: compute vs one shard's transfer)\n")
-        print("| pattern | N | P | compute | NVLink: attnc | NVLink: plain | NVLink step | "
+        print(f"\nforward + backward, ms, at {rates_name}: attnc's compute alone, attnc and plain "
+              f"ring with their transfers, and plain ring's mean step (compute vs transfer)\n")
+        print("| pattern | N | P | attnc compute | NVLink: attnc | NVLink: plain | NVLink step | "
               "IB: attnc | IB: plain | IB step |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for e in rows:

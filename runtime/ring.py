@@ -1,181 +1,41 @@
 """Context parallelism: attention over a sequence sharded across the ranks of a process group.
 
-Each rank holds a shard of the sequence (dimension 2 of q, k, v) in one of two orders:
-`contiguous` (rank r holds positions [r·S, (r+1)·S)) or `zigzag` (the sequence cut into 2P
-chunks; rank r holds chunks r and 2P−1−r, which balances causal work). Tensor arguments are
-passed whole on every rank and indexed with global positions.
+Each rank holds a shard of the sequence (dimension 2 of q, k, v) in one of two orders
+(runtime/ring_plan.py). Tensor arguments are passed whole on every rank and indexed with global
+positions.
 
 Before anything moves, the block-sparsity analysis classifies every (query chunk, key chunk)
-pair at chunk granularity (`p.layout` with chunk-sized tiles): an EMPTY pair costs neither
-compute nor a transfer. Each rank then sends its key/value chunks only to the ranks whose
-queries reach them (asynchronous point-to-point sends, posted before the local work so that
-they overlap it, in rounds by distance so that the compute waiting on them pipelines), attends
-its query chunks to every reachable key chunk with positions (`q_start=` / `k_start=`: the
-pattern sees global positions), and merges the partial outputs by log-sum-exp (sigmoid: by
-sum). What is about a whole row or the whole sequence — q_len and k_len, a softmax sink,
-`select topk` — is taken apart in runtime/ring_patterns.py; top-k's thresholds come from a
-first pass over every reached key chunk (`Candidates`). The backward runs the same calls'
-backward and sends each key/value chunk's gradient home the same way; gradients of float
-tensor arguments are summed over the group.
+pair at chunk granularity: an EMPTY pair costs neither compute nor a transfer. Each rank sends
+its key/value chunks only to the ranks whose queries reach them, in rounds by rank distance,
+one round in flight while the one before it is attended (runtime/ring_transfers.py), so a
+rank holds its own shard and at most two other ranks' chunks. It attends its query chunks to
+every reachable key chunk with positions (`q_start=` / `k_start=`: the pattern sees global
+positions) and merges the partial outputs as they come by log-sum-exp (sigmoid: by sum).
+What is about a whole row or the whole sequence — q_len and k_len, a softmax sink, `select
+topk` — is taken apart in runtime/ring_patterns.py; top-k's thresholds come from a first pass
+over every reached key chunk.
+
+The backward keeps nothing from the forward but the merged output and log-sum-exp: it streams
+the key/value chunks again, runs each pair's backward against the merged row (`Gradients`),
+and sends each received chunk's dK/dV home in the matching round. Gradients of float tensor arguments are summed over the
+group.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
-import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..lowering.sparsity import EMPTY
 from . import ring_patterns
 from .autograd import scale_for
+from .backward import triton_attention_backward
+from .binding import bind, sizes_for
 from .positions import positions_of
-from .reference import allowed_scores
-
-ORDERS = ("contiguous", "zigzag")
-#: how long a transfer or a check may wait for the other ranks before it fails
-TIMEOUT = datetime.timedelta(seconds=300)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Who holds what and who needs what, the same on every rank. Chunks are numbered along the
-    sequence; `held[r]` are rank r's chunks in its local order, `pairs` the non-EMPTY (query
-    chunk, key chunk) pairs, `skipped` how many pairs the analysis proved EMPTY."""
-
-    world: int
-    chunk: int
-    held: tuple[tuple[int, ...], ...]
-    pairs: frozenset
-    skipped: int
-
-    @property
-    def length(self) -> int:
-        """The whole sequence's length."""
-        return self.chunk * sum(len(h) for h in self.held)
-
-    def owner(self, c: int) -> int:
-        return next(r for r, cs in enumerate(self.held) if c in cs)
-
-    def local(self, rank: int, c: int) -> slice:
-        i = self.held[rank].index(c)
-        return slice(i * self.chunk, (i + 1) * self.chunk)
-
-    def needed(self, rank: int) -> list[int]:
-        """The key chunks rank `rank`'s queries reach, in sequence order."""
-        mine = set(self.held[rank])
-        return sorted({k for q, k in self.pairs if q in mine})
-
-
-def chunks_of(world: int, order: str) -> tuple[tuple[int, ...], ...]:
-    if order == "contiguous":
-        return tuple((r,) for r in range(world))
-    if order == "zigzag":
-        return tuple((r, 2 * world - 1 - r) for r in range(world))
-    raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-
-
-def shard(x: torch.Tensor, world: int, rank: int, order: str, dim: int = 2) -> torch.Tensor:
-    """Rank `rank`'s shard of the whole sequence `x` along `dim`."""
-    held = chunks_of(world, order)
-    n = len(held[0]) * world
-    if x.shape[dim] % n:
-        raise ValueError(f"a sequence of {x.shape[dim]} does not split into {n} equal chunks "
-                         f"({world} ranks, order {order!r})")
-    pieces = x.chunk(n, dim=dim)
-    return torch.cat([pieces[c] for c in held[rank]], dim=dim)
-
-
-def unshard(shards: list[torch.Tensor], order: str, dim: int = 2) -> torch.Tensor:
-    """The whole sequence from every rank's shard (rank order)."""
-    world = len(shards)
-    held = chunks_of(world, order)
-    per = len(held[0])
-    pieces: dict[int, torch.Tensor] = {}
-    for r, s in enumerate(shards):
-        for i, part in enumerate(s.chunk(per, dim=dim)):
-            pieces[held[r][i]] = part
-    return torch.cat([pieces[c] for c in range(world * per)], dim=dim)
-
-
-def plan_for(pattern, world: int, order: str, q, k, arguments: dict) -> ShardPlan:
-    """The plan of a sharded call: chunk pairs from the pattern's block layout at chunk
-    granularity over the global sequence."""
-    held = chunks_of(world, order)
-    per = len(held[0])
-    if q.shape[2] % per or k.shape[2] != q.shape[2]:
-        raise ValueError(f"ring attention takes q, k and v shards of one length (a multiple of "
-                         f"{per} for order {order!r}), got {q.shape[2]} and {k.shape[2]}")
-    chunk = q.shape[2] // per
-    n = world * per
-    params = {name: x for name, x in arguments.items() if name in _pattern_names(pattern)}
-    layout = pattern.layout(n * chunk, n * chunk, block=(chunk, chunk), batch=q.shape[0],
-                            heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
-                            device=q.device, **params)
-    live = (layout.classes != EMPTY).reshape(-1, n, n).any(0)
-    pairs = frozenset((i, j) for i in range(n) for j in range(n) if bool(live[i, j]))
-    return ShardPlan(world, chunk, held, pairs, n * n - len(pairs))
-
-
-def _pattern_names(pattern) -> set[str]:
-    return {p.name for p in pattern.params} | {t.name for t in pattern.tensors}
-
-
-# ------------------------------------------------------------------ transfers
-
-
-def _global(group, r: int) -> int:
-    return r if group is None else dist.get_global_rank(group, r)
-
-
-def _exchange(group, rank: int, world: int, sends: dict, recv_like: dict) -> tuple[list, dict]:
-    """Post the asynchronous sends and receives of one exchange: `sends` {(dst, chunk, part):
-    tensor}, `recv_like` {(src, chunk, part): a tensor of the shape to receive}.
-
-    They go as one batch per *round*: round d carries the messages between ranks d apart (to
-    rank + d, from rank − d), so a rank's nearest chunks come first and the rounds pipeline
-    with the compute that waits on them one by one. Both sides of a pair of ranks list their
-    messages of a round in the same (sorted) order. Returns ([(works, received keys) per round,
-    nearest first], {(src, chunk, part): buffer}); wait on a round's works before reading its
-    buffers."""
-    rounds: dict[int, tuple[list, list]] = {}
-    for key, t in sorted(sends.items(), key=lambda kv: kv[0]):
-        rounds.setdefault((key[0] - rank) % world, ([], []))[0].append(
-            dist.P2POp(dist.isend, t.contiguous(), _global(group, key[0]), group))
-    bufs = {}
-    for key, like in sorted(recv_like.items(), key=lambda kv: kv[0]):
-        bufs[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
-        ops, keys = rounds.setdefault((rank - key[0]) % world, ([], []))
-        ops.append(dist.P2POp(dist.irecv, bufs[key], _global(group, key[0]), group))
-        keys.append(key)
-    return [(dist.batch_isend_irecv(ops), keys) for _, (ops, keys) in sorted(rounds.items())], bufs
-
-
-def _wait(works) -> None:
-    """Wait for posted transfers, each at most `TIMEOUT` (a missing peer is an error, not a
-    hang)."""
-    for w in works:
-        w.wait(TIMEOUT)
-
-
-def _messages(plan: ShardPlan, rank: int, k, v) -> tuple[dict, dict]:
-    """The forward's transfers: ({(dst, chunk, 'k' | 'v'): this rank's chunk for a rank whose
-    queries reach it}, {(src, chunk, 'k' | 'v'): a tensor shaped as a chunk this rank's queries
-    reach on another rank})."""
-    sends, recvs = {}, {}
-    for dst in range(plan.world):
-        if dst != rank:
-            for c in set(plan.held[rank]) & set(plan.needed(dst)):
-                part = plan.local(rank, c)
-                sends[(dst, c, "k")], sends[(dst, c, "v")] = k[:, :, part], v[:, :, part]
-    for c in plan.needed(rank):
-        src = plan.owner(c)
-        if src != rank:
-            part = slice(0, plan.chunk)
-            recvs[(src, c, "k")], recvs[(src, c, "v")] = k[:, :, part], v[:, :, part]
-    return sends, recvs
+from .ring_patterns import Candidates
+from .ring_plan import ORDERS, ShardPlan, plan_for
+from .ring_transfers import bytes_of, drain, post, stream
 
 
 def merge(parts: list, softmax: bool):
@@ -195,81 +55,6 @@ def merge(parts: list, softmax: bool):
     return out.to(parts[0][0].dtype), lse
 
 
-class Candidates:
-    """The first pass of a sharded `select topk(n)`: each local query row's keep threshold
-    over every key chunk its queries reach.
-
-    For each (query chunk, key chunk) pair it keeps the row's n + 1 largest allowed scores (the
-    reference interpreter's, in fp32/fp64). The row's n-th largest allowed score t over the
-    whole sequence is the n-th largest of those lists, and its largest allowed score below t,
-    b, is in them too unless one chunk holds n + 1 scores ≥ t (a tie at t; the pairs are then
-    evaluated again for b). The pairs keep the keys whose score is ≥ (t + b) / 2: exactly those
-    ≥ t, and robust to a generated kernel's rounding of the scores (as long as it is below
-    half the gap between t and b, where a kernel's own choice of keys is at the mercy of
-    rounding as well). A row with fewer than n allowed keys keeps them all (threshold -inf)."""
-
-    def __init__(self, whole, plan: ShardPlan, rank: int, q, k, arguments: dict):
-        self.whole, self.plan, self.rank, self.q = whole, plan, rank, q.detach()
-        self.scale = scale_for(arguments.get("scale"), q)
-        names = {p.name for p in whole.ir.params} | {t.name for t in whole.ir.tensors}
-        self.arguments = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
-                          for n, x in arguments.items() if n in names}
-        first = slice(0, plan.chunk)
-        self.count = whole.bind(q[:, :, first], k[:, :, first], k[:, :, first], self.arguments).topk
-        self.lists: dict[int, list] = {c: [] for c in plan.held[rank]}
-
-    def _scores(self, qc: int, kc: int, keys):
-        """(row offset, scores with -inf at disallowed keys) of one pair, by chunks of rows."""
-        qq = self.q[:, :, self.plan.local(self.rank, qc)]
-        bound = self.whole.bind(qq, keys, keys, self.arguments)
-        bound.positions = positions_of(qq, keys, q_start=qc * self.plan.chunk,
-                                       k_start=kc * self.plan.chunk)
-        return allowed_scores(self.whole.ir, qq, keys, bound, scale=self.scale)
-
-    def add(self, kc: int, keys) -> None:
-        """Take the candidates of key chunk `kc` (its keys `keys`)."""
-        for qc in self.plan.held[self.rank]:
-            if (qc, kc) in self.plan.pairs:
-                width = min(self.count + 1, keys.shape[2])
-                rows = [s.topk(width, dim=-1).values for _, s in self._scores(qc, kc, keys.detach())]
-                self.lists[qc].append(torch.cat(rows, dim=2))
-
-    def thresholds(self, chunks) -> torch.Tensor:
-        """[batch, heads, N] thresholds (this rank's rows set); `chunks` are the (key chunk,
-        keys, values) of every reached key chunk, for the rare second look."""
-        B, H, _, _ = self.q.shape
-        dtype = torch.float64 if self.q.dtype == torch.float64 else torch.float32
-        out = torch.full((B, H, self.plan.length), float("-inf"), dtype=dtype, device=self.q.device)
-        n = self.count
-        for qc, lists in self.lists.items():
-            if not lists:
-                continue
-            every = torch.cat(lists, dim=-1)
-            if every.shape[-1] < n:  # fewer keys than n: every allowed key is kept
-                continue
-            t = every.topk(n, dim=-1).values[..., -1:]
-            b = torch.where(every < t, every, torch.full_like(every, float("-inf"))).amax(-1)
-            hidden = [(l >= t).all(-1) & torch.isfinite(t.squeeze(-1)) for l in lists
-                      if l.shape[-1] > n]  # a chunk whose n + 1 candidates all tie or pass t
-            if any(bool(h.any()) for h in hidden):
-                b = self._below(qc, t, chunks)  # a tie at t may hide b: look at every score
-            t = t.squeeze(-1)
-            cut = torch.where(torch.isfinite(b), t / 2 + b / 2, torch.full_like(t, float("-inf")))
-            out[:, :, qc * self.plan.chunk:(qc + 1) * self.plan.chunk] = cut.to(dtype)
-        return out
-
-    def _below(self, qc: int, t, chunks) -> torch.Tensor:
-        """The largest allowed score below `t` ([B, H, rows, 1]) of each row of query chunk qc."""
-        b = torch.full_like(t.squeeze(-1), float("-inf"))
-        for kc, keys, _ in chunks:
-            if (qc, kc) in self.plan.pairs:
-                for q0, s in self._scores(qc, kc, keys.detach()):
-                    tt = t[:, :, q0:q0 + s.shape[2]]
-                    got = torch.where(s < tt, s, torch.full_like(s, float("-inf"))).amax(-1)
-                    b[:, :, q0:q0 + s.shape[2]] = torch.maximum(b[:, :, q0:q0 + s.shape[2]], got)
-        return b
-
-
 class RingAttention(torch.autograd.Function):
     """The sharded call, forward and backward (see the module docstring). Inputs after the
     non-tensor ones: q, k, v shards and the float tensor arguments that may take gradients."""
@@ -277,112 +62,272 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pattern, plan, rank, group, scalars, others, names, q, k, v, *grad_tensors):
         softmax = pattern.ir.normalizer == "softmax"
-        n = plan.length
-        part, sinked = ring_patterns.pairs(pattern, n), ring_patterns.whole(pattern, n)
-        sends, recvs = _messages(plan, rank, k, v)
-        rounds, bufs = _exchange(group, rank, plan.world, sends, recvs)
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, *grad_tensors)]
-            ql, kl, vl = leaves[:3]
-            arguments = dict(scalars, **others, **dict(zip(names, leaves[3:])))
-            kv_grad = k.requires_grad or v.requires_grad  # then every rank sends dK/dV home
-            local = [(c, kl[:, :, plan.local(rank, c)], vl[:, :, plan.local(rank, c)])
-                     for c in plan.held[rank]]
-            remote = {}
-
-            def arriving():
-                """The other ranks' key chunks (chunk, k, v), round by round as they arrive."""
-                for works, keys in rounds:
-                    _wait(works)
-                    remote.update((key, bufs[key].requires_grad_(kv_grad)) for key in keys)
-                    for c in sorted({c for (_, c, _) in keys}):
-                        yield c, remote[(plan.owner(c), c, "k")], remote[(plan.owner(c), c, "v")]
-
-            partial = {c: [] for c in plan.held[rank]}
-            thresholds = {}
-
-            def attend(kc, kk, vv):
-                for qc in plan.held[rank]:
-                    if (qc, kc) in plan.pairs:
-                        got = part(ql[:, :, plan.local(rank, qc)], kk, vv, q_start=qc * plan.chunk,
-                                   k_start=kc * plan.chunk, return_lse=softmax, **arguments,
-                                   **thresholds)
-                        partial[qc].append(got if softmax else (got, None))
-
-            if sinked.ir.topk is None:  # local key chunks first: the transfers overlap them
-                for chunk in itertools.chain(local, arriving()):
-                    attend(*chunk)
-            else:  # every key chunk's candidates first, for the rows' thresholds
-                kept = Candidates(sinked, plan, rank, ql, kl, arguments)
-                chunks = []
-                for chunk in itertools.chain(local, arriving()):
-                    kept.add(chunk[0], chunk[1])
-                    chunks.append(chunk)
-                thresholds[ring_patterns.threshold_name(sinked.ir)] = kept.thresholds(chunks)
-                for chunk in chunks:
-                    attend(*chunk)
-            if sinked.ir.sink is not None:  # each row's sink, once: the whole pattern on no keys
-                for qc in plan.held[rank]:
-                    partial[qc].append(sinked(ql[:, :, plan.local(rank, qc)], kl[:, :, :0],
-                                              vl[:, :, :0], q_start=qc * plan.chunk,
-                                              return_lse=True, **arguments))
-            outs, lses = [], []
-            B, H, _, _ = ql.shape
-            for qc in plan.held[rank]:
-                if partial[qc]:
-                    o, lse = merge(partial[qc], softmax)
-                else:  # no key reaches these queries
-                    o = ql.new_zeros((B, H, plan.chunk, vl.shape[3]))
-                    lse = ql.new_full((B, H, plan.chunk), float("-inf"), dtype=torch.float32)
-                outs.append(o)
-                lses.append(lse)
-            out = torch.cat(outs, dim=2)
-            lse = torch.cat(lses, dim=2) if softmax else None
-        ctx.graph = (out, lse, leaves, remote)
-        ctx.info = (plan, rank, group, len(grad_tensors), kv_grad)
-        if lse is None:  # sigmoid: no log-sum-exp
-            lse_out = q.new_zeros((B, H, q.shape[2]), dtype=torch.float32)
-            ctx.mark_non_differentiable(lse_out)
-            return out.detach(), lse_out
-        return out.detach(), lse.detach()
+        calls = Calls(pattern, plan, rank, dict(scalars, **others, **dict(zip(names, grad_tensors))))
+        if calls.sinked.ir.topk is not None:
+            calls.thresholds = _thresholds(calls, group, q, k)
+        rows = {qc: None for qc in plan.held[rank]}  # each query chunk's merged (out, lse)
+        for kc, kk, vv in _key_chunks(plan, rank, group, k, v):
+            for qc, got in calls.pairs(q, kc, kk, vv):
+                got = got if softmax else (got, None)
+                rows[qc] = got if rows[qc] is None else merge([rows[qc], got], softmax)
+        outs, lses = [], []
+        B, H, _, _ = q.shape
+        for qc in plan.held[rank]:
+            if calls.sinked.ir.sink is not None:  # each row's sink, once
+                sink = calls.sink(calls.rows(q, qc), qc, k, v)
+                rows[qc] = sink if rows[qc] is None else merge([rows[qc], sink], True)
+            if rows[qc] is None:  # no key reaches these queries
+                rows[qc] = (q.new_zeros((B, H, plan.chunk, v.shape[3])),
+                            q.new_full((B, H, plan.chunk), float("-inf"), dtype=torch.float32))
+            outs.append(rows[qc][0])
+            lses.append(rows[qc][1])
+        out = torch.cat(outs, dim=2)
+        lse = torch.cat(lses, dim=2) if softmax else q.new_zeros((B, H, q.shape[2]),
+                                                                 dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
+        ctx.info = (calls, group, names, scalars, others)
+        if not softmax:  # sigmoid: no log-sum-exp
+            ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        out, lse, leaves, remote = ctx.graph
-        plan, rank, group, n_tensors, kv_grad = ctx.info
-        ctx.graph = None
-        wrt = [t for t in leaves if t.requires_grad]
-        wrt_remote = [(key, t) for key, t in sorted(remote.items()) if t.requires_grad]
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        calls, group, names, scalars, others = ctx.info
+        ctx.info = None
+        plan, rank = calls.plan, calls.rank
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        calls.arguments = dict(scalars, **others, **dict(zip(names, leaves)))
+        grads = Gradients(calls, q, k, v, out, lse, grad_out, grad_lse, leaves, names)
+        kv_grad = k.requires_grad or v.requires_grad
+        for c in plan.held[rank]:  # local key chunks first
+            grads.pairs(c, k[:, :, plan.local(rank, c)], v[:, :, plan.local(rank, c)], home=True)
+        pending = []
+        for d, got in stream(group, plan.kv_rounds(rank, {"k": k, "v": v})):
+            sent = {}
+            for c, kk, vv in _chunks(plan, got):
+                dk, dv = grads.pairs(c, kk, vv, home=False)
+                if kv_grad:
+                    sent[(c, "k")], sent[(c, "v")] = dk, dv
+            if kv_grad:  # received chunks' gradients go home; this rank's come back
+                pending.append(post(group, plan.grad_round(rank, d, sent, {"k": k, "v": v})))
+            grads.take_home(drain(pending[:-1]))
+            pending = pending[-1:]
+        grads.take_home(drain(pending))
+        for qc in plan.held[rank]:
+            if calls.sinked.ir.sink is not None:
+                grads.sink(qc, k, v)
+        for g in grads.tensors:  # float tensor arguments: summed over the group
+            if g is not None:
+                dist.all_reduce(g, group=group)
+        return (None,) * 7 + (grads.dq, grads.dk, grads.dv, *grads.tensors)
+
+
+def _chunks(plan: ShardPlan, got: dict, names=("k", "v")):
+    """(chunk, *its parts) of each chunk received in one round."""
+    for c in sorted({c for (_, c, _) in got}):
+        yield (c, *(got[(plan.owner(c), c, name)] for name in names))
+
+
+def _key_chunks(plan: ShardPlan, rank: int, group, k, v):
+    """(chunk, k, v) of every key chunk: this rank's first, then the others' that its queries
+    reach, round by round as they arrive."""
+    for c in plan.held[rank]:
+        yield c, k[:, :, plan.local(rank, c)], v[:, :, plan.local(rank, c)]
+    for _, got in stream(group, plan.kv_rounds(rank, {"k": k, "v": v})):
+        yield from _chunks(plan, got)
+
+
+def _thresholds(calls: "Calls", group, q, k) -> dict:
+    """`select topk`'s first pass (`Candidates`): the keys stream by once (twice where scores
+    tie at a row's threshold on some rank); the pairs' threshold tensor."""
+    plan, rank = calls.plan, calls.rank
+    kept = Candidates(calls.sinked, plan, rank, q, k, calls.arguments)
+
+    def keys():
+        for c in plan.held[rank]:
+            yield c, k[:, :, plan.local(rank, c)]
+        for _, got in stream(group, plan.kv_rounds(rank, {"k": k})):
+            yield from _chunks(plan, got, ("k",))
+
+    for c, kk in keys():
+        kept.add(c, kk)
+    again = torch.tensor([float(kept.settle())], device=q.device)
+    dist.all_reduce(again, group=group)  # every rank takes part in a second look, or none
+    if again.item() > 0:
+        kept.restart_below()
+        for c, kk in keys():
+            kept.below(c, kk)
+    return {ring_patterns.threshold_name(calls.sinked.ir): kept.thresholds()}
+
+
+class Calls:
+    """The attention calls of one rank's part of a sharded call: each (query chunk, key chunk)
+    pair through `pairs` (runtime/ring_patterns.py) and each row's sink through `sink`."""
+
+    def __init__(self, pattern, plan: ShardPlan, rank: int, arguments: dict):
+        self.plan, self.rank, self.arguments = plan, rank, arguments
+        self.softmax = pattern.ir.normalizer == "softmax"
+        self.part = ring_patterns.pairs(pattern, plan.length)
+        self.sinked = ring_patterns.whole(pattern, plan.length)
+        self.thresholds: dict = {}
+
+    def rows(self, q, qc: int):
+        return q[:, :, self.plan.local(self.rank, qc)]
+
+    def pairs(self, q, kc: int, kk, vv):
+        """(query chunk, its partial) for each local query chunk that key chunk kc reaches."""
+        for qc in self.plan.held[self.rank]:
+            if (qc, kc) in self.plan.pairs:
+                yield qc, self.pair(self.rows(q, qc), qc, kc, kk, vv)
+
+    def pair(self, rows, qc: int, kc: int, kk, vv):
+        """The partial of query chunk qc's `rows` against key chunk kc."""
+        return self.part(rows, kk, vv, q_start=qc * self.plan.chunk, k_start=kc * self.plan.chunk,
+                         return_lse=self.softmax, **self.arguments, **self.thresholds)
+
+    def sink(self, rows, qc: int, k, v):
+        """Query chunk qc's sinks as a partial: the whole pattern on no keys (output 0, LSE =
+        the sink)."""
+        return self.sinked(rows, k[:, :, :0], v[:, :, :0], q_start=qc * self.plan.chunk,
+                           return_lse=True, **self.arguments)
+
+
+class Gradients:
+    """The backward of one rank's part, pair by pair; the gradients of q, of this rank's k and
+    v, and of the float tensor arguments are summed over the pairs.
+
+    With the generated kernels (`_flash`), a pair's backward kernels run against the merged row
+    — its log-sum-exp L and output — which is exactly that pair's share of the row's gradient.
+    The reference interpreter's backward takes no outside L, so there each pair's partial (o,
+    lse) is recomputed and differentiated against the merged row: its output weighs
+    w = exp(lse − L), so dLoss/do = w·dOut and dLoss/dlse = w·(rowsum(dOut·(o − out)) + dLoss/dL).
+    A row's sink is always the second kind (the whole pattern on no keys)."""
+
+    def __init__(self, calls: Calls, q, k, v, out, lse, grad_out, grad_lse, leaves, names):
+        self.calls, self.plan, self.rank = calls, calls.plan, calls.rank
+        self.q, self.out, self.lse, self.grad_out = q.detach(), out, lse, grad_out
+        self.grad_lse = grad_lse if calls.softmax else None
+        self.leaves = leaves
+        self.leaf_names = names
+        self.names = {p.name for p in calls.part.ir.params} | {t.name for t in calls.part.ir.tensors}
+        self.scale = scale_for(calls.arguments.get("scale"), q)
+        backend = calls.arguments.get("backend", "auto")
+        if backend == "auto":
+            backend = calls.part._auto_backend(q.device)
+        self.flash = backend == "triton"
+        self.wants = (q.requires_grad, k.requires_grad, v.requires_grad)
+        self.dq = torch.zeros_like(q) if q.requires_grad else None
+        self.dk = torch.zeros_like(k) if k.requires_grad else None
+        self.dv = torch.zeros_like(v) if v.requires_grad else None
+        self.tensors = [torch.zeros_like(t) if t.requires_grad else None for t in leaves]
+        wide = torch.promote_types(out.dtype, torch.float32)
+        self.row_dot = (grad_out.to(wide) * out.to(wide)).sum(-1)
+
+    def _rows(self, t, qc):
+        return t[:, :, self.plan.local(self.rank, qc)]
+
+    def _backprop(self, qc, outputs, grads, inputs) -> list:
+        """d(outputs·grads) for `inputs` (zeros for those not reached); accumulates dq of qc
+        and the float tensors' gradients, returns those of the other inputs."""
+        qq = inputs[0]
+        wanted = [t for t in (*inputs, *self.leaves) if t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                  allow_unused=True) if pairs and wanted else []
+        by = {id(t): g for t, g in zip(wanted, got)}
+        if self.dq is not None and by.get(id(qq)) is not None:
+            self._rows(self.dq, qc).add_(by[id(qq)])
+        for acc, t in zip(self.tensors, self.leaves):
+            if acc is not None and by.get(id(t)) is not None:
+                acc.add_(by[id(t)])
+        return [by.get(id(t)) for t in inputs[1:]]
+
+    def _shares(self, qc, o, lse_pair):
+        """The output gradients of one partial (o, lse) of query chunk qc."""
+        d_out = self._rows(self.grad_out, qc)
+        if not self.calls.softmax:
+            return [d_out]
+        big = self._rows(self.lse, qc)
+        finite = torch.isfinite(big)
+        w = torch.where(finite, torch.exp(lse_pair.detach() - torch.where(finite, big, 0)), 0)
+        wide = w.dtype
+        into = (d_out.to(wide) * o.detach().to(wide)).sum(-1) - self._rows(self.row_dot, qc)
+        if self.grad_lse is not None:
+            into = into + torch.where(finite, self._rows(self.grad_lse, qc), 0).to(wide)
+        return [(w[..., None] * d_out.to(wide)).to(o.dtype), w * into]
+
+    def pairs(self, kc: int, kk, vv, home: bool):
+        """Recompute and differentiate every pair of key chunk kc; returns its (dk, dv), added
+        into this rank's own when `home`."""
+        kk = kk.detach().requires_grad_(self.wants[1])
+        vv = vv.detach().requires_grad_(self.wants[2])
+        dk, dv = torch.zeros_like(kk), torch.zeros_like(vv)
+        for qc in self.plan.held[self.rank]:
+            if (qc, kc) not in self.plan.pairs:
+                continue
+            if self.flash:
+                gk, gv = self._flash(qc, kc, kk.detach(), vv.detach())
+                dk += gk
+                dv += gv
+                continue
+            qq = self._rows(self.q, qc).detach().requires_grad_(self.wants[0])
+            with torch.enable_grad():
+                got = self.calls.pair(qq, qc, kc, kk, vv)
+            outputs = list(got) if self.calls.softmax else [got]
+            grads = self._shares(qc, *outputs) if self.calls.softmax else self._shares(qc, got, None)
+            gk, gv = self._backprop(qc, outputs, grads, [qq, kk, vv])
+            if gk is not None:
+                dk += gk
+            if gv is not None:
+                dv += gv
+        if home:
+            part = self.plan.local(self.rank, kc)
+            if self.dk is not None:
+                self.dk[:, :, part] += dk
+            if self.dv is not None:
+                self.dv[:, :, part] += dv
+        return dk, dv
+
+    def _flash(self, qc: int, kc: int, kk, vv):
+        """The generated backward kernels of one pair, run against the merged row (its
+        log-sum-exp and output, as FlashAttention's backward runs against a block's): no
+        recompute of the pair's forward. Returns the pair's (dk, dv)."""
+        calls = self.calls
+        rows = self._rows(self.q, qc)
+        arguments = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
+                     for n, x in {**calls.arguments, **calls.thresholds}.items()
+                     if n in self.names}
+        bound = bind(calls.part.ir, sizes_for(rows.shape, kk.shape), arguments, rows.device,
+                     placed=True)
+        bound.positions = positions_of(rows, kk, q_start=qc * self.plan.chunk,
+                                       k_start=kc * self.plan.chunk)
+        wrt = [n for n, t in zip(self.leaf_names, self.leaves) if t.requires_grad]
+        grad_lse = None if self.grad_lse is None else self._rows(self.grad_lse, qc)
+        dq, dk, dv, grads = triton_attention_backward(
+            calls.part.ir, rows, kk, vv, self._rows(self.out, qc), self._rows(self.lse, qc),
+            self._rows(self.grad_out, qc).contiguous(), grad_lse, bound, self.scale, wrt)
+        if self.dq is not None:
+            self._rows(self.dq, qc).add_(dq)
+        for acc, name in zip(self.tensors, self.leaf_names):
+            if acc is not None and name in grads:
+                acc.add_(grads[name])
+        return dk, dv
+
+    def sink(self, qc: int, k, v) -> None:
+        """Differentiate query chunk qc's sink partial (its output is 0: only the LSE counts)."""
+        qq = self._rows(self.q, qc).detach().requires_grad_(self.wants[0])
         with torch.enable_grad():
-            outputs, grads = [out], [grad_out]
-            if lse is not None and grad_lse is not None:  # rows with no key: no gradient
-                finite = torch.isfinite(lse)
-                outputs.append(torch.where(finite, lse, torch.zeros_like(lse)))
-                grads.append(torch.where(finite, grad_lse, torch.zeros_like(grad_lse)))
-            pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], wrt + [t for _, t in wrt_remote],
-                                      [g for _, g in pairs], allow_unused=True) if pairs else \
-                [None] * (len(wrt) + len(wrt_remote))
-        by_leaf = dict(zip([id(t) for t in wrt], got[:len(wrt)]))
-        result = [None if not t.requires_grad else
-                  (by_leaf[id(t)] if by_leaf[id(t)] is not None else torch.zeros_like(t))
-                  for t in leaves]
-        if kv_grad:  # the forward's transfers reversed: remote chunks' gradients go home, and
-            # this rank's chunks' come back from the ranks that used them, summed
-            sends = {key: (g if g is not None else torch.zeros_like(t))
-                     for (key, t), g in zip(wrt_remote, got[len(wrt):])}
-            recvs, _ = _messages(plan, rank, leaves[1], leaves[2])
-            rounds, bufs = _exchange(group, rank, plan.world, sends, recvs)
-            for works, _ in rounds:
-                _wait(works)
-            for (_, c, part), buf in bufs.items():
-                grad = result[1 if part == "k" else 2]
-                if grad is not None:
-                    grad[:, :, plan.local(rank, c)] += buf
-        for i in range(3, 3 + n_tensors):  # float tensor arguments: summed over the group
-            if result[i] is not None:
-                dist.all_reduce(result[i], group=group)
-        return (None,) * 7 + tuple(result)
+            o, lse = self.calls.sink(qq, qc, k, v)
+        self._backprop(qc, [lse], self._shares(qc, o, lse)[1:], [qq])
+
+    def take_home(self, received: list[dict]) -> None:
+        """Add the gradients of this rank's chunks that came back from the ranks that used them."""
+        for got in received:
+            for (_, c, name), g in got.items():
+                acc = self.dk if name == "k" else self.dv
+                if acc is not None:
+                    acc[:, :, self.plan.local(self.rank, c)] += g
 
 
 # ------------------------------------------------------------------ the call
@@ -427,9 +372,8 @@ def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
                          f"{ir.normalizer}")
     _check_alike(pattern, q, k, v, order, scale, arguments, group)
     plan = plan_for(pattern, world, order, q, k, arguments)
-    sends, _ = _messages(plan, rank, k, v)
     LAST[:] = [Report(len(plan.pairs) + plan.skipped, plan.skipped,
-                      sum(t.numel() * t.element_size() for t in sends.values()))]
+                      sum(bytes_of(sends) for sends, _ in plan.kv_rounds(rank, {"k": k, "v": v})))]
     names, grad_tensors, others, scalars = [], [], {}, {"scale": scale, "backend": backend}
     for name, x in arguments.items():
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad:

@@ -23,9 +23,14 @@ import dataclasses
 import functools
 import math
 
+import torch
+
 from ..lowering.ir import Node, PatternIR, TensorSpec, walk
 from ..lowering.simplify import simplify, substitute
+from .autograd import scale_for
 from .pattern import Pattern
+from .positions import positions_of
+from .reference import allowed_scores
 
 #: the pairs' threshold tensor (`threshold_name` makes it unique in the pattern)
 THRESHOLD = "ring_kth"
@@ -77,3 +82,94 @@ def threshold_name(ir: PatternIR) -> str:
     while name in taken:
         name += "_"
     return name
+
+
+class Candidates:
+    """The first pass of a sharded `select topk(n)`: each local query row's keep threshold
+    over every key chunk its queries reach, fed one key chunk at a time (`add`).
+
+    It keeps each row's n + 1 largest allowed scores so far (the reference interpreter's, in
+    fp32/fp64). The n-th of them at the end is the row's n-th largest allowed score t over the
+    whole sequence, and the (n + 1)-th is the largest allowed score below t, b — unless scores
+    tie at t, or one chunk held n + 1 scores ≥ t (then `settle` says so, and every chunk's
+    scores are looked at again by `below`). The pairs keep the keys whose score is
+    ≥ (t + b) / 2: exactly those ≥ t, and robust to a generated kernel's rounding of the scores
+    as long as it is below half the gap between t and b (where a kernel's own choice of keys
+    is at the mercy of rounding as well). A row with fewer than n allowed keys keeps them all
+    (threshold -inf)."""
+
+    def __init__(self, whole, plan, rank: int, q, k, arguments: dict):
+        self.whole, self.plan, self.rank, self.q = whole, plan, rank, q.detach()
+        self.scale = scale_for(arguments.get("scale"), q)
+        names = {p.name for p in whole.ir.params} | {t.name for t in whole.ir.tensors}
+        self.arguments = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
+                          for n, x in arguments.items() if n in names}
+        first = slice(0, plan.chunk)
+        self.n = whole.bind(q[:, :, first], k[:, :, first], k[:, :, first], self.arguments).topk
+        B, H = q.shape[:2]
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        inf = dict(fill_value=float("-inf"), dtype=dtype, device=q.device)
+        self.best = {c: torch.full((B, H, plan.chunk, self.n + 1), **inf) for c in plan.held[rank]}
+        self.fullest = {c: torch.full((B, H, plan.chunk), **inf) for c in plan.held[rank]}
+        self.t, self.b = {}, {}
+
+    def _scores(self, qc: int, kc: int, keys):
+        """(row offset, scores with -inf at disallowed keys) of one pair, by chunks of rows."""
+        qq = self.q[:, :, self.plan.local(self.rank, qc)]
+        bound = self.whole.bind(qq, keys, keys, self.arguments)
+        bound.positions = positions_of(qq, keys, q_start=qc * self.plan.chunk,
+                                       k_start=kc * self.plan.chunk)
+        return allowed_scores(self.whole.ir, qq, keys.detach(), bound, scale=self.scale)
+
+    def _reached(self, kc: int):
+        return [qc for qc in self.plan.held[self.rank] if (qc, kc) in self.plan.pairs]
+
+    def add(self, kc: int, keys) -> None:
+        """Take the scores of key chunk `kc` (its keys `keys`)."""
+        width = min(self.n + 1, keys.shape[2])
+        for qc in self._reached(kc):
+            for q0, s in self._scores(qc, kc, keys):
+                rows = slice(q0, q0 + s.shape[2])
+                top = s.topk(width, dim=-1).values
+                best = self.best[qc][:, :, rows]
+                best.copy_(torch.cat([best, top], dim=-1).topk(self.n + 1, dim=-1).values)
+                if width == self.n + 1:  # a chunk's n + 1 best all ≥ t would hide b
+                    fullest = self.fullest[qc][:, :, rows]
+                    torch.maximum(fullest, top[..., -1], out=fullest)
+
+    def settle(self) -> bool:
+        """Fix t and b from the candidates; True when some row needs every score again for b."""
+        again = False
+        for qc, best in self.best.items():
+            t = best[..., self.n - 1]
+            self.t[qc], self.b[qc] = t, best[..., self.n]
+            finite = torch.isfinite(t)
+            again |= bool((finite & ((best[..., self.n] >= t) | (self.fullest[qc] >= t))).any())
+        return again
+
+    def below(self, kc: int, keys) -> None:
+        """The second look: b from every score of key chunk `kc` (after `settle`)."""
+        for qc in self._reached(kc):
+            for q0, s in self._scores(qc, kc, keys):
+                rows = slice(q0, q0 + s.shape[2])
+                t = self.t[qc][:, :, rows]
+                got = torch.where(s < t[..., None], s, torch.full_like(s, float("-inf"))).amax(-1)
+                b = self.b[qc][:, :, rows]
+                torch.maximum(b, got, out=b)
+
+    def restart_below(self) -> None:
+        """Before a second look: forget the b found from the candidates."""
+        for qc, t in self.t.items():
+            self.b[qc] = torch.full_like(t, float("-inf"))
+
+    def thresholds(self) -> torch.Tensor:
+        """[batch, heads, N] keep thresholds, this rank's rows set (after `settle`)."""
+        t0 = next(iter(self.t.values()))
+        out = torch.full((*t0.shape[:2], self.plan.length), float("-inf"), dtype=t0.dtype,
+                         device=t0.device)
+        for qc, t in self.t.items():
+            b = self.b[qc]
+            cut = torch.where(torch.isfinite(t) & torch.isfinite(b), t / 2 + b / 2,
+                              torch.where(torch.isfinite(t), torch.full_like(t, float("-inf")), t))
+            out[:, :, qc * self.plan.chunk:(qc + 1) * self.plan.chunk] = cut
+        return out

@@ -190,7 +190,7 @@ def test_a_group_of_one_rank_is_an_error(group_of):
 
 
 def test_shard_and_unshard_orders():
-    from attnc.runtime.ring import shard, unshard
+    from attnc.runtime.ring_plan import shard, unshard
     x = torch.arange(16).view(1, 1, 16, 1)
     for order, first in (("contiguous", [0, 1, 2, 3]), ("zigzag", [0, 1, 14, 15])):
         parts = [shard(x, 4, r, order) for r in range(4)]
@@ -198,21 +198,31 @@ def test_shard_and_unshard_orders():
         assert torch.equal(unshard(parts, order), x)
 
 
-def test_transfers_go_in_rounds_nearest_first(monkeypatch):
-    """Rank 1 of 4 sends to ranks 2 and 3 and receives from rank 0: round 1 (distance 1) sends
-    to 2 and receives from 0, round 2 sends to 3; each round is one batch, posted in order."""
+def test_transfers_go_in_rounds_one_ahead(monkeypatch):
+    """Round d carries what each rank sends to the rank d after it. With chunk 0 reaching every
+    chunk and chunk 2 reaching chunk 3 (world 4, contiguous), rank 2 sends to rank 3 in round 1
+    and receives chunk 0 from rank 0 in round 2; `stream` posts round d + 1 before the caller
+    works on round d, and skips a rank's empty rounds."""
     import torch.distributed as dist
 
-    from attnc.runtime import ring
-    batches = []
-    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batches.append(ops) or [])
+    from attnc.runtime import ring_transfers
+    from attnc.runtime.ring_plan import ShardPlan, chunks_of
+    plan = ShardPlan(4, 8, chunks_of(4, "contiguous"),
+                     frozenset({(q, 0) for q in range(4)} | {(q, q) for q in range(4)} | {(3, 2)}), 0)
+    k = torch.zeros(1, 1, 8, 2)
+    rounds = plan.kv_rounds(2, {"k": k})
+    assert [sorted(s) for s, _ in rounds] == [[(3, 2, "k")], [], []]
+    assert [sorted(r) for _, r in rounds] == [[], [(0, 0, "k")], []]
+    events = []
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: events.append(("post", ops)) or [])
     monkeypatch.setattr(dist, "P2POp", lambda op, t, peer, group: (op.__name__, peer))
-    t = torch.zeros(2)
-    sends = {(3, 5, "k"): t, (2, 1, "k"): t, (2, 1, "v"): t}
-    rounds, bufs = ring._exchange(None, 1, 4, sends, {(0, 0, "k"): t, (0, 0, "v"): t})
-    assert batches == [[("isend", 2), ("isend", 2), ("irecv", 0), ("irecv", 0)], [("isend", 3)]]
-    assert [keys for _, keys in rounds] == [[(0, 0, "k"), (0, 0, "v")], []]
-    assert set(bufs) == {(0, 0, "k"), (0, 0, "v")}
+    for d, got in ring_transfers.stream(None, rounds):
+        events.append(("round", d, sorted(got)))
+    assert events == [("post", [("isend", 3)]), ("post", [("irecv", 0)]), ("round", 1, []),
+                      ("round", 2, [(0, 0, "k")]), ("round", 3, [])]
+    # the backward's round 2: rank 2 sends chunk 0's gradient home to rank 0; rank 0 gets it
+    assert plan.grad_round(2, 2, {(0, "k"): k}, {"k": k})[0] == {(0, 0, "k"): k}
+    assert sorted(plan.grad_round(0, 2, {}, {"k": k})[1]) == [(2, 0, "k")]
 
 
 def test_what_the_pairs_call():
@@ -236,3 +246,16 @@ def test_what_the_pairs_call():
     clash = attnc.Pattern.from_source("pattern p(ring_kth: int = 3):\n    select topk(ring_kth)\n")
     assert rp.threshold_name(clash.ir) == "ring_kth_"
     assert rp.pairs(clash, 64).ir.tensors[-1].name == "ring_kth_"
+
+
+def test_the_scale_estimate_runs_and_agrees_with_the_layout():
+    """bench/ring_scale.py --smoke: its tile counts equal `p.layout`'s, and its pairs the plan's
+    (both asserted inside), at N = 32K over 4 ranks."""
+    import pathlib
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ring_scale.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| sliding_window | 32K | 4 | contiguous | 7 of 16 | 32 MiB | 96 MiB |" in res.stdout
