@@ -66,24 +66,29 @@ class RingAttention(torch.autograd.Function):
         if calls.sinked.ir.topk is not None:
             calls.thresholds = _thresholds(calls, group, q, k)
         rows = {qc: None for qc in plan.held[rank]}  # each query chunk's merged (out, lse)
+        wide = torch.promote_types(q.dtype, torch.float32)  # merged in fp32 (fp64), rounded once
+
+        def merged(qc, got):
+            o, lse = got if softmax else (got, None)
+            got = (o.to(wide), lse)
+            return got if rows[qc] is None else merge([rows[qc], got], softmax)
+
         for kc, kk, vv in _key_chunks(plan, rank, group, k, v):
             for qc, got in calls.pairs(q, kc, kk, vv):
-                got = got if softmax else (got, None)
-                rows[qc] = got if rows[qc] is None else merge([rows[qc], got], softmax)
+                rows[qc] = merged(qc, got)
         outs, lses = [], []
         B, H, _, _ = q.shape
         for qc in plan.held[rank]:
             if calls.sinked.ir.sink is not None:  # each row's sink, once
-                sink = calls.sink(calls.rows(q, qc), qc, k, v)
-                rows[qc] = sink if rows[qc] is None else merge([rows[qc], sink], True)
+                rows[qc] = merged(qc, calls.sink(calls.rows(q, qc), qc, k, v))
             if rows[qc] is None:  # no key reaches these queries
-                rows[qc] = (q.new_zeros((B, H, plan.chunk, v.shape[3])),
-                            q.new_full((B, H, plan.chunk), float("-inf"), dtype=torch.float32))
+                rows[qc] = (q.new_zeros((B, H, plan.chunk, v.shape[3]), dtype=wide),
+                            q.new_full((B, H, plan.chunk), float("-inf"), dtype=wide))
             outs.append(rows[qc][0])
             lses.append(rows[qc][1])
-        out = torch.cat(outs, dim=2)
-        lse = torch.cat(lses, dim=2) if softmax else q.new_zeros((B, H, q.shape[2]),
-                                                                 dtype=torch.float32)
+        out = torch.cat(outs, dim=2).to(q.dtype)
+        lse = (torch.cat([x.to(wide) for x in lses], dim=2) if softmax
+               else q.new_zeros((B, H, q.shape[2]), dtype=torch.float32))
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
         ctx.info = (calls, group, names, scalars, others)
         if not softmax:  # sigmoid: no log-sum-exp
@@ -138,7 +143,7 @@ def _key_chunks(plan: ShardPlan, rank: int, group, k, v):
         yield from _chunks(plan, got)
 
 
-def _thresholds(calls: "Calls", group, q, k) -> dict:
+def _thresholds(calls: Calls, group, q, k) -> dict:
     """`select topk`'s first pass (`Candidates`): the keys stream by once (twice where scores
     tie at a row's threshold on some rank); the pairs' threshold tensor."""
     plan, rank = calls.plan, calls.rank
