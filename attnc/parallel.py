@@ -19,6 +19,7 @@ from .runtime.ring import LAST, Report, ring_attention
 from .runtime.ring_plan import ORDERS
 from .runtime.ring_plan import shard as _shard_of
 from .runtime.ring_plan import unshard as _join
+from .runtime.ring_transfers import waited
 
 __all__ = ["ORDERS", "Report", "last_report", "ring_attention", "shard", "unshard"]
 
@@ -39,7 +40,7 @@ def unshard(x: torch.Tensor, group=None, order: str = "contiguous", dim: int = 2
     """The whole sequence from every rank's shard `x` (an all-gather; not differentiable)."""
     world, _ = _group_size(group)
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    waited(dist.all_gather(parts, x.contiguous(), group=group, async_op=True), "gather the shards")
     return _join(parts, order, dim)
 
 

@@ -35,7 +35,7 @@ from .binding import bind, sizes_for
 from .positions import positions_of
 from .ring_patterns import Candidates
 from .ring_plan import ORDERS, ShardPlan, plan_for
-from .ring_transfers import bytes_of, drain, post, stream
+from .ring_transfers import bytes_of, drain, post, stream, waited
 
 
 def merge(parts: list, softmax: bool):
@@ -124,7 +124,8 @@ class RingAttention(torch.autograd.Function):
                 grads.sink(qc, k, v)
         for g in grads.tensors:  # float tensor arguments: summed over the group
             if g is not None:
-                dist.all_reduce(g, group=group)
+                waited(dist.all_reduce(g, group=group, async_op=True),
+                       "sum the tensor arguments' gradients")
         return (None,) * 7 + (grads.dq, grads.dk, grads.dv, *grads.tensors)
 
 
@@ -158,7 +159,8 @@ def _thresholds(calls: Calls, group, q, k) -> dict:
     for c, kk in keys():
         kept.add(c, kk)
     again = torch.tensor([float(kept.settle())], device=q.device)
-    dist.all_reduce(again, group=group)  # every rank takes part in a second look, or none
+    # every rank takes part in a second look, or none
+    waited(dist.all_reduce(again, group=group, async_op=True), "agree on top-k's thresholds")
     if again.item() > 0:
         kept.restart_below()
         for c, kk in keys():
@@ -394,23 +396,28 @@ def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
 
 
 def _check_alike(pattern, q, k, v, order, scale, arguments, group) -> None:
-    """Every rank calls with the same pattern, order, shard shapes and arguments (compared by
-    digest, one small collective): a mismatch is a ValueError on every rank, never a hang."""
+    """Every rank calls with the same pattern, order, shard shapes and arguments, compared by
+    one small all-gather of shapes and a digest: a mismatch is a ValueError on every rank, a
+    rank that does not come a TimeoutError, never a hang."""
     def digest_of(x):
         if isinstance(x, torch.Tensor):
             return (tuple(x.shape), str(x.dtype), float(x.detach().double().sum()))
         return repr(x)
-    shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype))
     args = tuple(sorted((n, digest_of(x)) for n, x in arguments.items()))
-    mine = (pattern.digest, order, repr(scale),
-            hashlib.sha256(repr(args).encode()).hexdigest())
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (shapes, mine), group=group)
-    if any(g[0] != shapes for g in gathered):
-        raise ValueError("the shards differ between ranks: "
-                         + "; ".join(f"rank {r}: q, k, v {list(g[0][:3])}"
-                                     for r, g in enumerate(gathered)))
-    if any(g[1] != mine for g in gathered):
-        bad = [r for r, g in enumerate(gathered) if g[1] != gathered[0][1]]
-        raise ValueError(f"the pattern, order, scale or arguments differ between ranks (ranks "
-                         f"{bad} differ from rank 0); pass the same ones, tensor arguments whole")
+    digest = hashlib.sha256(repr((pattern.digest, order, repr(scale), str(q.dtype),
+                                  args)).encode()).digest()
+    shapes = [d for t in (q, k, v) for d in (list(t.shape) + [-1] * 4)[:4]]
+    mine = torch.tensor(shapes + [int.from_bytes(digest[i:i + 7], "little") for i in (0, 7)],
+                        dtype=torch.int64, device=q.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    waited(dist.all_gather(everyone, mine, group=group, async_op=True),
+           "check their shards and arguments")
+    rows = [t.tolist() for t in everyone]
+    if any(r[:12] != shapes for r in rows):
+        raise ValueError("the shards differ between ranks: " + "; ".join(
+            f"rank {i}: q, k, v {[r[j:j + 4] for j in (0, 4, 8)]}" for i, r in enumerate(rows)))
+    if any(r[12:] != rows[0][12:] for r in rows):
+        bad = [i for i, r in enumerate(rows) if r[12:] != rows[0][12:]]
+        raise ValueError(f"the pattern, order, scale, dtype or arguments differ between ranks "
+                         f"(ranks {bad} differ from rank 0); pass the same ones, tensor "
+                         f"arguments whole")

@@ -41,11 +41,23 @@ class Batch:
         self.works = dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self) -> dict:
-        """The received tensors, once every transfer of the round is done (each waits at most
-        `TIMEOUT`: a missing peer is an error, not a hang)."""
+        """The received tensors, once every transfer of the round is done."""
         for w in self.works:
-            w.wait(TIMEOUT)
+            waited(w, "send or receive a chunk")
         return self.bufs
+
+
+def waited(work, what: str) -> None:
+    """Wait for an asynchronous transfer or collective at most `TIMEOUT`: a peer that never
+    comes is a TimeoutError saying what was waited for, not a hang."""
+    try:
+        work.wait(TIMEOUT)
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise TimeoutError(f"a sharded call waited {TIMEOUT.total_seconds():.0f} s for the other "
+                           f"ranks to {what}; did every rank of the group call ring_attention "
+                           f"with its shard?") from None
 
 
 def post(group, messages) -> Batch | None:

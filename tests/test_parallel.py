@@ -111,6 +111,9 @@ def _worker(rank, world, port, cases):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+    if cases == [("timeout",)]:  # the group is unusable afterwards: leave at once
+        _timeout(rank)
+        os._exit(0)
     for case in cases:  # an exception is reported by spawn (the peers then time out)
         if case[0] == "report":
             _report(rank, world)
@@ -156,6 +159,26 @@ def _errors(rank, world):
         cp.ring_attention(attnc.std("sigmoid"), *shards, return_lse=True)
 
 
+def _timeout(rank):
+    """Rank 1 never calls: rank 0's first wait gives up after TIMEOUT (2 s here) with an error
+    that says what it waited for."""
+    import datetime
+    import time
+
+    import attnc
+    import attnc.parallel as cp
+    from attnc.runtime import ring_transfers
+    if rank == 1:
+        time.sleep(5)
+        return
+    ring_transfers.TIMEOUT = datetime.timedelta(seconds=2)
+    q, k, v, _ = _inputs("causal")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="waited 2 s for the other ranks to check their shards"):
+        cp.ring_attention(attnc.std("causal"), *(cp.shard(t) for t in (q, k, v)))
+    assert time.monotonic() - start < 6
+
+
 def _spawn(world, cases):
     mp.spawn(_worker, args=(world, _port(), cases), nprocs=world, join=True)
 
@@ -172,6 +195,10 @@ REFERENCE = [(n, o, "reference", 1e-10) for n, o in (
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_calls_equal_the_whole_sequence(world):
     _spawn(world, REFERENCE + ([("report",), ("errors",)] if world == 4 else []))
+
+
+def test_a_rank_that_never_comes_is_a_timeout_error():
+    _spawn(2, [("timeout",)])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
