@@ -19,6 +19,9 @@ The model, per rank:
   (`K/V held`). Its backward streams K/V again, runs each pair's backward kernels against the
   merged rows (3.5× forward flop in all, as a single-GPU forward + backward) and sends dK/dV
   home: 3× the forward's bytes in all.
+- attnc makes one attention call per (query chunk, key chunk) pair a rank computes, forward
+  and backward, each with attnc's measured host cost (`CALL_SECONDS`); that cost is listed, not
+  added to the times (it overlaps the GPU's work when the GPU's share is longer).
 - plain ring attention takes P − 1 steps; in each, every rank passes on the shard it holds
   while computing its queries against it, and the ranks move in lockstep, so a step takes the
   largest of the ranks' compute and one shard's transfer. It holds its own shard and the one
@@ -50,6 +53,8 @@ RATES = {"causal": (155, 135), "sliding_window": (133, 111), "document": (137, 1
 #: FlexAttention's, measured in the same runs (where attnc's kernels are headed)
 FLEX_RATES = {"causal": (426, 402), "sliding_window": (358, 345), "document": (323, 324)}
 LINKS = {"NVLink": 450e9, "InfiniBand": 50e9}
+#: attnc's measured host cost of one cached call (gpu-baseline.md: 168 µs on the H200's host)
+CALL_SECONDS = 168e-6
 ORDER = {"causal": "zigzag", "sliding_window": "contiguous", "document": "contiguous"}
 
 
@@ -117,7 +122,9 @@ def estimate(name: str, n: int, world: int, doc=None) -> dict:
     # plain ring: at step s rank r computes against the shard of rank (r - s) mod P
     steps = np.array([[sum(tiles[i, j] for i in held[r] for j in held[(r - s) % world])
                        for s in range(world)] for r in range(world)])
-    return dict(name=name, n=n, world=world, order=order, pairs=len(plan.pairs),
+    calls = max(sum((i, j) in plan.pairs for i in held[r] for j in range(chunks))
+                for r in range(world))
+    return dict(name=name, n=n, world=world, order=order, pairs=len(plan.pairs), calls=calls,
                 total=chunks * chunks, sent=max(sent), received=max(received),
                 held=max(chunk_bytes * (len(held[r]) + _two_rounds(plan, r)) for r in range(world)),
                 plain=(world - 1) * chunk_bytes * len(held[0]), shard=chunk_bytes * len(held[0]),
@@ -187,14 +194,16 @@ def main(argv=None) -> None:
     print(f"\nB={BATCH}, heads {HEADS}, kv heads {KV_HEADS}, D={HEAD_DIM}, bf16; window {WINDOW}; "
           f"documents log-uniform 1K-64K; attnc's measured H200 speed\n")
     print("| pattern | N | P | order | pairs computed | attnc sends / rank | plain ring sends / rank "
-          "| K/V held / rank: attnc, plain | compute / rank, fwd ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| K/V held / rank: attnc, plain | compute / rank, fwd ms | pair calls / rank, "
+          "their host ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for e in rows:
         t = times(e, LINKS["NVLink"], RATES[e["name"]])
         print(f"| {e['name']} | {e['n'] // 1024}K | {e['world']} | {e['order']} | "
               f"{e['pairs']} of {e['total']} | {fmt_bytes(e['sent'])} | {fmt_bytes(e['plain'])} | "
               f"{fmt_bytes(e['held'])}, {fmt_bytes(2 * e['shard'])} | "
-              f"{fmt_time(t['fwd']['compute'])} |")
+              f"{fmt_time(t['fwd']['compute'])} | {e['calls']}, "
+              f"{e['calls'] * CALL_SECONDS * 1e3:.1f} |")
     for rates_name, rates in (("attnc's measured speed", RATES), ("FlexAttention's measured speed", FLEX_RATES)):
         print(f"\nforward + backward, ms, at {rates_name}: attnc's compute alone, attnc and plain "
               f"ring with their transfers, and plain ring's mean step (compute vs transfer)\n")
