@@ -28,13 +28,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..dsl.diagnostics import SpecError
 from . import ring_patterns
 from .autograd import scale_for
 from .backward import triton_attention_backward
 from .binding import bind, sizes_for
+from .policy import KernelOptions
 from .positions import positions_of
+from .pattern import Plan
 from .ring_patterns import Candidates
-from .ring_plan import ORDERS, ShardPlan, plan_for
+from .ring_plan import ORDERS, ShardPlan, chunks_of, plan_for
 from .ring_transfers import bytes_of, drain, post, stream, waited
 
 
@@ -223,6 +226,8 @@ class Gradients:
         if backend == "auto":
             backend = calls.part._auto_backend(q.device)
         self.flash = backend == "triton"
+        options = KernelOptions.of(calls.arguments.get("kernel_options"))
+        self.options = options.text if options is not None else ""
         self.wants = (q.requires_grad, k.requires_grad, v.requires_grad)
         self.dq = torch.zeros_like(q) if q.requires_grad else None
         self.dk = torch.zeros_like(k) if k.requires_grad else None
@@ -313,7 +318,8 @@ class Gradients:
         grad_lse = None if self.grad_lse is None else self._rows(self.grad_lse, qc)
         dq, dk, dv, grads = triton_attention_backward(
             calls.part.ir, rows, kk, vv, self._rows(self.out, qc), self._rows(self.lse, qc),
-            self._rows(self.grad_out, qc).contiguous(), grad_lse, bound, self.scale, wrt)
+            self._rows(self.grad_out, qc).contiguous(), grad_lse, bound, self.scale, wrt,
+            options=self.options)
         if self.dq is not None:
             self._rows(self.dq, qc).add_(dq)
         for acc, name in zip(self.tensors, self.leaf_names):
@@ -377,7 +383,10 @@ def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
     if return_lse and ir.normalizer != "softmax":
         raise ValueError(f"return_lse=True needs the softmax normalizer; `{pattern.name}` uses "
                          f"{ir.normalizer}")
-    _check_alike(pattern, q, k, v, order, scale, arguments, group)
+    problem = _at_the_door(pattern, world, order, q, k, v, scale, backend, return_lse, arguments)
+    _check_alike(pattern, q, k, v, order, scale, arguments, group, problem is not None)
+    if problem is not None:
+        raise problem
     plan = plan_for(pattern, world, order, q, k, arguments)
     LAST[:] = [Report(len(plan.pairs) + plan.skipped, plan.skipped,
                       sum(bytes_of(sends) for sends, _ in plan.kv_rounds(rank, {"k": k, "v": v})))]
@@ -395,10 +404,28 @@ def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
     return (out, lse) if return_lse else out
 
 
-def _check_alike(pattern, q, k, v, order, scale, arguments, group) -> None:
+def _at_the_door(pattern, world, order, q, k, v, scale, backend, return_lse, arguments):
+    """The error a pair's call would raise on this rank (arguments, tensors, backend, kernel
+    options; checked on the first chunk), or None: found before anything is sent."""
+    per = len(chunks_of(world, order)[0])
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] % per or k.shape[2] != q.shape[2]:
+        return None  # the shard check says what is wrong, on every rank
+    chunk = q.shape[2] // per
+    given = {n: x for n, x in arguments.items() if n != "kernel_options"}
+    try:
+        Plan.make(ring_patterns.whole(pattern, chunk * per * world), q[:, :, :chunk],
+                  k[:, :, :chunk], v[:, :, :chunk], scale, backend, return_lse,
+                  arguments.get("kernel_options"), given, placed=True)
+    except (ValueError, TypeError, SpecError) as e:
+        return e
+    return None
+
+
+def _check_alike(pattern, q, k, v, order, scale, arguments, group, bad: bool = False) -> None:
     """Every rank calls with the same pattern, order, shard shapes and arguments, compared by
     one small all-gather of shapes and a digest: a mismatch is a ValueError on every rank, a
-    rank that does not come a TimeoutError, never a hang."""
+    rank that does not come a TimeoutError, never a hang. `bad`: this rank's call is in error
+    (it raises its own error after this check; the others raise a ValueError naming it)."""
     def digest_of(x):
         if isinstance(x, torch.Tensor):
             return (tuple(x.shape), str(x.dtype), float(x.detach().double().sum()))
@@ -407,17 +434,23 @@ def _check_alike(pattern, q, k, v, order, scale, arguments, group) -> None:
     digest = hashlib.sha256(repr((pattern.digest, order, repr(scale), str(q.dtype),
                                   args)).encode()).digest()
     shapes = [d for t in (q, k, v) for d in (list(t.shape) + [-1] * 4)[:4]]
-    mine = torch.tensor(shapes + [int.from_bytes(digest[i:i + 7], "little") for i in (0, 7)],
+    mine = torch.tensor(shapes + [int(bad)] + [int.from_bytes(digest[i:i + 7], "little")
+                                               for i in (0, 7)],
                         dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     waited(dist.all_gather(everyone, mine, group=group, async_op=True),
            "check their shards and arguments")
     rows = [t.tolist() for t in everyone]
+    if bad:
+        return
+    if any(r[12] for r in rows):
+        raise ValueError(f"the call is in error on rank(s) {[i for i, r in enumerate(rows) if r[12]]}"
+                         f" (that rank raised the error itself)")
     if any(r[:12] != shapes for r in rows):
         raise ValueError("the shards differ between ranks: " + "; ".join(
             f"rank {i}: q, k, v {[r[j:j + 4] for j in (0, 4, 8)]}" for i, r in enumerate(rows)))
-    if any(r[12:] != rows[0][12:] for r in rows):
-        bad = [i for i, r in enumerate(rows) if r[12:] != rows[0][12:]]
+    if any(r[13:] != rows[0][13:] for r in rows):
+        bad = [i for i, r in enumerate(rows) if r[13:] != rows[0][13:]]
         raise ValueError(f"the pattern, order, scale, dtype or arguments differ between ranks "
                          f"(ranks {bad} differ from rank 0); pass the same ones, tensor "
                          f"arguments whole")

@@ -86,7 +86,9 @@ def _case(rank, world, name, order, backend, tol, dtype=None):
     full, want = whole(dtype)
     exact = whole(torch.float64) if dtype in (torch.bfloat16, torch.float16) else None
     # sharded
-    shards = [cp.shard(t, order=order).detach().clone().requires_grad_() for t in (q, k, v)]
+    # shards laid out [batch, length, heads, dim] (non-contiguous in the [b, h, l, d] view)
+    shards = [cp.shard(t, order=order).transpose(1, 2).contiguous().transpose(1, 2)
+              .requires_grad_() for t in (q, k, v)]
     out = cp.ring_attention(p, *shards, order=order, backend=backend, return_lse=lse, **args)
     out = list(out) if lse else [out]
     got = _grads(out, shards + float_args, [cp.shard(_weights(f), order=order) for f in full])
@@ -119,6 +121,8 @@ def _worker(rank, world, port, cases):
             _report(rank, world)
         elif case[0] == "errors":
             _errors(rank, world)
+        elif case[0] == "options":
+            _options(rank, world)
         else:
             _case(rank, world, *case)
     dist.barrier()
@@ -144,6 +148,36 @@ def _report(rank, world):
     assert report.bytes_sent == (chunk_bytes if rank < world - 1 else 0), report
 
 
+def _options(rank, world):
+    """kernel_options reach every pair's kernels, forward and backward: forced 16 x 16 tiles
+    give the policy's result, and the backward kernels are asked for them."""
+    import attnc
+    import attnc.parallel as cp
+    from attnc.runtime import ring
+    asked = []
+    backward = ring.triton_attention_backward
+
+    def spy(*args, options="", **kwargs):
+        asked.append(options)
+        return backward(*args, options=options, **kwargs)
+
+    ring.triton_attention_backward = spy
+    q, k, v, _ = _inputs("causal", dtype=torch.float32)
+    shards = [cp.shard(t).requires_grad_() for t in (q, k, v)]
+    results = []
+    for options in (None, {"block_m": 16, "block_n": 16}):
+        out = cp.ring_attention(attnc.std("causal"), *shards, backend="triton",
+                                kernel_options=options)
+        results.append([out, *torch.autograd.grad(out.sum(), shards)])
+    ring.triton_attention_backward = backward
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    assert "" in asked and '{"block_m": 16, "block_n": 16}' in asked, asked
+    with pytest.raises(ValueError, match="block_m"):
+        cp.ring_attention(attnc.std("causal"), *shards, backend="triton",
+                          kernel_options={"block_m": 3})
+
+
 def _errors(rank, world):
     import attnc
     import attnc.parallel as cp
@@ -157,6 +191,15 @@ def _errors(rank, world):
         cp.ring_attention(attnc.std("sliding_window"), *shards, window=8 + rank)
     with pytest.raises(ValueError, match="return_lse=True needs the softmax normalizer"):
         cp.ring_attention(attnc.std("sigmoid"), *shards, return_lse=True)
+    # an argument only rank 0 gets wrong: its own error there, a ValueError naming it elsewhere
+    import attnc.runtime.binding as binding
+    wrong = {"windw": 8} if rank == 0 else {"window": 8}
+    with pytest.raises(binding.ArgumentError if rank == 0 else ValueError,
+                       match="windw" if rank == 0 else r"in error on rank\(s\) \[0\]"):
+        cp.ring_attention(attnc.std("sliding_window"), *shards, **wrong)
+    with pytest.raises(ValueError, match="kernel_options"):  # the reference launches no kernels
+        cp.ring_attention(attnc.std("causal"), *shards, backend="reference",
+                          kernel_options={"block_m": 16})
 
 
 def _timeout(rank):
@@ -205,7 +248,7 @@ def test_a_rank_that_never_comes_is_a_timeout_error():
 def test_sharded_generated_kernels():
     _spawn(2, [(name, order, "triton", 2e-5) for name, order in (
         ("causal", "zigzag"), ("alibi", "contiguous"), ("topk", "zigzag"),
-        ("sigmoid", "contiguous"), ("learned_sinks", "zigzag"))])
+        ("sigmoid", "contiguous"), ("learned_sinks", "zigzag"))] + [("options",)])
 
 
 @pytest.fixture
