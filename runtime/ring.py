@@ -361,6 +361,7 @@ class Report:
 LAST: list[Report] = []
 
 
+@torch.compiler.disable  # transfers and host-side plans: run eagerly inside compiled code
 def ring_attention(pattern, q, k, v, *, group=None, order: str = "contiguous",
                    return_lse: bool = False, scale: float | None = None, backend: str = "auto",
                    **arguments):

@@ -6,6 +6,7 @@ Each world size runs all its cases in one spawn (process start-up dominates at t
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -123,6 +124,8 @@ def _worker(rank, world, port, cases):
             _errors(rank, world)
         elif case[0] == "options":
             _options(rank, world)
+        elif case[0] == "compiled":
+            _compiled(rank, world)
         else:
             _case(rank, world, *case)
     dist.barrier()
@@ -146,6 +149,27 @@ def _report(rank, world):
     assert (report.pairs, report.skipped) == (16, 9), report
     chunk_bytes = 2 * (shards[1].numel() * shards[1].element_size())  # its k and v
     assert report.bytes_sent == (chunk_bytes if rank < world - 1 else 0), report
+
+
+def _compiled(rank, world):
+    """Inside a torch.compile'd function the sharded call runs eagerly (a graph break), forward
+    and backward, with the same result."""
+    import warnings
+
+    import attnc
+    import attnc.parallel as cp
+    q, k, v, _ = _inputs("causal")
+    shards = [cp.shard(t).requires_grad_() for t in (q, k, v)]
+    call = functools.partial(cp.ring_attention, attnc.std("causal"), backend="reference")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = torch.compile(lambda a, b, c: call(a, b, c) * 2, backend="eager")(*shards)
+    # dynamo does not trace into it (it would warn about the pattern caches it met there)
+    assert not [w for w in seen if "lru_cache" in str(w.message)], [str(w.message) for w in seen]
+    got = torch.autograd.grad(out.sum(), shards)
+    want = torch.autograd.grad((call(*shards) * 2).sum(), shards)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def _options(rank, world):
@@ -237,7 +261,7 @@ REFERENCE = [(n, o, "reference", 1e-10) for n, o in (
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_calls_equal_the_whole_sequence(world):
-    _spawn(world, REFERENCE + ([("report",), ("errors",)] if world == 4 else []))
+    _spawn(world, REFERENCE + ([("report",), ("errors",)] if world == 4 else [("compiled",)]))
 
 
 def test_a_rank_that_never_comes_is_a_timeout_error():
