@@ -53,8 +53,10 @@ RATES = {"causal": (155, 135), "sliding_window": (133, 111), "document": (137, 1
 #: FlexAttention's, measured in the same runs (where attnc's kernels are headed)
 FLEX_RATES = {"causal": (426, 402), "sliding_window": (358, 345), "document": (323, 324)}
 LINKS = {"NVLink": 450e9, "InfiniBand": 50e9}
-#: attnc's measured host cost of one cached call (gpu-baseline.md: 168 µs on the H200's host)
-CALL_SECONDS = 168e-6
+#: attnc's measured host cost of one cached call: 168 µs on the H200's host with the baseline's
+#: code (gpu-baseline.md), 34.4 µs for a call placed with int positions with today's code on
+#: the 2-core CPU machine, launch replaced by a no-op (bench/RESULTS.md, host overhead)
+CALL_SECONDS = (168e-6, 34.4e-6)
 ORDER = {"causal": "zigzag", "sliding_window": "contiguous", "document": "contiguous"}
 
 
@@ -194,16 +196,16 @@ def main(argv=None) -> None:
     print(f"\nB={BATCH}, heads {HEADS}, kv heads {KV_HEADS}, D={HEAD_DIM}, bf16; window {WINDOW}; "
           f"documents log-uniform 1K-64K; attnc's measured H200 speed\n")
     print("| pattern | N | P | order | pairs computed | attnc sends / rank | plain ring sends / rank "
-          "| K/V held / rank: attnc, plain | compute / rank, fwd ms | pair calls / rank, "
-          "their host ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| K/V held / rank: attnc, plain | compute / rank, fwd ms | pair calls / rank "
+          "| their host ms at 168 / 34 µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for e in rows:
         t = times(e, LINKS["NVLink"], RATES[e["name"]])
         print(f"| {e['name']} | {e['n'] // 1024}K | {e['world']} | {e['order']} | "
               f"{e['pairs']} of {e['total']} | {fmt_bytes(e['sent'])} | {fmt_bytes(e['plain'])} | "
               f"{fmt_bytes(e['held'])}, {fmt_bytes(2 * e['shard'])} | "
-              f"{fmt_time(t['fwd']['compute'])} | {e['calls']}, "
-              f"{e['calls'] * CALL_SECONDS * 1e3:.1f} |")
+              f"{fmt_time(t['fwd']['compute'])} | {e['calls']} | "
+              + " / ".join(f"{e['calls'] * c * 1e3:.1f}" for c in CALL_SECONDS) + " |")
     for rates_name, rates in (("attnc's measured speed", RATES), ("FlexAttention's measured speed", FLEX_RATES)):
         print(f"\nforward + backward, ms, at {rates_name}: attnc's compute alone, attnc and plain "
               f"ring with their transfers, and plain ring's mean step (compute vs transfer)\n")
