@@ -12,7 +12,7 @@ Three things in a pattern are about a whole row or the whole sequence, not about
   row, not once per pair. The pairs' pattern has none; the row's sink enters the merge as one
   more partial, the call of the whole pattern on no keys (output 0, log-sum-exp = the sink);
 - **`select topk(n)`**: the row's n-th largest allowed score over every key chunk. The pairs'
-  pattern has no `select`; instead a first pass (`thresholds` in runtime/ring.py) finds each
+  pattern has no `select`; instead a first pass (`Candidates`, below) finds each
   row's threshold from every chunk's candidates, and the pairs' pattern keeps a key when its
   score is at least that (`score = score if score >= kth[b, h, q] else -inf`, with `kth` a
   [batch, heads, N] tensor; an excluded key then weighs exp(-inf) = 0, sigmoid(-inf) = 0).
@@ -173,3 +173,35 @@ class Candidates:
                               torch.where(torch.isfinite(t), torch.full_like(t, float("-inf")), t))
             out[:, :, qc * self.plan.chunk:(qc + 1) * self.plan.chunk] = cut
         return out
+
+
+class Calls:
+    """The attention calls of one rank's part of a sharded call: each (query chunk, key chunk)
+    pair through `pairs` (above) and each row's sink through `sink`."""
+
+    def __init__(self, pattern, plan, rank: int, arguments: dict):
+        self.plan, self.rank, self.arguments = plan, rank, arguments
+        self.softmax = pattern.ir.normalizer == "softmax"
+        self.part = pairs(pattern, plan.length)
+        self.sinked = whole(pattern, plan.length)
+        self.thresholds: dict = {}
+
+    def rows(self, q, qc: int):
+        return q[:, :, self.plan.local(self.rank, qc)]
+
+    def pairs(self, q, kc: int, kk, vv):
+        """(query chunk, its partial) for each local query chunk that key chunk kc reaches."""
+        for qc in self.plan.held[self.rank]:
+            if (qc, kc) in self.plan.pairs:
+                yield qc, self.pair(self.rows(q, qc), qc, kc, kk, vv)
+
+    def pair(self, rows, qc: int, kc: int, kk, vv):
+        """The partial of query chunk qc's `rows` against key chunk kc."""
+        return self.part(rows, kk, vv, q_start=qc * self.plan.chunk, k_start=kc * self.plan.chunk,
+                         return_lse=self.softmax, **self.arguments, **self.thresholds)
+
+    def sink(self, rows, qc: int, k, v):
+        """Query chunk qc's sinks as a partial: the whole pattern on no keys (output 0, LSE =
+        the sink)."""
+        return self.sinked(rows, k[:, :, :0], v[:, :, :0], q_start=qc * self.plan.chunk,
+                           return_lse=True, **self.arguments)

@@ -177,15 +177,15 @@ def _options(rank, world):
     give the policy's result, and the backward kernels are asked for them."""
     import attnc
     import attnc.parallel as cp
-    from attnc.runtime import ring
+    from attnc.runtime import ring_backward
     asked = []
-    backward = ring.triton_attention_backward
+    backward = ring_backward.triton_attention_backward
 
     def spy(*args, options="", **kwargs):
         asked.append(options)
         return backward(*args, options=options, **kwargs)
 
-    ring.triton_attention_backward = spy
+    ring_backward.triton_attention_backward = spy
     q, k, v, _ = _inputs("causal", dtype=torch.float32)
     shards = [cp.shard(t).requires_grad_() for t in (q, k, v)]
     results = []
@@ -193,7 +193,7 @@ def _options(rank, world):
         out = cp.ring_attention(attnc.std("causal"), *shards, backend="triton",
                                 kernel_options=options)
         results.append([out, *torch.autograd.grad(out.sum(), shards)])
-    ring.triton_attention_backward = backward
+    ring_backward.triton_attention_backward = backward
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
     assert "" in asked and '{"block_m": 16, "block_n": 16}' in asked, asked
