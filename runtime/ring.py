@@ -31,10 +31,10 @@ import torch.distributed as dist
 from ..dsl.diagnostics import SpecError
 from . import ring_patterns
 from .pattern import Plan
-from .ring_backward import Gradients
+from .ring_backward import Gradients, pass_back
 from .ring_patterns import Calls, Candidates
 from .ring_plan import ORDERS, ShardPlan, chunks_of, plan_for
-from .ring_transfers import bytes_of, drain, post, stream, waited
+from .ring_transfers import bytes_of, stream, waited
 
 
 def merge(parts: list, softmax: bool):
@@ -103,21 +103,7 @@ class RingAttention(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
         calls.arguments = dict(scalars, **others, **dict(zip(names, leaves)))
         grads = Gradients(calls, q, k, v, out, lse, grad_out, grad_lse, leaves, names)
-        kv_grad = k.requires_grad or v.requires_grad
-        for c in plan.held[rank]:  # local key chunks first
-            grads.pairs(c, k[:, :, plan.local(rank, c)], v[:, :, plan.local(rank, c)], home=True)
-        pending = []
-        for d, got in stream(group, plan.kv_rounds(rank, {"k": k, "v": v})):
-            sent = {}
-            for c, kk, vv in _chunks(plan, got):
-                dk, dv = grads.pairs(c, kk, vv, home=False)
-                if kv_grad:
-                    sent[(c, "k")], sent[(c, "v")] = dk, dv
-            if kv_grad:  # received chunks' gradients go home; this rank's come back
-                pending.append(post(group, plan.grad_round(rank, d, sent, {"k": k, "v": v})))
-            grads.take_home(drain(pending[:-1]))
-            pending = pending[-1:]
-        grads.take_home(drain(pending))
+        pass_back(group, plan, rank, k, v, grads, k.requires_grad or v.requires_grad)
         for qc in plan.held[rank]:
             if calls.sinked.ir.sink is not None:
                 grads.sink(qc, k, v)
@@ -128,19 +114,13 @@ class RingAttention(torch.autograd.Function):
         return (None,) * 7 + (grads.dq, grads.dk, grads.dv, *grads.tensors)
 
 
-def _chunks(plan: ShardPlan, got: dict, names=("k", "v")):
-    """(chunk, *its parts) of each chunk received in one round."""
-    for c in sorted({c for (_, c, _) in got}):
-        yield (c, *(got[(plan.owner(c), c, name)] for name in names))
-
-
 def _key_chunks(plan: ShardPlan, rank: int, group, k, v):
     """(chunk, k, v) of every key chunk: this rank's first, then the others' that its queries
     reach, round by round as they arrive."""
     for c in plan.held[rank]:
         yield c, k[:, :, plan.local(rank, c)], v[:, :, plan.local(rank, c)]
     for _, got in stream(group, plan.kv_rounds(rank, {"k": k, "v": v})):
-        yield from _chunks(plan, got)
+        yield from plan.arrived(got)
 
 
 def _thresholds(calls: Calls, group, q, k) -> dict:
@@ -153,7 +133,7 @@ def _thresholds(calls: Calls, group, q, k) -> dict:
         for c in plan.held[rank]:
             yield c, k[:, :, plan.local(rank, c)]
         for _, got in stream(group, plan.kv_rounds(rank, {"k": k})):
-            yield from _chunks(plan, got, ("k",))
+            yield from plan.arrived(got, ("k",))
 
     for c, kk in keys():
         kept.add(c, kk)

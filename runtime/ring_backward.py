@@ -10,6 +10,7 @@ from .binding import bind, sizes_for
 from .policy import KernelOptions
 from .positions import positions_of
 from .ring_patterns import Calls
+from .ring_transfers import drain, post, stream
 
 
 class Gradients:
@@ -150,3 +151,24 @@ class Gradients:
                 acc = self.dk if name == "k" else self.dv
                 if acc is not None:
                     acc[:, :, self.plan.local(self.rank, c)] += g
+
+
+def pass_back(group, plan, rank: int, k, v, grads: Gradients, kv_grad: bool) -> None:
+    """The backward's pairs and transfers, in the order every rank posts them
+    (runtime/ring_transfers.py): this rank's key chunks first; then the others', as key/value
+    round d arrives (round d + 1 already posted), each round's dK/dV posted home right after
+    its pairs and this rank's own gradients taken back one round later."""
+    for c in plan.held[rank]:
+        grads.pairs(c, k[:, :, plan.local(rank, c)], v[:, :, plan.local(rank, c)], home=True)
+    pending = []
+    for d, got in stream(group, plan.kv_rounds(rank, {"k": k, "v": v})):
+        sent = {}
+        for c, kk, vv in plan.arrived(got):
+            dk, dv = grads.pairs(c, kk, vv, home=False)
+            if kv_grad:
+                sent[(c, "k")], sent[(c, "v")] = dk, dv
+        if kv_grad:  # received chunks' gradients go home; this rank's come back
+            pending.append(post(group, plan.grad_round(rank, d, sent, {"k": k, "v": v})))
+        grads.take_home(drain(pending[:-1]))
+        pending = pending[-1:]
+    grads.take_home(drain(pending))

@@ -69,6 +69,12 @@ class ShardPlan:
             rounds.append((sends, recvs))
         return rounds
 
+    def arrived(self, got: dict, names=("k", "v")):
+        """(chunk, *its parts named `names`) of each chunk received in one round, `got`
+        {(src, chunk, name): tensor}."""
+        for c in sorted({c for (_, c, _) in got}):
+            yield (c, *(got[(self.owner(c), c, name)] for name in names))
+
     def grad_round(self, rank: int, d: int, grads: dict, parts: dict) -> tuple[dict, dict]:
         """The backward's round d: the gradients `grads` {(chunk, name): tensor} of the chunks
         received in key/value round d go home to rank − d, and this rank receives from rank + d

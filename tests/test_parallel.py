@@ -376,3 +376,94 @@ def test_the_scale_estimate_runs_and_agrees_with_the_layout():
                          env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| sliding_window | 32K | 4 | contiguous | 7 of 16 | 32 MiB | 96 MiB |" in res.stdout
+
+
+def _posted(plan, rank, monkeypatch):
+    """The batches rank `rank` posts in a forward and a backward with gradients for k and v, in
+    posting order: each a list of (op, peer, shape), from the real code with the transfers
+    recorded instead of made."""
+    import torch.distributed as dist
+
+    from attnc.runtime import ring, ring_backward
+    batches = []
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batches.append(ops) or [])
+    monkeypatch.setattr(dist, "P2POp", lambda op, t, peer, group: (op.__name__, peer,
+                                                                    tuple(t.shape)))
+    k = torch.zeros(1, 1, plan.chunk * len(plan.held[rank]), 2)
+
+    class Grads:
+        def pairs(self, c, kk, vv, home):
+            return torch.zeros_like(kk), torch.zeros_like(vv)
+
+        def take_home(self, received):
+            pass
+
+    for _ in ring._key_chunks(plan, rank, None, k, k):
+        pass
+    ring_backward.pass_back(None, plan, rank, k, k, Grads(), kv_grad=True)
+    return batches
+
+
+def _runs_in_order(queues) -> bool:
+    """Whether every rank's batches complete when each rank runs its batches strictly in the
+    order it posted them, as NCCL runs grouped point-to-point calls on one stream: a batch
+    completes together with the batches that hold its matches (the i-th send from a to b meets
+    the i-th receive at b from a, of the same shape), once all of them are at their ranks'
+    heads."""
+    where, seen = {}, {}
+    for r, batches in enumerate(queues):
+        for i, ops in enumerate(batches):
+            for op, peer, shape in ops:
+                pair = (r, peer) if op == "isend" else (peer, r)
+                n = seen[(pair, op)] = seen.get((pair, op), -1) + 1
+                where[(pair, op, n)] = (r, i, shape)
+    for (pair, op, n), (r, i, shape) in where.items():
+        other = where.get((pair, "irecv" if op == "isend" else "isend", n))
+        assert other is not None and other[2] == shape, (pair, op, n, "unmatched")
+    heads = [0] * len(queues)
+    while any(h < len(q) for h, q in zip(heads, queues)):
+        ready = {r for r, (h, q) in enumerate(zip(heads, queues)) if h < len(q)}
+        changed = True
+        while changed:  # drop ranks whose head batch waits on a batch that is not at a head
+            changed = False
+            for r in sorted(ready):
+                for (pair, op, n), (rr, i, _) in where.items():
+                    if rr == r and i == heads[r]:
+                        o = where[(pair, "irecv" if op == "isend" else "isend", n)]
+                        if o[0] not in ready or heads[o[0]] != o[1]:
+                            ready.discard(r)
+                            changed = True
+                            break
+        if not ready:
+            return False
+        for r in ready:
+            heads[r] += 1
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+def test_transfers_cannot_deadlock_on_an_in_order_backend(world, monkeypatch):
+    """For plans of causal, local, document-like and random reach, in both orders, every
+    rank's forward and backward batches are matched one for one and complete when each rank
+    runs them in posting order (NCCL's one stream), not only out of order (gloo)."""
+    import random
+
+    from attnc.runtime.ring_plan import ShardPlan, chunks_of
+    # the check itself: two ranks that each send first, then receive, in separate batches
+    # wait for each other forever
+    crossed = [[[("isend", 1 - r, (2,))], [("irecv", 1 - r, (2,))]] for r in range(2)]
+    assert not _runs_in_order(crossed) and _runs_in_order([crossed[0], crossed[1][::-1]])
+    rng = random.Random(world)
+    for order in ("contiguous", "zigzag"):
+        held = chunks_of(world, order)
+        n = world * len(held[0])
+        reach = {
+            "causal": {(q, k) for q in range(n) for k in range(q + 1)},
+            "local": {(q, k) for q in range(n) for k in (q - 1, q) if k >= 0},
+            "random": {(q, k) for q in range(n) for k in range(n) if q == k or rng.random() < .3},
+            "everything": {(q, k) for q in range(n) for k in range(n)},
+        }
+        for name, pairs in reach.items():
+            plan = ShardPlan(world, 4, held, frozenset(pairs), n * n - len(pairs))
+            queues = [_posted(plan, r, monkeypatch) for r in range(world)]
+            assert _runs_in_order(queues), (order, name)
