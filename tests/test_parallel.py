@@ -271,8 +271,10 @@ def test_a_rank_that_never_comes_is_a_timeout_error():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_sharded_generated_kernels():
     _spawn(2, [(name, order, "triton", 2e-5) for name, order in (
-        ("causal", "zigzag"), ("alibi", "contiguous"), ("topk", "zigzag"),
-        ("sigmoid", "contiguous"), ("learned_sinks", "zigzag"))] + [("options",)])
+        ("causal", "zigzag"), ("causal", "contiguous"), ("sliding_window", "contiguous"),
+        ("document", "zigzag"), ("alibi", "contiguous"), ("gaussian_mixture", "contiguous"),
+        ("topk", "zigzag"), ("sigmoid", "contiguous"), ("learned_sinks", "zigzag"))]
+        + [("options",)])
 
 
 @pytest.fixture
