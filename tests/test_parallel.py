@@ -126,6 +126,8 @@ def _worker(rank, world, port, cases):
             _options(rank, world)
         elif case[0] == "compiled":
             _compiled(rank, world)
+        elif case[0] == "partial":
+            _partial(rank, world)
         else:
             _case(rank, world, *case)
     dist.barrier()
@@ -149,6 +151,31 @@ def _report(rank, world):
     assert (report.pairs, report.skipped) == (16, 9), report
     chunk_bytes = 2 * (shards[1].numel() * shards[1].element_size())  # its k and v
     assert report.bytes_sent == (chunk_bytes if rank < world - 1 else 0), report
+
+
+def _partial(rank, world):
+    """Inference (no_grad), and gradients for only q or only a tensor argument, on both
+    backends: the same as the whole sequence's call."""
+    import attnc
+    import attnc.parallel as cp
+    p = attnc.std("alibi")
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        q, k, v, args = _inputs("alibi", dtype=dtype)
+        full = p(q, k, v, backend=backend, **args)
+        with torch.no_grad():
+            out = cp.ring_attention(p, *(cp.shard(t) for t in (q, k, v)), backend=backend, **args)
+        torch.testing.assert_close(cp.unshard(out), full.detach())
+        for which in ("q", "slopes"):
+            q1, s1 = q.detach().requires_grad_(which == "q"), args["slopes"].detach()
+            s1.requires_grad_(which == "slopes")
+            shards = [cp.shard(t) for t in (q1, k, v)]
+            out = cp.ring_attention(p, *shards, backend=backend, slopes=s1)
+            got, = torch.autograd.grad(out.sum(), [shards[0] if which == "q" else s1])
+            if which == "q":
+                got = cp.unshard(got)
+            want, = torch.autograd.grad(p(q1, k, v, backend=backend, slopes=s1).sum(),
+                                        [q1 if which == "q" else s1])
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def _compiled(rank, world):
@@ -274,7 +301,7 @@ def test_sharded_generated_kernels():
         ("causal", "zigzag"), ("causal", "contiguous"), ("sliding_window", "contiguous"),
         ("document", "zigzag"), ("alibi", "contiguous"), ("gaussian_mixture", "contiguous"),
         ("topk", "zigzag"), ("sigmoid", "contiguous"), ("learned_sinks", "zigzag"))]
-        + [("options",)])
+        + [("options",), ("partial",)])
 
 
 @pytest.fixture
