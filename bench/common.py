@@ -1,4 +1,5 @@
-"""What bench/forward.py and bench/backward.py share: their command line and header line."""
+"""What the GPU benchmarks share: the throughput benchmarks' command line and header line, and
+the timer."""
 from __future__ import annotations
 
 import argparse
@@ -79,3 +80,12 @@ def add_throughput(row: dict, keys, flops_dense: float, flops_tiles: float) -> N
 def fmt(x, spec: str) -> str:
     """A table cell: '—' for a missing or NaN value."""
     return "—" if x is None or x != x else format(x, spec)
+
+
+def timed(fn, smoke: bool, warmup: int = 50, rep: int = 200) -> float:
+    """Milliseconds per call (median of Triton's do_bench), or nan in smoke mode (one call)."""
+    if smoke:
+        fn()
+        return float("nan")
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=warmup, rep=rep)

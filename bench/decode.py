@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 import attnc  # noqa: E402
+import common  # noqa: E402
 
 PATTERNS = ("causal", "streaming")
 WINDOW, SINKS = 4096, 4
@@ -52,12 +53,8 @@ def paged(k, v, page: int):
 
 
 def timed(fn, smoke: bool) -> float:
-    """Milliseconds per call (median of Triton's do_bench), or nan in smoke mode."""
-    if smoke:
-        fn()
-        return float("nan")
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=100)
+    """Milliseconds per call (a decode step is short: 25 ms of warm-up, 100 of repeats)."""
+    return common.timed(fn, smoke, warmup=25, rep=100)
 
 
 def copy_bandwidth(device) -> float:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attnc  # noqa: E402
-from common import add_throughput, bench_main, fmt  # noqa: E402
+from common import add_throughput, bench_main, fmt, timed  # noqa: E402
 from attnc.runtime import dispatch  # noqa: E402
 from attnc.runtime.layout import build_layout  # noqa: E402
 from attnc.runtime.samples import random_tensor_arguments  # noqa: E402
@@ -109,15 +109,6 @@ def computed_tiles(case: Case, q, k, v) -> tuple[int, int, int, float]:
     visited = int((lay.classes != 0).sum()) * (B // Bd) * (H // Hd)
     total = B * H * math.ceil(N / tiles.block_m) * math.ceil(N / tiles.block_n)
     return visited, tiles.block_m, tiles.block_n, visited / total
-
-
-def timed(fn, smoke: bool) -> float:
-    """Milliseconds per call (median of Triton's do_bench), or nan in smoke mode."""
-    if smoke:
-        fn()
-        return float("nan")
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=50, rep=200)
 
 
 def flex_fns(case: Case, B, H, N, device, smoke: bool):

@@ -37,60 +37,19 @@ from .ring_plan import ORDERS, ShardPlan, chunks_of, plan_for
 from .ring_transfers import bytes_of, stream, waited
 
 
-def merge(parts: list, softmax: bool):
-    """One query chunk's output from its partial (out, lse) over key chunks: by log-sum-exp
-    (a row no chunk allows gives 0 and -inf), or by sum (sigmoid)."""
-    if not softmax:
-        wide = torch.promote_types(parts[0][0].dtype, torch.float32)
-        return sum(o.to(wide) for o, _ in parts).to(parts[0][0].dtype), None
-    lses = torch.stack([l for _, l in parts])
-    m = lses.amax(0)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lses - m_safe)
-    total = w.sum(0)
-    lse = torch.where(total > 0, m_safe + torch.log(total.clamp_min(1e-300)), m)
-    scale = torch.where(total > 0, w / total.clamp_min(1e-300), torch.zeros_like(w))
-    out = sum(o.to(scale.dtype) * s[..., None] for (o, _), s in zip(parts, scale))
-    return out.to(parts[0][0].dtype), lse
-
-
 class RingAttention(torch.autograd.Function):
     """The sharded call, forward and backward (see the module docstring). Inputs after the
     non-tensor ones: q, k, v shards and the float tensor arguments that may take gradients."""
 
     @staticmethod
     def forward(ctx, pattern, plan, rank, group, scalars, others, names, q, k, v, *grad_tensors):
-        softmax = pattern.ir.normalizer == "softmax"
         calls = Calls(pattern, plan, rank, dict(scalars, **others, **dict(zip(names, grad_tensors))))
         if calls.sinked.ir.topk is not None:
             calls.thresholds = _thresholds(calls, group, q, k)
-        rows = {qc: None for qc in plan.held[rank]}  # each query chunk's merged (out, lse)
-        wide = torch.promote_types(q.dtype, torch.float32)  # merged in fp32 (fp64), rounded once
-
-        def merged(qc, got):
-            o, lse = got if softmax else (got, None)
-            got = (o.to(wide), lse)
-            return got if rows[qc] is None else merge([rows[qc], got], softmax)
-
-        for kc, kk, vv in _key_chunks(plan, rank, group, k, v):
-            for qc, got in calls.pairs(q, kc, kk, vv):
-                rows[qc] = merged(qc, got)
-        outs, lses = [], []
-        B, H, _, _ = q.shape
-        for qc in plan.held[rank]:
-            if calls.sinked.ir.sink is not None:  # each row's sink, once
-                rows[qc] = merged(qc, calls.sink(calls.rows(q, qc), qc, k, v))
-            if rows[qc] is None:  # no key reaches these queries
-                rows[qc] = (q.new_zeros((B, H, plan.chunk, v.shape[3]), dtype=wide),
-                            q.new_full((B, H, plan.chunk), float("-inf"), dtype=wide))
-            outs.append(rows[qc][0])
-            lses.append(rows[qc][1])
-        out = torch.cat(outs, dim=2).to(q.dtype)
-        lse = (torch.cat([x.to(wide) for x in lses], dim=2) if softmax
-               else q.new_zeros((B, H, q.shape[2]), dtype=torch.float32))
+        out, lse = calls.attend(q, k, v, _key_chunks(plan, rank, group, k, v))
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
         ctx.info = (calls, group, names, scalars, others)
-        if not softmax:  # sigmoid: no log-sum-exp
+        if not calls.softmax:  # sigmoid: no log-sum-exp
             ctx.mark_non_differentiable(lse)
         return out, lse
 

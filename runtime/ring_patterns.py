@@ -205,3 +205,48 @@ class Calls:
         the sink)."""
         return self.sinked(rows, k[:, :, :0], v[:, :, :0], q_start=qc * self.plan.chunk,
                            return_lse=True, **self.arguments)
+
+    def attend(self, q, k, v, chunks):
+        """This rank's (out, lse) over `chunks`, the (key chunk, k, v) its queries reach (in
+        any order, each once): partials merged as they come in fp32 (fp64), each row's sink
+        once, rounded to q's dtype at the end (lse: zeros for sigmoid)."""
+        plan, softmax = self.plan, self.softmax
+        rows = {qc: None for qc in plan.held[self.rank]}  # each query chunk's merged (out, lse)
+        wide = torch.promote_types(q.dtype, torch.float32)
+
+        def merged(qc, got):
+            o, lse = got if softmax else (got, None)
+            got = (o.to(wide), lse)
+            return got if rows[qc] is None else merge([rows[qc], got], softmax)
+
+        for kc, kk, vv in chunks:
+            for qc, got in self.pairs(q, kc, kk, vv):
+                rows[qc] = merged(qc, got)
+        B, H = q.shape[:2]
+        for qc in plan.held[self.rank]:
+            if self.sinked.ir.sink is not None:  # each row's sink, once
+                rows[qc] = merged(qc, self.sink(self.rows(q, qc), qc, k, v))
+            if rows[qc] is None:  # no key reaches these queries
+                rows[qc] = (q.new_zeros((B, H, plan.chunk, v.shape[3]), dtype=wide),
+                            q.new_full((B, H, plan.chunk), float("-inf"), dtype=wide))
+        out = torch.cat([rows[qc][0] for qc in plan.held[self.rank]], dim=2).to(q.dtype)
+        if not softmax:
+            return out, q.new_zeros((B, H, q.shape[2]), dtype=torch.float32)
+        return out, torch.cat([rows[qc][1].to(wide) for qc in plan.held[self.rank]], dim=2)
+
+
+def merge(parts: list, softmax: bool):
+    """One query chunk's output from its partial (out, lse) over key chunks: by log-sum-exp
+    (a row no chunk allows gives 0 and -inf), or by sum (sigmoid)."""
+    if not softmax:
+        wide = torch.promote_types(parts[0][0].dtype, torch.float32)
+        return sum(o.to(wide) for o, _ in parts).to(parts[0][0].dtype), None
+    lses = torch.stack([l for _, l in parts])
+    m = lses.amax(0)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lses - m_safe)
+    total = w.sum(0)
+    lse = torch.where(total > 0, m_safe + torch.log(total.clamp_min(1e-300)), m)
+    scale = torch.where(total > 0, w / total.clamp_min(1e-300), torch.zeros_like(w))
+    out = sum(o.to(scale.dtype) * s[..., None] for (o, _), s in zip(parts, scale))
+    return out.to(parts[0][0].dtype), lse

@@ -407,6 +407,20 @@ def test_the_scale_estimate_runs_and_agrees_with_the_layout():
     assert "| sliding_window | 32K | 4 | contiguous | 7 of 16 | 32 MiB | 96 MiB |" in res.stdout
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_the_rank_benchmark_agrees_in_its_smoke_run():
+    """bench/ring_rank.py --smoke: one rank's pair calls and merges, and its pair backwards'
+    dq, equal one call per query chunk over the whole sequence (asserted inside), for each
+    pattern."""
+    import pathlib
+    import subprocess
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ring_rank.py"
+    res = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("| 512 | 4 |") == 3, res.stdout
+
+
 def _posted(plan, rank, monkeypatch):
     """The batches rank `rank` posts in a forward and a backward with gradients for k and v, in
     posting order: each a list of (op, peer, shape), from the real code with the transfers
