@@ -17,8 +17,8 @@ over every reached key chunk.
 
 The backward keeps nothing from the forward but the merged output and log-sum-exp: it streams
 the key/value chunks again, runs each pair's backward against the merged row (`Gradients`),
-and sends each received chunk's dK/dV home in the matching round. Gradients of float tensor arguments are summed over the
-group.
+and sends each received chunk's dK/dV home in the matching round. Gradients of float tensor
+arguments are summed over the group.
 """
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def _thresholds(calls: Calls, group, q, k) -> dict:
 @dataclass(frozen=True)
 class Report:
     """What one sharded call did on this rank: the (query chunk, key chunk) pairs of the whole
-    sequence, those the analysis proved EMPTY (neither computed nor sent), and the bytes this
-    rank sent in the forward."""
+    sequence, those the analysis proved EMPTY (neither computed nor sent), and the bytes of
+    key/value chunks this rank sent in the forward (top-k's first pass sends the keys once
+    more; the backward sends the key/value chunks again and their gradients home)."""
 
     pairs: int
     skipped: int
