@@ -35,11 +35,6 @@ CASES = [(name, 131072, world) for world in (8, 64) for name in scale.RATES]
 SMOKE = [(name, 512, 4) for name in scale.RATES]
 
 
-def busiest(plan) -> int:
-    return max(range(plan.world), key=lambda r: sum(
-        (i, j) in plan.pairs for i in plan.held[r] for j in range(len(plan.held[0]) * plan.world)))
-
-
 def run_case(name: str, n: int, world: int, device, dtype, heads, kv_heads, head_dim, smoke):
     order = scale.ORDER[name]
     pattern = attnc.std(name)
@@ -49,10 +44,9 @@ def run_case(name: str, n: int, world: int, device, dtype, heads, kv_heads, head
     args = {key: (x.to(device) if isinstance(x, torch.Tensor) else x)
             for key, x in scale.arguments(name, doc).items()}
     per = len(chunks_of(world, order)[0])
-    stand_in = torch.empty(1, 1, 1, 1, device=device)
-    plan = plan_for(pattern, world, order, stand_in.expand(1, heads, n // world, head_dim),
-                    stand_in.expand(1, kv_heads, n // world, head_dim), args)
-    rank, chunk = busiest(plan), plan.chunk
+    plan = plan_for(pattern, world, order, scale.shard_of(n, world, heads, device, head_dim),
+                    scale.shard_of(n, world, kv_heads, device, head_dim), args)
+    rank, chunk = max(range(world), key=plan.computed), plan.chunk
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, heads, chunk * per, head_dim, device=device, dtype=dtype, generator=gen)
     k, v = (torch.randn(1, kv_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
@@ -86,8 +80,7 @@ def run_case(name: str, n: int, world: int, device, dtype, heads, kv_heads, head
 
     torch.testing.assert_close(backward(), whole_backward(), rtol=tol, atol=tol)
 
-    row = dict(name=name, n=n, world=world, rank=rank, calls=sum(
-        (i, j) in plan.pairs for i in plan.held[rank] for j in range(per * world)))
+    row = dict(name=name, n=n, world=world, rank=rank, calls=plan.computed(rank))
     row["fwd"] = common.timed(lambda: calls.attend(q, k, v, chunks), smoke, 25, 100)
     row["fwd_whole"] = common.timed(lambda: [pattern(calls.rows(q, qc), k, v,
                                                      q_start=qc * chunk, backend="triton", **args)

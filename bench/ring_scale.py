@@ -101,17 +101,17 @@ def arguments(name: str, doc) -> dict:
     return {}
 
 
-def shard_of(n: int, world: int, order: str, heads: int) -> torch.Tensor:
+def shard_of(n: int, world: int, heads: int, device="cpu", head_dim: int = HEAD_DIM):
     """A stand-in shard of the right shape (no memory behind it)."""
-    return torch.empty(1, 1, 1, 1).expand(BATCH, heads, n // world, HEAD_DIM)
+    return torch.empty(1, 1, 1, 1, device=device).expand(BATCH, heads, n // world, head_dim)
 
 
 def estimate(name: str, n: int, world: int, doc=None) -> dict:
     order = ORDER[name]
     held = chunks_of(world, order)
     chunks = world * len(held[0])
-    plan = plan_for(attnc.std(name), world, order, shard_of(n, world, order, HEADS),
-                    shard_of(n, world, order, KV_HEADS), arguments(name, doc))
+    plan = plan_for(attnc.std(name), world, order, shard_of(n, world, HEADS),
+                    shard_of(n, world, KV_HEADS), arguments(name, doc))
     tiles = pair_tiles(name, n, chunks, doc)
     live = {(i, j) for i in range(chunks) for j in range(chunks) if tiles[i, j]}
     assert plan.pairs == live, (name, n, world, "the plan and the tile counts disagree")
@@ -124,8 +124,7 @@ def estimate(name: str, n: int, world: int, doc=None) -> dict:
     # plain ring: at step s rank r computes against the shard of rank (r - s) mod P
     steps = np.array([[sum(tiles[i, j] for i in held[r] for j in held[(r - s) % world])
                        for s in range(world)] for r in range(world)])
-    calls = max(sum((i, j) in plan.pairs for i in held[r] for j in range(chunks))
-                for r in range(world))
+    calls = max(plan.computed(r) for r in range(world))
     return dict(name=name, n=n, world=world, order=order, pairs=len(plan.pairs), calls=calls,
                 total=chunks * chunks, sent=max(sent), received=max(received),
                 held=max(chunk_bytes * (len(held[r]) + _two_rounds(plan, r)) for r in range(world)),

@@ -170,6 +170,10 @@ class PatternIR:
     def tensor(self, name: str) -> TensorSpec | None:
         return next((t for t in self.tensors if t.name == name), None)
 
+    def argument_names(self) -> set[str]:
+        """The names a call passes by keyword: parameters and tensors."""
+        return {p.name for p in self.params} | {t.name for t in self.tensors}
+
     def nodes(self) -> list[Node]:
         roots = list(self.scores) + list(self.masks) + [
             n for n in (self.topk, self.bias, self.sink) if n is not None]

@@ -133,7 +133,7 @@ def select_count(ir: PatternIR, sizes: dict[str, int], params: dict) -> int | No
 
 
 def unknown_keyword(ir: PatternIR, key: str) -> ArgumentError:
-    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    known = ir.argument_names()
     near = closest(key, known)
     if key in FOREIGN_KEYWORDS:
         hint = FOREIGN_KEYWORDS[key]
@@ -147,7 +147,7 @@ def unknown_keyword(ir: PatternIR, key: str) -> ArgumentError:
 def bind_params(ir: PatternIR, arguments: dict) -> dict[str, object]:
     """The parameter values of a call (defaults filled in, types checked); every key of
     `arguments` must name a parameter or tensor of the pattern, and every tensor be given."""
-    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    known = ir.argument_names()
     for key in arguments:
         if key not in known:
             raise unknown_keyword(ir, key)
@@ -209,7 +209,7 @@ def specialization_of(ir: PatternIR, arguments: dict) -> dict[str, object]:
     """The int and bool parameter values a kernel is compiled for, from call-style `arguments`
     (defaults filled in). Float parameters and tensors may be given too and are ignored: they
     are runtime kernel arguments."""
-    known = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    known = ir.argument_names()
     for key in arguments:
         if key not in known:
             raise unknown_keyword(ir, key)

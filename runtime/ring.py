@@ -46,7 +46,7 @@ class RingAttention(torch.autograd.Function):
         calls = Calls(pattern, plan, rank, dict(scalars, **others, **dict(zip(names, grad_tensors))))
         if calls.sinked.ir.topk is not None:
             calls.thresholds = _thresholds(calls, group, q, k)
-        out, lse = calls.attend(q, k, v, _key_chunks(plan, rank, group, k, v))
+        out, lse = calls.attend(q, k, v, _key_chunks(plan, rank, group, {"k": k, "v": v}))
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
         ctx.info = (calls, group, names, scalars, others)
         if not calls.softmax:  # sigmoid: no log-sum-exp
@@ -73,13 +73,14 @@ class RingAttention(torch.autograd.Function):
         return (None,) * 7 + (grads.dq, grads.dk, grads.dv, *grads.tensors)
 
 
-def _key_chunks(plan: ShardPlan, rank: int, group, k, v):
-    """(chunk, k, v) of every key chunk: this rank's first, then the others' that its queries
-    reach, round by round as they arrive."""
+def _key_chunks(plan: ShardPlan, rank: int, group, parts: dict):
+    """(chunk, *its parts) of every key chunk, `parts` {name: this rank's shard} ('k', 'v'):
+    this rank's first, then the others' that its queries reach, round by round as they
+    arrive."""
     for c in plan.held[rank]:
-        yield c, k[:, :, plan.local(rank, c)], v[:, :, plan.local(rank, c)]
-    for _, got in stream(group, plan.kv_rounds(rank, {"k": k, "v": v})):
-        yield from plan.arrived(got)
+        yield (c, *(t[:, :, plan.local(rank, c)] for t in parts.values()))
+    for _, got in stream(group, plan.kv_rounds(rank, parts)):
+        yield from plan.arrived(got, tuple(parts))
 
 
 def _thresholds(calls: Calls, group, q, k) -> dict:
@@ -87,21 +88,14 @@ def _thresholds(calls: Calls, group, q, k) -> dict:
     tie at a row's threshold on some rank); the pairs' threshold tensor."""
     plan, rank = calls.plan, calls.rank
     kept = Candidates(calls.sinked, plan, rank, q, k, calls.arguments)
-
-    def keys():
-        for c in plan.held[rank]:
-            yield c, k[:, :, plan.local(rank, c)]
-        for _, got in stream(group, plan.kv_rounds(rank, {"k": k})):
-            yield from plan.arrived(got, ("k",))
-
-    for c, kk in keys():
+    for c, kk in _key_chunks(plan, rank, group, {"k": k}):
         kept.add(c, kk)
     again = torch.tensor([float(kept.settle())], device=q.device)
     # every rank takes part in a second look, or none
     waited(dist.all_reduce(again, group=group, async_op=True), "agree on top-k's thresholds")
     if again.item() > 0:
         kept.restart_below()
-        for c, kk in keys():
+        for c, kk in _key_chunks(plan, rank, group, {"k": k}):
             kept.below(c, kk)
     return {ring_patterns.threshold_name(calls.sinked.ir): kept.thresholds()}
 

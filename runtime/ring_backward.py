@@ -6,10 +6,8 @@ import torch
 
 from .autograd import scale_for
 from .backward import triton_attention_backward
-from .binding import bind, sizes_for
 from .policy import KernelOptions
-from .positions import positions_of
-from .ring_patterns import Calls
+from .ring_patterns import Calls, placed
 from .ring_transfers import drain, post, stream
 
 
@@ -30,7 +28,6 @@ class Gradients:
         self.grad_lse = grad_lse if calls.softmax else None
         self.leaves = leaves
         self.leaf_names = names
-        self.names = {p.name for p in calls.part.ir.params} | {t.name for t in calls.part.ir.tensors}
         self.scale = scale_for(calls.arguments.get("scale"), q)
         backend = calls.arguments.get("backend", "auto")
         if backend == "auto":
@@ -97,7 +94,7 @@ class Gradients:
             with torch.enable_grad():
                 got = self.calls.pair(qq, qc, kc, kk, vv)
             outputs = list(got) if self.calls.softmax else [got]
-            grads = self._shares(qc, *outputs) if self.calls.softmax else self._shares(qc, got, None)
+            grads = self._shares(qc, outputs[0], outputs[1] if self.calls.softmax else None)
             gk, gv = self._backprop(qc, outputs, grads, [qq, kk, vv])
             if gk is not None:
                 dk += gk
@@ -117,13 +114,8 @@ class Gradients:
         recompute of the pair's forward. Returns the pair's (dk, dv)."""
         calls = self.calls
         rows = self._rows(self.q, qc)
-        arguments = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
-                     for n, x in {**calls.arguments, **calls.thresholds}.items()
-                     if n in self.names}
-        bound = bind(calls.part.ir, sizes_for(rows.shape, kk.shape), arguments, rows.device,
-                     placed=True)
-        bound.positions = positions_of(rows, kk, q_start=qc * self.plan.chunk,
-                                       k_start=kc * self.plan.chunk)
+        bound = placed(calls.part, rows, kk, qc, kc, self.plan.chunk,
+                       {**calls.arguments, **calls.thresholds})
         wrt = [n for n, t in zip(self.leaf_names, self.leaves) if t.requires_grad]
         grad_lse = None if self.grad_lse is None else self._rows(self.grad_lse, qc)
         dq, dk, dv, grads = triton_attention_backward(

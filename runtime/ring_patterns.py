@@ -28,6 +28,7 @@ import torch
 from ..lowering.ir import Node, PatternIR, TensorSpec, walk
 from ..lowering.simplify import simplify, substitute
 from .autograd import scale_for
+from .binding import Bound, bind, sizes_for
 from .pattern import Pattern
 from .positions import positions_of
 from .reference import allowed_scores
@@ -64,11 +65,11 @@ def pairs(pattern: Pattern, n: int) -> Pattern:
     scores = ir.scores
     tensors = ir.tensors
     if ir.topk is not None:
-        score = Node("score", "float")
-        kth = Node("load", "float", (_B, _H, _Q), threshold_name(ir))
+        score, name = Node("score", "float"), threshold_name(ir)
+        kth = Node("load", "float", (_B, _H, _Q), name)
         dims = (Node("size", "int", (), "batch"), Node("size", "int", (), "heads"),
                 Node("const", "int", (), n))
-        tensors = (*tensors, TensorSpec(threshold_name(ir), "float", dims))
+        tensors = (*tensors, TensorSpec(name, "float", dims))
         scores = (*scores, Node("where", "float", (Node("ge", "bool", (score, kth)), score,
                                                    Node("const", "float", (), -math.inf))))
     return Pattern(dataclasses.replace(ir, tensors=tensors, scores=scores, topk=None, sink=None),
@@ -77,11 +78,22 @@ def pairs(pattern: Pattern, n: int) -> Pattern:
 
 def threshold_name(ir: PatternIR) -> str:
     """`THRESHOLD`, with underscores added until no parameter or tensor of `ir` has the name."""
-    taken = {p.name for p in ir.params} | {t.name for t in ir.tensors}
+    taken = ir.argument_names()
     name = THRESHOLD
     while name in taken:
         name += "_"
     return name
+
+
+def placed(pattern: Pattern, rows, keys, qc: int, kc: int, chunk: int, arguments: dict) -> Bound:
+    """The Bound of `pattern` for query chunk qc's `rows` against key chunk kc's `keys`, at
+    their global positions (chunks of `chunk`), from a sharded call's `arguments` (those of the
+    pattern, detached)."""
+    given = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
+             for n, x in arguments.items() if n in pattern.ir.argument_names()}
+    bound = bind(pattern.ir, sizes_for(rows.shape, keys.shape), given, rows.device, placed=True)
+    bound.positions = positions_of(rows, keys, q_start=qc * chunk, k_start=kc * chunk)
+    return bound
 
 
 class Candidates:
@@ -101,11 +113,9 @@ class Candidates:
     def __init__(self, whole, plan, rank: int, q, k, arguments: dict):
         self.whole, self.plan, self.rank, self.q = whole, plan, rank, q.detach()
         self.scale = scale_for(arguments.get("scale"), q)
-        names = {p.name for p in whole.ir.params} | {t.name for t in whole.ir.tensors}
-        self.arguments = {n: (x.detach() if isinstance(x, torch.Tensor) else x)
-                          for n, x in arguments.items() if n in names}
+        self.arguments = arguments
         first = slice(0, plan.chunk)
-        self.n = whole.bind(q[:, :, first], k[:, :, first], k[:, :, first], self.arguments).topk
+        self.n = placed(whole, q[:, :, first], k[:, :, first], 0, 0, plan.chunk, arguments).topk
         B, H = q.shape[:2]
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         inf = dict(fill_value=float("-inf"), dtype=dtype, device=q.device)
@@ -116,9 +126,7 @@ class Candidates:
     def _scores(self, qc: int, kc: int, keys):
         """(row offset, scores with -inf at disallowed keys) of one pair, by chunks of rows."""
         qq = self.q[:, :, self.plan.local(self.rank, qc)]
-        bound = self.whole.bind(qq, keys, keys, self.arguments)
-        bound.positions = positions_of(qq, keys, q_start=qc * self.plan.chunk,
-                                       k_start=kc * self.plan.chunk)
+        bound = placed(self.whole, qq, keys, qc, kc, self.plan.chunk, self.arguments)
         return allowed_scores(self.whole.ir, qq, keys.detach(), bound, scale=self.scale)
 
     def _reached(self, kc: int):

@@ -42,6 +42,10 @@ class ShardPlan:
         i = self.held[rank].index(c)
         return slice(i * self.chunk, (i + 1) * self.chunk)
 
+    def computed(self, rank: int) -> int:
+        """How many pairs rank `rank` computes (one attention call each)."""
+        return sum((q, k) in self.pairs for q in self.held[rank] for k in self._reach[rank])
+
     def needed(self, rank: int) -> list[int]:
         """The key chunks rank `rank`'s queries reach, in sequence order."""
         return self._reach[rank]
@@ -127,14 +131,10 @@ def plan_for(pattern, world: int, order: str, q, k, arguments: dict) -> ShardPla
                          f"{per} for order {order!r}), got {q.shape[2]} and {k.shape[2]}")
     chunk = q.shape[2] // per
     n = world * per
-    params = {name: x for name, x in arguments.items() if name in _pattern_names(pattern)}
+    params = {name: x for name, x in arguments.items() if name in pattern.ir.argument_names()}
     layout = pattern.layout(n * chunk, n * chunk, block=(chunk, chunk), batch=q.shape[0],
                             heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
                             device=q.device, **params)
     live = (layout.classes != EMPTY).reshape(-1, n, n).any(0)
     pairs = frozenset((i, j) for i in range(n) for j in range(n) if bool(live[i, j]))
     return ShardPlan(world, chunk, held, pairs, n * n - len(pairs))
-
-
-def _pattern_names(pattern) -> set[str]:
-    return {p.name for p in pattern.params} | {t.name for t in pattern.tensors}

@@ -441,7 +441,7 @@ def _posted(plan, rank, monkeypatch):
         def take_home(self, received):
             pass
 
-    for _ in ring._key_chunks(plan, rank, None, k, k):
+    for _ in ring._key_chunks(plan, rank, None, {"k": k, "v": k}):
         pass
     ring_backward.pass_back(None, plan, rank, k, k, Grads(), kv_grad=True)
     return batches
