@@ -22,7 +22,7 @@ from ..lowering.ir import PatternIR
 from . import jit
 from .binding import Bound, broadcast_kv
 from .jit import Compiled, forward_kernel
-from .launch import Call, Launch, Template, launch, run_launch
+from .launch import Call, Launch, Template, launch, next_pow2, run_launch
 from .layout import build_layout
 from .policy import (KERNELS, MAX_HEAD_DIM, SUPPORTED_DTYPES, Config, KernelOptions, Target,
                     config_for, forced_configs, split_count)
@@ -86,8 +86,7 @@ def call_specialization(ir: PatternIR, bound: Bound) -> tuple[dict, bool, bool]:
     sizes = bound.sizes
     if bound.positions is not None:  # q and k reach the positions' ends, rounded up to a
         # power of two so that decoding steps (ends growing by one) share the analysis
-        q_end, k_end = (1 << max(0, (n - 1).bit_length())
-                        for n in bound.positions.ends(sizes["q_len"]))
+        q_end, k_end = (next_pow2(n) for n in bound.positions.ends(sizes["q_len"]))
         sizes = dict(sizes, q_len=q_end, k_len=k_end)
     return spec, int32_overflow(ir, sizes, bound.params) is not None, bound.positions is not None
 
@@ -259,7 +258,7 @@ def forward_launches(compiled: Compiled, ir: PatternIR, bound: Bound, q, k, v, o
     launches.append(launch(compiled, "attn_fwd", call, cfg, target, layout, SPLIT=splits > 1,
                            PACK=pack, **facts))
     if splits > 1:  # the merge's row tile: no taller than the rows (one per decoding step)
-        rows = max(16, min(cfg.block_m, 1 << max(0, (q.shape[2] - 1).bit_length())))
+        rows = max(16, min(cfg.block_m, next_pow2(q.shape[2])))
         launches.append(launch(compiled, "attn_merge", call, replace(cfg, block_m=rows), target,
                                None, **facts))
     return launches, "layout" if sig.uses_layout() else "closed_form", splits, pack
